@@ -1,0 +1,98 @@
+"""`python -m devstack` (`make run`): the whole system on one machine, stopped by Ctrl-C.
+
+Starts Redis (our own redis-server) unless REDIS_URL is set, the MongoDB stand-in unless
+MONGODB_URL is set, the PayOS simulator unless PAYOS_BASE_URL is set, then every service.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from shared.settings import Settings, is_set
+
+from .servers import Process, mongo_standin, port_open, python_service, redis_server
+
+RUN_DIR = Path(".run")
+# Our own Redis stays off 6379, where a machine-wide Redis often runs.
+DEV_REDIS_PORT = 6390
+DEV_MONGO_PORT = 27017
+
+# (name, module, settings field holding its port), in start order.
+SERVICES = [
+    ("payos-simulator", "devstack.payos_simulator", "payos_simulator_port"),
+    ("webhook-ingest", "webhook_ingest", "webhook_ingest_port"),
+    ("stream-gateway", "stream_gateway", "stream_gateway_port"),
+    ("session-api", "session_api", "session_api_port"),
+]
+
+
+def plan(settings: Settings) -> tuple[Settings, list[Process]]:
+    """The processes to start, and the settings they all share."""
+    logs = RUN_DIR / "logs"
+    processes: list[Process] = []
+    if not is_set("REDIS_URL"):
+        processes.append(redis_server(DEV_REDIS_PORT, RUN_DIR))
+        settings = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{DEV_REDIS_PORT}/0")
+    if not is_set("MONGODB_URL"):
+        processes.append(mongo_standin(DEV_MONGO_PORT, RUN_DIR / "mongo", logs))
+        settings = dataclasses.replace(
+            settings, mongodb_url=f"mongodb://127.0.0.1:{DEV_MONGO_PORT}/paypush"
+        )
+    env = settings.env()
+    for name, module, port_field in SERVICES:
+        if name == "payos-simulator" and is_set("PAYOS_BASE_URL"):
+            continue
+        if importlib.util.find_spec(module) is None:
+            continue  # a service not built yet
+        port = getattr(settings, port_field)
+        processes.append(python_service(name, module, port, env, logs))
+    return settings, processes
+
+
+def main() -> int:
+    settings, processes = plan(Settings.from_env())
+    busy = [p for p in processes if port_open(p.port)]
+    if busy:
+        names = ", ".join(f"{p.name} (port {p.port})" for p in busy)
+        print(f"already in use: {names}. Is another `make run` running? Stop it first.")
+        return 1
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    started: list[Process] = []
+    try:
+        for proc in processes:
+            print(f"starting {proc.name} on port {proc.port} (log: {proc.log_path})", flush=True)
+            proc.start()
+            started.append(proc)
+        print("\nall up:")
+        print(f"  deposit page    http://127.0.0.1:{settings.session_api_port}/")
+        print(f"  webhooks        http://127.0.0.1:{settings.webhook_ingest_port}/api/webhooks")
+        print(
+            f"  streams         http://127.0.0.1:{settings.stream_gateway_port}/api/webhooks/stream?uuid="
+        )
+        print(f"  PayOS simulator {settings.payos_base_url}")
+        print("Ctrl-C stops everything.", flush=True)
+        while not stop.wait(0.5):
+            dead = [p for p in started if not p.running]
+            if dead:
+                print(f"{dead[0].name} exited; see {dead[0].log_path}. Stopping.")
+                return 1
+    except KeyboardInterrupt:
+        pass
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"could not start: {exc}")
+        return 1
+    finally:
+        print("\nstopping…", flush=True)
+        for proc in reversed(started):
+            proc.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

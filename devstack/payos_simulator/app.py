@@ -1,0 +1,331 @@
+"""The simulator's app: PayOS's own API paths plus `/sim/*` actions for people and tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from shared.settings import Settings
+from shared.signing import sign_data, sign_payment_request
+from shared.web import request_context_middleware
+
+from .state import (
+    ACCOUNT_NAME,
+    ACCOUNT_NUMBER,
+    BANK_BIN,
+    Delivery,
+    Faults,
+    PaymentLink,
+    Transaction,
+    World,
+    new_link_id,
+    new_reference,
+    vn_now,
+)
+from .vietqr import vietqr_payload
+from .webhooks import webhook_body
+
+log = structlog.get_logger(__name__)
+
+SETTINGS = web.AppKey("sim_settings", Settings)
+WORLD = web.AppKey("sim_world", World)
+HTTP = web.AppKey("sim_http", aiohttp.ClientSession)
+RETRY_DELAYS = web.AppKey("sim_retry_delays", tuple[float, ...])
+TASKS = web.AppKey("sim_tasks", set[asyncio.Task[None]])
+
+# PayOS limits a payment link's description to 25 characters.
+MAX_DESCRIPTION = 25
+TEST_ORDER_CODE = 123
+TEST_DESCRIPTION = "VQRIO123"
+
+
+def payos_ok(data: dict[str, Any], key: str) -> web.Response:
+    """PayOS's envelope, with `data` signed as PayOS signs response bodies."""
+    return web.json_response(
+        {"code": "00", "desc": "success", "data": data, "signature": sign_data(data, key)}
+    )
+
+
+def payos_error(status: int, code: str, desc: str) -> web.Response:
+    return web.json_response({"code": code, "desc": desc, "data": None}, status=status)
+
+
+def _authorised(request: web.Request) -> bool:
+    s = request.app[SETTINGS]
+    return hmac.compare_digest(
+        request.headers.get("x-client-id", ""), s.payos_client_id
+    ) and hmac.compare_digest(request.headers.get("x-api-key", ""), s.payos_api_key)
+
+
+async def _apply_faults(request: web.Request) -> web.Response | None:
+    faults = request.app[WORLD].faults
+    if faults.mode == "slow":
+        await asyncio.sleep(faults.delay_seconds)
+    elif faults.mode == "error":
+        return payos_error(200, "20", "Internal error (simulated)")
+    elif faults.mode == "down":
+        return payos_error(503, "503", "Service unavailable (simulated)")
+    if not _authorised(request):
+        return payos_error(401, "201", "Invalid x-client-id or x-api-key")
+    return None
+
+
+async def create_payment_request(request: web.Request) -> web.Response:
+    if (fault := await _apply_faults(request)) is not None:
+        return fault
+    settings, world = request.app[SETTINGS], request.app[WORLD]
+    try:
+        body = await request.json()
+    except json.JSONDecodeError:
+        return payos_error(400, "400", "Invalid JSON")
+    if not isinstance(body, dict):
+        return payos_error(400, "400", "Invalid body")
+    order_code, amount = body.get("orderCode"), body.get("amount")
+    description = body.get("description")
+    if not isinstance(order_code, int) or not isinstance(amount, int) or amount <= 0:
+        return payos_error(200, "20", "orderCode and a positive amount are required")
+    if not isinstance(description, str) or len(description) > MAX_DESCRIPTION:
+        return payos_error(200, "20", f"description must be at most {MAX_DESCRIPTION} characters")
+    expected = sign_payment_request(body, settings.payos_checksum_key) or ""
+    if not hmac.compare_digest(expected, str(body.get("signature", ""))):
+        return payos_error(200, "201", "Signature is invalid")
+    if order_code in world.by_order:
+        return payos_error(200, "231", "Payment link for this orderCode already exists")
+    link = PaymentLink(
+        id=new_link_id(),
+        order_code=order_code,
+        amount=amount,
+        description=description,
+        cancel_url=str(body.get("cancelUrl", "")),
+        return_url=str(body.get("returnUrl", "")),
+        created_at=vn_now(),
+        expired_at=body.get("expiredAt") if isinstance(body.get("expiredAt"), int) else None,
+    )
+    world.add(link)
+    # Links point back at this simulator, at whatever address the caller reached it on.
+    base = str(request.url.origin())
+    data = {
+        "bin": BANK_BIN,
+        "accountNumber": ACCOUNT_NUMBER,
+        "accountName": ACCOUNT_NAME,
+        "amount": amount,
+        "description": description,
+        "orderCode": order_code,
+        "currency": "VND",
+        "paymentLinkId": link.id,
+        "status": "PENDING",
+        "expiredAt": link.expired_at,
+        "checkoutUrl": f"{base}/web/{link.id}",
+        "qrCode": vietqr_payload(BANK_BIN, ACCOUNT_NUMBER, amount, description),
+    }
+    return payos_ok(data, settings.payos_checksum_key)
+
+
+async def get_payment_request(request: web.Request) -> web.Response:
+    if (fault := await _apply_faults(request)) is not None:
+        return fault
+    link = request.app[WORLD].find(request.match_info["ref"])
+    if link is None:
+        return payos_error(200, "101", "Payment link not found")
+    return payos_ok(link.to_payos(), request.app[SETTINGS].payos_checksum_key)
+
+
+async def cancel_payment_request(request: web.Request) -> web.Response:
+    if (fault := await _apply_faults(request)) is not None:
+        return fault
+    link = request.app[WORLD].find(request.match_info["ref"])
+    if link is None:
+        return payos_error(200, "101", "Payment link not found")
+    with contextlib.suppress(json.JSONDecodeError):
+        body = await request.json()
+        if isinstance(body, dict) and isinstance(body.get("cancellationReason"), str):
+            link.cancellation_reason = body["cancellationReason"]
+    if link.status in ("PENDING", "UNDERPAID"):
+        link.canceled_at = vn_now()
+    return payos_ok(link.to_payos(), request.app[SETTINGS].payos_checksum_key)
+
+
+async def confirm_webhook(request: web.Request) -> web.Response:
+    """PayOS checks a merchant's webhook URL by sending it a test delivery (orderCode 123)."""
+    if not _authorised(request):
+        return payos_error(401, "201", "Invalid x-client-id or x-api-key")
+    body = await request.json()
+    url = body.get("webhookUrl") if isinstance(body, dict) else None
+    if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https"):
+        return payos_error(200, "20", "webhookUrl is required")
+    tx = Transaction(new_reference(), 3000, TEST_DESCRIPTION, vn_now())
+    delivery = _webhook(request.app, TEST_ORDER_CODE, "test-link", TEST_DESCRIPTION, tx, "00")
+    request.app[WORLD].deliveries.append(delivery)
+    status = await _attempt(request.app, url, delivery)
+    if not 200 <= status < 300:
+        return payos_error(200, "20", f"Webhook URL answered {status or 'nothing'}")
+    settings = request.app[SETTINGS]
+    data = {
+        "webhookUrl": url,
+        "accountName": ACCOUNT_NAME,
+        "accountNumber": ACCOUNT_NUMBER,
+        "name": ACCOUNT_NAME,
+        "shortName": "DEMO",
+    }
+    return payos_ok(data, settings.payos_checksum_key)
+
+
+async def pay(request: web.Request) -> web.Response:
+    """`POST /sim/pay/{ref}`: a bank transfer arrives; PayOS sends (and resends) the webhook.
+
+    Body (all optional): `amount` (less than due = partial), `reference`, `code` ("00" paid),
+    `copies` (deliver the same webhook N times at once, as PayOS's retries can), `wait`
+    (answer only after a delivery was acknowledged).
+    """
+    world = request.app[WORLD]
+    link = world.find(request.match_info["ref"])
+    if link is None:
+        return web.json_response({"error": "no such payment link"}, status=404)
+    body: dict[str, Any] = {}
+    if request.can_read_body:
+        try:
+            body = await request.json()
+        except json.JSONDecodeError:
+            return web.json_response({"error": "invalid JSON"}, status=400)
+    if link.status in ("PAID", "CANCELLED") and not body.get("force"):
+        return web.json_response({"error": f"payment link is {link.status}"}, status=409)
+    remaining = max(link.amount - link.amount_paid, 0)
+    amount = body.get("amount", remaining or link.amount)
+    if not isinstance(amount, int) or amount <= 0:
+        return web.json_response({"error": "amount must be a positive integer"}, status=400)
+    code = str(body.get("code", "00"))
+    tx = Transaction(
+        str(body.get("reference") or new_reference()), amount, link.description, vn_now()
+    )
+    if code == "00":
+        link.transactions.append(tx)
+    delivery = _webhook(request.app, link.order_code, link.id, link.description, tx, code)
+    world.deliveries.append(delivery)
+    copies = max(1, min(int(body.get("copies", 1)), 100))
+    url = request.app[SETTINGS].payos_webhook_url
+    statuses = await asyncio.gather(*(_attempt(request.app, url, delivery) for _ in range(copies)))
+    if not delivery.delivered:
+        task = asyncio.create_task(_redeliver(request.app, url, delivery))
+        request.app[TASKS].add(task)
+        task.add_done_callback(request.app[TASKS].discard)
+        if body.get("wait"):
+            await task
+    return web.json_response(
+        {
+            "orderCode": link.order_code,
+            "status": link.status,
+            "reference": tx.reference,
+            "amount": amount,
+            "delivered": delivery.delivered,
+            "attempts": delivery.attempts,
+            "firstStatuses": statuses,
+            "webhook": delivery.body,
+        }
+    )
+
+
+async def set_faults(request: web.Request) -> web.Response:
+    """`POST /sim/faults` `{mode, delaySeconds, dropDeliveries}` — for fault tests."""
+    body = await request.json()
+    world = request.app[WORLD]
+    world.faults = Faults(
+        mode=str(body.get("mode", "none")),
+        delay_seconds=float(body.get("delaySeconds", 0)),
+        drop_deliveries=int(body.get("dropDeliveries", 0)),
+    )
+    return web.json_response({"mode": world.faults.mode})
+
+
+async def list_deliveries(request: web.Request) -> web.Response:
+    deliveries = request.app[WORLD].deliveries
+    return web.json_response(
+        [{"body": d.body, "attempts": d.attempts, "delivered": d.delivered} for d in deliveries]
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def _webhook(
+    app: web.Application,
+    order_code: int,
+    link_id: str,
+    description: str,
+    tx: Transaction,
+    code: str,
+) -> Delivery:
+    body = webhook_body(
+        order_code=order_code,
+        link_id=link_id,
+        description=description,
+        tx=tx,
+        checksum_key=app[SETTINGS].payos_checksum_key,
+        code=code,
+    )
+    return Delivery(body=body)
+
+
+async def _attempt(app: web.Application, url: str, delivery: Delivery) -> int:
+    world = app[WORLD]
+    if world.faults.drop_deliveries > 0:
+        world.faults.drop_deliveries -= 1
+        delivery.attempts.append(0)
+        return 0
+    try:
+        async with app[HTTP].post(url, json=delivery.body) as resp:
+            await resp.read()
+            status = resp.status
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        log.info("webhook_delivery_failed", url=url, error=str(exc))
+        status = 0
+    delivery.attempts.append(status)
+    return status
+
+
+async def _redeliver(app: web.Application, url: str, delivery: Delivery) -> None:
+    """Deliver again, with growing delays, until acknowledged (as PayOS does)."""
+    for delay in app[RETRY_DELAYS]:
+        await asyncio.sleep(delay)
+        if 200 <= await _attempt(app, url, delivery) < 300:
+            return
+    log.warning("webhook_given_up", order_code=delivery.body["data"]["orderCode"])
+
+
+async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        app[HTTP] = http
+        yield
+        tasks = app[TASKS]
+        for task in tasks.copy():
+            task.cancel()
+
+
+def create_app(
+    settings: Settings, *, retry_delays: Sequence[float] = (0.5, 1, 2, 4, 8, 15, 30, 60)
+) -> web.Application:
+    """The PayOS simulator; `retry_delays` spaces its webhook redeliveries."""
+    app = web.Application(middlewares=[request_context_middleware])
+    app[SETTINGS] = settings
+    app[WORLD] = World()
+    app[RETRY_DELAYS] = tuple(retry_delays)
+    app[TASKS] = set()
+    app.cleanup_ctx.append(_http_ctx)
+    app.router.add_post("/v2/payment-requests", create_payment_request)
+    app.router.add_get("/v2/payment-requests/{ref}", get_payment_request)
+    app.router.add_post("/v2/payment-requests/{ref}/cancel", cancel_payment_request)
+    app.router.add_post("/confirm-webhook", confirm_webhook)
+    app.router.add_post("/sim/pay/{ref}", pay)
+    app.router.add_post("/sim/faults", set_faults)
+    app.router.add_get("/sim/deliveries", list_deliveries)
+    app.router.add_get("/healthz", healthz)
+    return app

@@ -1,0 +1,180 @@
+"""Start and stop the pieces of the system as local processes (for `make run` and the tests)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+        return True
+    return False
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} did not become ready within {timeout:.0f} s")
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=0.5) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+class Process:
+    """A child process with a log file, started and stopped on demand, restartable."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        port: int,
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+        ready: Callable[[], bool] | None = None,
+        start_timeout: float = 20.0,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.port = port
+        self.log_path = log_dir / f"{name}.log"
+        self.env = env
+        self._ready = ready or (lambda: port_open(port))
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(self.env or {})},
+            start_new_session=True,
+        )
+        log.close()
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with {self.proc.returncode}; see {self.log_path}"
+                )
+            return self._ready()
+
+        wait_until(ready, self.start_timeout, self.name)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        # The port is free again only once the process is gone.
+        wait_until(lambda: not port_open(self.port), 5, f"{self.name} port release")
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+def redis_server(port: int, log_dir: Path) -> Process:
+    """Our own redis-server: nothing persisted, so a restart loses every key (the hard case)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError(
+            "redis-server is missing: run `make setup` (installs Debian's redis-server)"
+        )
+    argv = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "no",
+        "--dir",
+        str(log_dir),
+        "--maxclients",
+        "20000",
+    ]
+    return Process("redis", argv, port=port, log_dir=log_dir)
+
+
+def mongo_standin(port: int, data_dir: Path, log_dir: Path) -> Process:
+    """The MongoDB wire-protocol stand-in (nx-27017), its data in a file that survives restarts."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        sys.executable,
+        "-m",
+        "nx_27017.nx_27017",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--db",
+        str(data_dir / "paypush.db"),
+        "--pid-file",
+        str(data_dir / "nx.pid"),
+        "--log-file",
+        str(log_dir / "mongo-internal.log"),
+    ]
+    return Process("mongo", argv, port=port, log_dir=log_dir)
+
+
+def python_service(
+    name: str, module: str, port: int, env: dict[str, str], log_dir: Path
+) -> Process:
+    """A service (`python -m module`) that is ready once its /healthz answers."""
+    return Process(
+        name,
+        [sys.executable, "-m", module],
+        port=port,
+        env=env,
+        log_dir=log_dir,
+        ready=lambda: http_ok(f"http://127.0.0.1:{port}/healthz"),
+    )

@@ -1,0 +1,74 @@
+"""The Redis status cache and the change feed, written together so they cannot disagree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.asyncio import Redis
+
+from . import keys
+from .model import StatusEvent
+
+# Set the cached status and publish it, only when it is newer than what is cached. Atomic,
+# so concurrent duplicate deliveries, background retries and cache refills publish one event
+# per version; the channel is a key (KEYS[2]) so Redis Cluster checks both share a slot.
+_PUT_IF_NEWER = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, old = pcall(cjson.decode, cur)
+  if ok and type(old) == 'table' and tonumber(old['version'] or 0) >= tonumber(ARGV[2]) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[3]))
+redis.call('DEL', KEYS[3])
+if ARGV[4] == '1' then
+  redis.call('SPUBLISH', KEYS[2], ARGV[1])
+else
+  redis.call('PUBLISH', KEYS[2], ARGV[1])
+end
+return 1
+"""
+
+
+class StatusCache:
+    """Cached session status keyed by uuid, with publish-on-change."""
+
+    def __init__(self, redis: Redis, *, sharded: bool = False) -> None:
+        self._redis = redis
+        self._sharded = sharded
+        self._put = redis.register_script(_PUT_IF_NEWER)
+
+    async def get(self, uuid: str) -> StatusEvent | None:
+        raw = await self._redis.get(keys.status_key(uuid))
+        return StatusEvent.from_json(raw) if raw is not None else None
+
+    async def put(self, event: StatusEvent) -> bool:
+        """Cache `event` and publish it if it is newer than the cached one; True if published."""
+        result: Any = await self._put(
+            keys=[
+                keys.status_key(event.uuid),
+                keys.status_channel(event.uuid),
+                keys.unknown_key(event.uuid),
+            ],
+            args=[
+                event.to_json(),
+                event.version,
+                keys.STATUS_TTL_SECONDS,
+                "1" if self._sharded else "0",
+            ],
+        )
+        return bool(result)
+
+    async def mark_unknown(self, uuid: str) -> None:
+        await self._redis.set(keys.unknown_key(uuid), b"1", ex=keys.UNKNOWN_TTL_SECONDS)
+
+    async def is_unknown(self, uuid: str) -> bool:
+        return bool(await self._redis.exists(keys.unknown_key(uuid)))
+
+    async def count(self) -> int:
+        """Number of cached statuses (a SCAN: for stats, not for hot paths)."""
+        n = 0
+        async for _ in self._redis.scan_iter(match=f"{keys.PREFIX}:status:*", count=1000):
+            n += 1
+        return n

@@ -1,0 +1,40 @@
+"""Every Redis key, channel and TTL the services share, defined once.
+
+Keys of one session carry the uuid as a hash tag (`{uuid}`), so the cache entry and the
+channel of a session live in the same Redis Cluster slot: the cache-and-publish script may
+then touch both atomically, and sharded pub/sub routes the channel to that shard.
+"""
+
+from __future__ import annotations
+
+PREFIX = "paypush"
+
+# The original system's in-memory cache kept a status for 15 minutes.
+STATUS_TTL_SECONDS = 15 * 60
+# An unknown uuid is remembered briefly, so a poller hammering a bad id costs one query.
+UNKNOWN_TTL_SECONDS = 30
+# A session (and its webhook record) lives 24 h, as in the original.
+SESSION_TTL_SECONDS = 24 * 60 * 60
+
+
+def status_key(uuid: str) -> str:
+    """The cached status (event JSON) of one session."""
+    return f"{PREFIX}:status:{{{uuid}}}"
+
+
+def unknown_key(uuid: str) -> str:
+    """Marker that no session has this uuid (negative cache)."""
+    return f"{PREFIX}:unknown:{{{uuid}}}"
+
+
+def status_channel(uuid: str) -> str:
+    """The pub/sub channel on which every change of one session is published."""
+    return f"{PREFIX}:events:{{{uuid}}}"
+
+
+CHANNEL_PREFIX = f"{PREFIX}:events:"
+
+
+def uuid_of_channel(channel: str) -> str:
+    """The session uuid a channel name belongs to."""
+    return channel.removeprefix(CHANNEL_PREFIX).strip("{}")

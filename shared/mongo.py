@@ -1,0 +1,79 @@
+"""MongoDB access: the two collections, their indexes, and the reads every service shares."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+
+from .model import utcnow
+from .settings import Settings
+
+Doc = dict[str, Any]
+
+SESSIONS = "sessions"
+WEBHOOKS = "webhooks"
+DEFAULT_DB = "paypush"
+
+
+def mongo_client(settings: Settings) -> AsyncMongoClient[Doc]:
+    """A client whose failures surface within `mongodb_timeout_ms` instead of hanging."""
+    t = settings.mongodb_timeout_ms
+    return AsyncMongoClient(
+        settings.mongodb_url,
+        tz_aware=True,
+        serverSelectionTimeoutMS=t,
+        connectTimeoutMS=t,
+        socketTimeoutMS=max(t * 2, 5000),
+        appname="payment-push",
+    )
+
+
+class Store:
+    """The database of payment sessions and received webhooks."""
+
+    def __init__(self, client: AsyncMongoClient[Doc]) -> None:
+        self.client = client
+        self.db: AsyncDatabase[Doc] = client.get_default_database(DEFAULT_DB)
+        self.sessions: AsyncCollection[Doc] = self.db[SESSIONS]
+        self.webhooks: AsyncCollection[Doc] = self.db[WEBHOOKS]
+        self.indexes_ready = False
+
+    async def ensure_indexes(self) -> None:
+        """Create the indexes every service relies on (idempotent, run at start-up)."""
+        await self.sessions.create_index([("uuid", ASCENDING)], unique=True, name="uuid_unique")
+        await self.sessions.create_index(
+            [("orderCode", ASCENDING)], unique=True, name="orderCode_unique"
+        )
+        # "Pending sessions of an account" — the per-account limit counts on it.
+        await self.sessions.create_index(
+            [("accountNumber", ASCENDING), ("status", ASCENDING), ("expiresAt", ASCENDING)],
+            name="account_pending",
+        )
+        await self.sessions.create_index([("createdAt", DESCENDING)], name="createdAt_desc")
+        await self.sessions.create_index(
+            [("expiresAt", ASCENDING)], expireAfterSeconds=0, name="expiresAt_ttl"
+        )
+        # One record per delivery: a payment link may receive several transactions, so a
+        # delivery is identified by orderCode and reference together.
+        await self.webhooks.create_index(
+            [("orderCode", ASCENDING), ("reference", ASCENDING)],
+            unique=True,
+            name="delivery_unique",
+        )
+        await self.webhooks.create_index(
+            [("expiresAt", ASCENDING)], expireAfterSeconds=0, name="expiresAt_ttl"
+        )
+        self.indexes_ready = True
+
+    async def ping(self) -> None:
+        await self.client.admin.command("ping")
+
+    async def find_session(self, uuid: str, now: datetime | None = None) -> Doc | None:
+        """The live session with this uuid; one past its `expiresAt` is gone (TTL may lag)."""
+        return await self.sessions.find_one(
+            {"uuid": uuid, "expiresAt": {"$gt": now or utcnow()}}, {"_id": 0}
+        )

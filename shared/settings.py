@@ -1,0 +1,141 @@
+"""One typed, frozen settings object, built from the environment in this module only."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Literal
+from urllib.parse import urlsplit
+
+Environment = Literal["development", "production"]
+
+# Embedded defaults make `make run` work with no configuration; production refuses them.
+DEV_PAYOS_CLIENT_ID = "dev-client-id"
+DEV_PAYOS_API_KEY = "dev-api-key"
+DEV_PAYOS_CHECKSUM_KEY = "dev-checksum-key"
+DEV_CRON_SECRET = "dev-cron-secret"
+DEV_ADMIN_TOKEN = "dev-admin-token"
+_DEV_SECRETS = {
+    "payos_client_id": DEV_PAYOS_CLIENT_ID,
+    "payos_api_key": DEV_PAYOS_API_KEY,
+    "payos_checksum_key": DEV_PAYOS_CHECKSUM_KEY,
+    "cron_secret": DEV_CRON_SECRET,
+    "admin_token": DEV_ADMIN_TOKEN,
+}
+
+
+class SettingsError(ValueError):
+    """The environment describes a configuration that cannot run."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every knob of every service; each field maps to the upper-cased environment variable."""
+
+    app_env: Environment = "development"
+    log_level: str = "INFO"
+    host: str = "127.0.0.1"
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = False
+    mongodb_url: str = "mongodb://127.0.0.1:27017/paypush"
+    # Short, so a dead MongoDB turns into a 503 (and a PayOS redelivery) quickly.
+    mongodb_timeout_ms: int = 2000
+
+    payos_client_id: str = DEV_PAYOS_CLIENT_ID
+    payos_api_key: str = DEV_PAYOS_API_KEY
+    payos_checksum_key: str = DEV_PAYOS_CHECKSUM_KEY
+    payos_base_url: str = "http://127.0.0.1:8089"
+    payos_timeout_seconds: float = 10.0
+    # Where the simulator delivers webhooks (the real PayOS is told with confirm-webhook).
+    payos_webhook_url: str = "http://127.0.0.1:8081/api/webhooks"
+
+    cron_secret: str = DEV_CRON_SECRET
+    admin_token: str = DEV_ADMIN_TOKEN
+    cors_origins: tuple[str, ...] = ("http://127.0.0.1:8083", "http://localhost:8083")
+
+    webhook_ingest_port: int = 8081
+    stream_gateway_port: int = 8082
+    session_api_port: int = 8083
+    payos_simulator_port: int = 8089
+    # The gateway's address as the browser sees it (the deposit page opens its stream there).
+    stream_public_url: str = "http://127.0.0.1:8082"
+    # The session-api's address as the browser sees it (return/cancel URLs of payment links).
+    site_public_url: str = "http://127.0.0.1:8083"
+
+    max_body_bytes: int = 64 * 1024
+    sse_keepalive_seconds: float = 15.0
+    sse_max_wait_seconds: float = 600.0
+    sse_retry_ms: int = 3000
+    shutdown_timeout_seconds: float = 10.0
+    max_pending_per_account: int = 5
+
+    def __post_init__(self) -> None:
+        if self.app_env not in ("development", "production"):
+            raise SettingsError(f"APP_ENV must be development or production, not {self.app_env!r}")
+        for name in ("redis_url", "mongodb_url", "payos_base_url", "payos_webhook_url"):
+            url = urlsplit(getattr(self, name))
+            if not url.scheme or not url.netloc:
+                raise SettingsError(f"{name.upper()} is not a URL: {getattr(self, name)!r}")
+        if self.app_env == "production":
+            reused = [k.upper() for k, v in _DEV_SECRETS.items() if getattr(self, k) == v]
+            if reused:
+                raise SettingsError(f"production needs real secrets, set: {', '.join(reused)}")
+        for name in ("payos_checksum_key", "cron_secret", "admin_token"):
+            if not getattr(self, name):
+                raise SettingsError(f"{name.upper()} must not be empty")
+
+    @property
+    def is_production(self) -> bool:
+        return self.app_env == "production"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Build settings from `environ` (default: the process environment), then `overrides`."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for field in fields(cls):
+            raw = env.get(field.name.upper())
+            if raw is None:
+                continue
+            values[field.name] = _parse(field.name, str(field.type), raw)
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]
+
+    def env(self) -> dict[str, str]:
+        """These settings as environment variables, for starting a child process."""
+        out: dict[str, str] = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, tuple):
+                value = ",".join(value)
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            out[field.name.upper()] = str(value)
+        return out
+
+
+def _parse(name: str, type_name: str, raw: str) -> object:
+    try:
+        if type_name == "int":
+            return int(raw)
+        if type_name == "float":
+            return float(raw)
+        if type_name == "bool":
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        if type_name.startswith("tuple"):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+    except ValueError:
+        raise SettingsError(f"{name.upper()}={raw!r} is not a valid {type_name}") from None
+    return raw
+
+
+def is_set(name: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the environment names `name` itself (rather than leaving it to a default)."""
+    return name in (os.environ if environ is None else environ)

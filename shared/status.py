@@ -1,0 +1,82 @@
+"""Reading a session's status: the Redis cache first, MongoDB on a miss, refilling the cache."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import structlog
+from redis.exceptions import RedisError
+
+from .cache import StatusCache
+from .model import StatusEvent
+from .mongo import Store
+
+log = structlog.get_logger(__name__)
+
+
+class StatusReader:
+    """Cache-aside reads with single-flight: concurrent misses for one uuid share one query."""
+
+    def __init__(
+        self,
+        cache: StatusCache,
+        store: Store,
+        *,
+        on_db_query: Callable[[], None] | None = None,
+    ) -> None:
+        self._cache = cache
+        self._store = store
+        self._inflight: dict[str, asyncio.Future[StatusEvent | None]] = {}
+        self._on_db_query = on_db_query
+
+    async def read(self, uuid: str) -> StatusEvent | None:
+        """The current status of `uuid`, or None if no live session has it."""
+        try:
+            cached = await self._cache.get(uuid)
+            if cached is not None:
+                return cached
+            if await self._cache.is_unknown(uuid):
+                return None
+        except RedisError as exc:
+            # Redis down: MongoDB is the source of truth, keep answering from it.
+            log.warning("status_cache_unavailable", uuid=uuid, error=str(exc))
+        return await self.read_from_store(uuid)
+
+    async def read_from_store(self, uuid: str) -> StatusEvent | None:
+        """Read MongoDB (once for all concurrent callers) and refill the cache."""
+        pending = self._inflight.get(uuid)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[StatusEvent | None] = asyncio.get_running_loop().create_future()
+        self._inflight[uuid] = fut
+        try:
+            event = await self._load(uuid)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            # Mark retrieved so a failure nobody else awaited does not warn at GC.
+            fut.exception()
+            raise
+        else:
+            fut.set_result(event)
+            return event
+        finally:
+            del self._inflight[uuid]
+
+    async def _load(self, uuid: str) -> StatusEvent | None:
+        if self._on_db_query is not None:
+            self._on_db_query()
+        doc = await self._store.find_session(uuid)
+        event = StatusEvent.from_session(doc) if doc is not None else None
+        await _best_effort(
+            self._cache.put(event) if event is not None else self._cache.mark_unknown(uuid),
+            uuid,
+        )
+        return event
+
+
+async def _best_effort(op: Awaitable[object], uuid: str) -> None:
+    try:
+        await op
+    except RedisError as exc:
+        log.warning("status_cache_refill_failed", uuid=uuid, error=str(exc))

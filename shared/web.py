@@ -1,0 +1,157 @@
+"""What every service's HTTP edge shares: request ids, JSON errors, CORS, health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from .appkeys import METRICS, REDIS, STORE
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ReadinessCheck = Callable[[web.Application], Awaitable[None]]
+
+REQUEST_ID_HEADER = "X-Request-ID"
+READINESS_TIMEOUT = 1.0
+
+
+def json_error(status: int, message: str, **extra: Any) -> web.Response:
+    """The one error shape of every service: `{success: false, error, ...}`."""
+    return web.json_response({"success": False, "error": message, **extra}, status=status)
+
+
+@web.middleware
+async def request_context_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bind a request id to every log line and turn every error into the JSON error shape."""
+    request_id = request.headers.get(REQUEST_ID_HEADER, "")[:64] or uuid.uuid4().hex
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+    except web.HTTPException as exc:
+        status = exc.status
+        if exc.status < 400:
+            raise
+        response = json_error(exc.status, exc.text or exc.reason or "error")
+        for name in ("Allow", "Retry-After", "WWW-Authenticate"):
+            if name in exc.headers:
+                response.headers[name] = exc.headers[name]
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled_error", method=request.method, path=request.path)
+        response = json_error(500, "internal error")
+    finally:
+        if request.path not in ("/healthz", "/readyz", "/metrics"):
+            log.info(
+                "request",
+                method=request.method,
+                path=request.path,
+                status=status,
+                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            )
+    if not response.prepared:
+        response.headers[REQUEST_ID_HEADER] = request_id
+    return response
+
+
+def cors_middleware(origins: Iterable[str]) -> Callable[..., Any]:
+    """CORS for the site's own origins only: echo an allowed Origin, never `*`."""
+    allowed = frozenset(origins)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            if origin not in allowed:
+                return json_error(403, "origin not allowed")
+            response: web.StreamResponse = web.Response(status=204)
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            response.headers["Access-Control-Allow-Headers"] = (
+                "Content-Type, Authorization, Last-Event-ID, X-Request-ID"
+            )
+            response.headers["Access-Control-Max-Age"] = "600"
+        else:
+            response = await handler(request)
+        if origin in allowed and not response.prepared:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Vary"] = "Origin"
+        return response
+
+    return middleware
+
+
+def add_cors_headers(
+    request: web.Request, response: web.StreamResponse, origins: Iterable[str]
+) -> None:
+    """CORS headers for a response the handler prepares itself (an SSE stream)."""
+    origin = request.headers.get("Origin")
+    if origin is not None and origin in frozenset(origins):
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Vary"] = "Origin"
+
+
+async def redis_ready(app: web.Application) -> None:
+    await app[REDIS].ping()
+
+
+async def mongo_ready(app: web.Application) -> None:
+    store = app[STORE]
+    await store.ping()
+    if not store.indexes_ready:
+        raise RuntimeError("indexes not created yet")
+
+
+def add_ops_routes(
+    app: web.Application,
+    checks: dict[str, ReadinessCheck] | None = None,
+) -> None:
+    """`/healthz` (alive), `/readyz` (dependencies reachable) and `/metrics` (Prometheus)."""
+    readiness = checks if checks is not None else {"redis": redis_ready, "mongodb": mongo_ready}
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        results: dict[str, str] = {}
+
+        async def run(name: str, check: ReadinessCheck) -> None:
+            try:
+                await asyncio.wait_for(check(request.app), READINESS_TIMEOUT)
+            except Exception as exc:
+                results[name] = f"down: {type(exc).__name__}"
+            else:
+                results[name] = "ok"
+
+        await asyncio.gather(*(run(n, c) for n, c in readiness.items()))
+        ready = all(v == "ok" for v in results.values())
+        return web.json_response(
+            {"status": "ready" if ready else "not ready", "checks": results},
+            status=200 if ready else 503,
+        )
+
+    async def metrics(request: web.Request) -> web.Response:
+        body = generate_latest(request.app[METRICS])
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+
+
+def new_registry(app: web.Application) -> CollectorRegistry:
+    """A metrics registry of this app's own (several apps may live in one test process)."""
+    registry = CollectorRegistry()
+    app[METRICS] = registry
+    return registry

@@ -1,0 +1,103 @@
+"""Small builders shared by the tests: sessions in MongoDB, signed webhooks, a subscriber."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import uuid as uuidlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from redis.asyncio import Redis
+
+from devstack.payos_simulator.state import Transaction, new_reference, vn_now
+from devstack.payos_simulator.webhooks import webhook_body
+from shared import keys
+from shared.model import StatusEvent, new_session, utcnow
+from shared.mongo import Store
+
+TEST_CHECKSUM_KEY = "test-checksum-key"
+
+
+async def add_session(
+    store: Store, *, amount: int = 50_000, account: str = "0001112223", **fields: Any
+) -> dict[str, Any]:
+    """Store a new pending session, as session-api would, and return it."""
+    doc = new_session(
+        uuid=str(uuidlib.uuid4()),
+        order_code=secrets.randbelow(10**12) + 1,
+        account_number=account,
+        amount=amount,
+        description="NAPTIEN",
+        now=utcnow(),
+        ttl_seconds=keys.SESSION_TTL_SECONDS,
+    )
+    doc.update(fields)
+    await store.sessions.insert_one(dict(doc))
+    doc.pop("_id", None)
+    return doc
+
+
+def signed_webhook(
+    order_code: int,
+    amount: int,
+    *,
+    reference: str | None = None,
+    key: str = TEST_CHECKSUM_KEY,
+    code: str = "00",
+) -> dict[str, Any]:
+    """A webhook body exactly as PayOS (and our simulator) sends it."""
+    tx = Transaction(reference or new_reference(), amount, "NAPTIEN", vn_now())
+    return webhook_body(
+        order_code=order_code,
+        link_id="link-" + secrets.token_hex(4),
+        description="NAPTIEN",
+        tx=tx,
+        checksum_key=key,
+        code=code,
+    )
+
+
+class Subscriber:
+    """A real Redis pub/sub subscriber on one session's channel, collecting its events."""
+
+    def __init__(self, redis: Redis, uuid: str) -> None:
+        self.events: list[StatusEvent] = []
+        self._redis = redis
+        self._uuid = uuid
+        self._arrived = asyncio.Event()
+
+    async def run(self, ready: asyncio.Event) -> None:
+        async with self._redis.pubsub() as pubsub:
+            await pubsub.subscribe(keys.status_channel(self._uuid))
+            ready.set()
+            while True:
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if msg is not None:
+                    self.events.append(StatusEvent.from_json(msg["data"]))
+                    self._arrived.set()
+
+    async def wait_for(self, n: int, timeout: float = 5.0) -> list[StatusEvent]:
+        async with asyncio.timeout(timeout):
+            while len(self.events) < n:
+                self._arrived.clear()
+                await self._arrived.wait()
+        return self.events
+
+
+@contextlib.asynccontextmanager
+async def subscribed(redis_url: str, uuid: str) -> AsyncIterator[Subscriber]:
+    """Subscribe to `uuid`'s channel for the duration of the block."""
+    redis = Redis.from_url(redis_url)
+    sub = Subscriber(redis, uuid)
+    ready = asyncio.Event()
+    task = asyncio.create_task(sub.run(ready))
+    try:
+        await asyncio.wait_for(ready.wait(), 5)
+        yield sub
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await redis.aclose()

@@ -1,0 +1,160 @@
+"""The PayOS simulator, driven by the unmodified payos SDK, delivering to a real ingest."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from payos import APIError, AsyncPayOS, WebhookError
+from payos.types import CreatePaymentLinkRequest
+from webhook_ingest import create_app as create_ingest
+
+from devstack.payos_simulator import create_app as create_simulator
+from shared.mongo import Store
+from shared.payos_client import payos_client
+from shared.settings import Settings
+from tests.helpers import add_session
+
+
+@dataclass
+class Sim:
+    url: str
+    ingest_url: str
+    payos: AsyncPayOS
+    http: aiohttp.ClientSession
+
+    async def pay(self, ref: object, **body: Any) -> dict[str, Any]:
+        async with self.http.post(f"{self.url}/sim/pay/{ref}", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+            result: dict[str, Any] = await resp.json()
+            return result
+
+
+@pytest.fixture
+async def sim(settings: Settings, store: Store) -> AsyncIterator[Sim]:
+    ingest = TestServer(create_ingest(settings))
+    await ingest.start_server()
+    ingest_url = str(ingest.make_url("/api/webhooks"))
+    sim_server = TestServer(
+        create_simulator(
+            Settings.from_env(
+                {}, payos_checksum_key=settings.payos_checksum_key, payos_webhook_url=ingest_url
+            ),
+            retry_delays=(0.05, 0.1, 0.2),
+        )
+    )
+    await sim_server.start_server()
+    url = str(sim_server.make_url("")).rstrip("/")
+    client = payos_client(
+        Settings.from_env({}, payos_checksum_key=settings.payos_checksum_key, payos_base_url=url)
+    )
+    async with aiohttp.ClientSession() as http:
+        async with asyncio.timeout(5):
+            while not (await http.get(str(ingest.make_url("/readyz")))).ok:
+                await asyncio.sleep(0.02)
+        yield Sim(url, ingest_url, client, http)
+    await client.aclose()
+    await sim_server.close()
+    await ingest.close()
+
+
+def _request(order_code: int, amount: int = 15_000) -> CreatePaymentLinkRequest:
+    return CreatePaymentLinkRequest(
+        order_code=order_code,
+        amount=amount,
+        description="NAPTIEN",
+        cancel_url="http://127.0.0.1:8083/",
+        return_url="http://127.0.0.1:8083/",
+    )
+
+
+async def test_sdk_creates_gets_and_cancels_a_link(sim: Sim) -> None:
+    order_code = secrets.randbelow(10**9) + 1
+    created = await sim.payos.payment_requests.create(_request(order_code))
+    assert (created.order_code, created.amount, created.status) == (order_code, 15_000, "PENDING")
+    assert created.checkout_url.startswith(sim.url) and created.qr_code.startswith("000201")
+    fetched = await sim.payos.payment_requests.get(order_code)
+    assert (fetched.id, fetched.amount_remaining) == (created.payment_link_id, 15_000)
+    cancelled = await sim.payos.payment_requests.cancel(order_code, "changed my mind")
+    assert (cancelled.status, cancelled.cancellation_reason) == ("CANCELLED", "changed my mind")
+
+
+async def test_sdk_rejects_a_duplicate_order_code(sim: Sim) -> None:
+    order_code = secrets.randbelow(10**9) + 1
+    await sim.payos.payment_requests.create(_request(order_code))
+    with pytest.raises(APIError) as err:
+        await sim.payos.payment_requests.create(_request(order_code))
+    assert err.value.error_code == "231"
+
+
+async def test_wrong_api_key_is_refused(sim: Sim, settings: Settings) -> None:
+    intruder = AsyncPayOS(
+        "dev-client-id", "wrong", settings.payos_checksum_key, base_url=sim.url, max_retries=0
+    )
+    with pytest.raises(APIError):
+        await intruder.payment_requests.create(_request(1))
+    await intruder.aclose()
+
+
+async def test_paying_a_link_delivers_a_signed_webhook_that_completes_the_session(
+    sim: Sim, store: Store
+) -> None:
+    session = await add_session(store, amount=15_000)
+    await sim.payos.payment_requests.create(_request(session["orderCode"]))
+    paid = await sim.pay(session["orderCode"])
+    assert (paid["delivered"], paid["status"]) == (True, "PAID")
+    stored = await store.sessions.find_one({"uuid": session["uuid"]})
+    assert stored is not None and stored["status"] == "completed"
+    link = await sim.payos.payment_requests.get(session["orderCode"])
+    assert (link.status, link.amount_paid, len(link.transactions)) == ("PAID", 15_000, 1)
+
+
+async def test_partial_payment_leaves_link_underpaid_and_session_pending(
+    sim: Sim, store: Store
+) -> None:
+    session = await add_session(store, amount=15_000)
+    await sim.payos.payment_requests.create(_request(session["orderCode"]))
+    paid = await sim.pay(session["orderCode"], amount=5_000)
+    assert paid["status"] == "UNDERPAID"
+    stored = await store.sessions.find_one({"uuid": session["uuid"]})
+    assert stored is not None and (stored["status"], stored["amountPaid"]) == ("pending", 5_000)
+
+
+async def test_duplicate_deliveries_are_stored_once(sim: Sim, store: Store) -> None:
+    session = await add_session(store, amount=15_000)
+    await sim.payos.payment_requests.create(_request(session["orderCode"]))
+    paid = await sim.pay(session["orderCode"], copies=5)
+    assert paid["firstStatuses"] == [200] * 5
+    assert await store.webhooks.count_documents({"orderCode": session["orderCode"]}) == 1
+
+
+async def test_lost_deliveries_are_redelivered_until_acknowledged(sim: Sim, store: Store) -> None:
+    session = await add_session(store, amount=15_000)
+    await sim.payos.payment_requests.create(_request(session["orderCode"]))
+    async with sim.http.post(f"{sim.url}/sim/faults", json={"dropDeliveries": 2}):
+        pass
+    paid = await sim.pay(session["orderCode"], wait=True)
+    assert (paid["delivered"], paid["attempts"]) == (True, [0, 0, 200])
+    stored = await store.sessions.find_one({"uuid": session["uuid"]})
+    assert stored is not None and stored["status"] == "completed"
+    async with sim.http.get(f"{sim.url}/sim/deliveries") as resp:
+        [delivery] = await resp.json()
+    assert delivery["delivered"] is True
+
+
+async def test_confirm_webhook_sends_payos_test_delivery(sim: Sim, store: Store) -> None:
+    result = await sim.payos.webhooks.confirm(sim.ingest_url)
+    assert result.webhook_url == sim.ingest_url
+    recorded = await store.webhooks.find_one({"orderCode": 123})
+    assert recorded is not None and recorded["data"]["description"] == "VQRIO123"
+
+
+async def test_confirm_webhook_fails_for_a_url_that_does_not_answer(sim: Sim) -> None:
+    with pytest.raises(WebhookError):
+        await sim.payos.webhooks.confirm("http://127.0.0.1:9/api/webhooks")

@@ -1,0 +1,328 @@
+"""webhook-ingest: signed PayOS webhooks stored, sessions completed once, events published once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import structlog
+from aiohttp.test_utils import TestClient
+from webhook_ingest import create_app
+
+from shared.appkeys import CACHE
+from shared.model import StreamStatus, utcnow
+from shared.mongo import Store
+from shared.settings import Settings
+from shared.signing import sign_data
+from tests.conftest import Servers
+from tests.helpers import TEST_CHECKSUM_KEY, add_session, signed_webhook, subscribed
+
+Client = TestClient[Any, Any]
+
+
+@pytest.fixture
+async def ingest(
+    aiohttp_client: Callable[..., Awaitable[Client]], settings: Settings, store: Store
+) -> Client:
+    client = await aiohttp_client(create_app(settings))
+    # Index creation runs in the background at start-up; wait for it like /readyz does.
+    async with asyncio.timeout(5):
+        while (await client.get("/readyz")).status != 200:
+            await asyncio.sleep(0.02)
+    return client
+
+
+async def post(client: Client, body: Any) -> tuple[int, dict[str, Any]]:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    resp = await client.post(
+        "/api/webhooks", data=raw, headers={"Content-Type": "application/json"}
+    )
+    return resp.status, await resp.json()
+
+
+async def test_valid_webhook_completes_session_and_publishes_one_event(
+    ingest: Client, store: Store, settings: Settings
+) -> None:
+    session = await add_session(store, amount=50_000)
+    async with subscribed(settings.redis_url, session["uuid"]) as sub:
+        status, body = await post(ingest, signed_webhook(session["orderCode"], 50_000))
+        assert (status, body["outcome"]) == (200, "completed")
+        [event] = await sub.wait_for(1)
+        await asyncio.sleep(0.2)
+        assert len(sub.events) == 1
+    assert event.status is StreamStatus.DONE
+    assert (event.uuid, event.amount, event.amount_paid) == (session["uuid"], 50_000, 50_000)
+    stored = await store.sessions.find_one({"uuid": session["uuid"]})
+    assert stored is not None and stored["status"] == "completed"
+    assert await store.webhooks.count_documents({"orderCode": session["orderCode"]}) == 1
+    cached = await ingest.app[CACHE].get(session["uuid"])
+    assert cached is not None and cached.status is StreamStatus.DONE
+
+
+async def test_twenty_concurrent_copies_complete_once_and_publish_once(
+    ingest: Client, store: Store, settings: Settings
+) -> None:
+    session = await add_session(store, amount=20_000)
+    webhook = signed_webhook(session["orderCode"], 20_000)
+    async with subscribed(settings.redis_url, session["uuid"]) as sub:
+        results = await asyncio.gather(*(post(ingest, webhook) for _ in range(20)))
+        await sub.wait_for(1)
+        await asyncio.sleep(0.3)
+        assert len(sub.events) == 1
+    assert all(status == 200 for status, _ in results)
+    outcomes = sorted(body["outcome"] for _, body in results)
+    assert outcomes.count("completed") == 1
+    assert outcomes.count("duplicate") == 19
+    stored = await store.sessions.find_one({"uuid": session["uuid"]})
+    assert stored is not None
+    assert (stored["status"], stored["amountPaid"], stored["version"]) == ("completed", 20_000, 3)
+    assert await store.webhooks.count_documents({}) == 1
+
+
+async def test_redelivered_webhook_is_acknowledged_and_changes_nothing(
+    ingest: Client, store: Store, settings: Settings
+) -> None:
+    session = await add_session(store, amount=10_000)
+    webhook = signed_webhook(session["orderCode"], 10_000)
+    assert (await post(ingest, webhook))[0] == 200
+    before = await store.sessions.find_one({"uuid": session["uuid"]})
+    async with subscribed(settings.redis_url, session["uuid"]) as sub:
+        status, body = await post(ingest, webhook)
+        await asyncio.sleep(0.3)
+        assert sub.events == []
+    assert (status, body["outcome"]) == (200, "duplicate")
+    assert await store.sessions.find_one({"uuid": session["uuid"]}) == before
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        pytest.param(
+            lambda w: w["data"].__setitem__("amount", w["data"]["amount"] * 10),
+            id="tampered-amount",
+        ),
+        pytest.param(
+            lambda w: w.update(signed_webhook(w["data"]["orderCode"], 5_000, key="wrong-key")),
+            id="wrong-key",
+        ),
+        pytest.param(lambda w: w.pop("signature"), id="missing-signature"),
+        pytest.param(lambda w: w.__setitem__("signature", ""), id="empty-signature"),
+        pytest.param(lambda w: w["data"].__setitem__("injected", "x"), id="unsigned-extra-field"),
+    ],
+)
+async def test_bad_signature_is_rejected_and_nothing_stored(
+    ingest: Client, store: Store, settings: Settings, tamper: Callable[[dict[str, Any]], None]
+) -> None:
+    session = await add_session(store, amount=5_000)
+    webhook = signed_webhook(session["orderCode"], 5_000)
+    tamper(webhook)
+    async with subscribed(settings.redis_url, session["uuid"]) as sub:
+        status, body = await post(ingest, webhook)
+        await asyncio.sleep(0.2)
+        assert sub.events == []
+    assert status == 401
+    assert body["success"] is False and "signature" in body["error"]
+    assert await store.webhooks.count_documents({}) == 0
+    stored = await store.sessions.find_one({"uuid": session["uuid"]})
+    assert stored is not None and stored["status"] == "pending"
+
+
+def _valid() -> dict[str, Any]:
+    return signed_webhook(1234, 5_000)
+
+
+def _with_data(**changes: Any) -> dict[str, Any]:
+    w = _valid()
+    w["data"].update(changes)
+    return w
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        pytest.param(b"{not json", "not valid JSON", id="invalid-json"),
+        pytest.param(b"\xff\xfe", "not valid JSON", id="not-utf8"),
+        pytest.param(b"[1, 2]", "JSON object", id="array"),
+        pytest.param({"code": "00", "signature": "ab"}, "`data`", id="no-data"),
+        pytest.param({"data": "x", "signature": "ab"}, "`data`", id="data-not-object"),
+        pytest.param(_with_data(orderCode="1234"), "orderCode", id="orderCode-string"),
+        pytest.param(_with_data(orderCode=-5), "orderCode", id="orderCode-negative"),
+        pytest.param(_with_data(amount=True), "amount", id="amount-bool"),
+        pytest.param(_with_data(amount=1.5), "amount", id="amount-float"),
+        pytest.param(_with_data(amount=-1), "amount", id="amount-negative"),
+        pytest.param(_with_data(reference=None), "reference", id="reference-missing"),
+        pytest.param(_with_data(reference=""), "reference", id="reference-empty"),
+        pytest.param(_with_data(description=7), "description", id="description-number"),
+        pytest.param({**_valid(), "signature": 12345}, "signature", id="signature-number"),
+        pytest.param({**_valid(), "success": "yes"}, "success", id="success-string"),
+        pytest.param({**_valid(), "code": 0}, "code", id="code-number"),
+    ],
+)
+async def test_malformed_body_is_400_and_nothing_stored(
+    ingest: Client, store: Store, body: Any, message: str
+) -> None:
+    status, answer = await post(ingest, body)
+    assert status == 400
+    assert answer["success"] is False and message in answer["error"]
+    assert await store.webhooks.count_documents({}) == 0
+
+
+async def test_oversized_body_is_413_and_nothing_stored(ingest: Client, store: Store) -> None:
+    webhook = _valid()
+    webhook["data"]["padding"] = "x" * (64 * 1024)
+    status, answer = await post(ingest, webhook)
+    assert status == 413
+    assert answer["success"] is False and "exceeds" in answer["error"]
+    assert await store.webhooks.count_documents({}) == 0
+
+
+async def test_webhook_with_an_extra_signed_field_is_accepted(ingest: Client, store: Store) -> None:
+    session = await add_session(store, amount=7_000)
+    webhook = signed_webhook(session["orderCode"], 7_000)
+    # A field PayOS may add tomorrow, signed like the others.
+    webhook["data"]["newFieldFromPayOS"] = "value"
+    webhook["signature"] = sign_data(webhook["data"], TEST_CHECKSUM_KEY)
+    status, body = await post(ingest, webhook)
+    assert (status, body["outcome"]) == (200, "completed")
+    stored = await store.webhooks.find_one({"orderCode": session["orderCode"]})
+    assert stored is not None and stored["data"]["newFieldFromPayOS"] == "value"
+
+
+async def test_unknown_order_is_acknowledged_recorded_and_touches_no_session(
+    ingest: Client, store: Store
+) -> None:
+    session = await add_session(store)
+    # PayOS's confirm-webhook test delivery.
+    status, body = await post(ingest, signed_webhook(123, 3_000))
+    assert (status, body["outcome"]) == (200, "unknown_order")
+    assert await store.webhooks.count_documents({"orderCode": 123}) == 1
+    stored = await store.sessions.find_one({"uuid": session["uuid"]})
+    assert stored is not None and (stored["status"], stored["version"]) == ("pending", 1)
+
+
+async def test_failed_transaction_is_recorded_and_session_stays_pending(
+    ingest: Client, store: Store
+) -> None:
+    session = await add_session(store, amount=9_000)
+    status, body = await post(ingest, signed_webhook(session["orderCode"], 9_000, code="01"))
+    assert (status, body["outcome"]) == (200, "not_paid")
+    assert await store.webhooks.count_documents({"orderCode": session["orderCode"]}) == 1
+    stored = await store.sessions.find_one({"uuid": session["uuid"]})
+    assert stored is not None and (stored["status"], stored["amountPaid"]) == ("pending", 0)
+
+
+async def test_partial_payments_add_up_then_complete(
+    ingest: Client, store: Store, settings: Settings
+) -> None:
+    session = await add_session(store, amount=30_000)
+    async with subscribed(settings.redis_url, session["uuid"]) as sub:
+        first = await post(ingest, signed_webhook(session["orderCode"], 10_000))
+        second = await post(ingest, signed_webhook(session["orderCode"], 20_000))
+        events = await sub.wait_for(2)
+    assert [first[1]["outcome"], second[1]["outcome"]] == ["partial", "completed"]
+    assert [(e.status.value, e.amount_paid) for e in events] == [
+        ("pending", 10_000),
+        ("done", 30_000),
+    ]
+    assert events[0].version < events[1].version
+
+
+async def test_completed_session_never_moves_back(ingest: Client, store: Store) -> None:
+    session = await add_session(store, amount=5_000)
+    await post(ingest, signed_webhook(session["orderCode"], 5_000))
+    status, body = await post(ingest, signed_webhook(session["orderCode"], 1_000, code="01"))
+    late = await post(ingest, signed_webhook(session["orderCode"], 5_000))
+    assert (status, body["outcome"]) == (200, "not_paid")
+    assert late[1]["outcome"] == "not_pending"
+    stored = await store.sessions.find_one({"uuid": session["uuid"]})
+    assert stored is not None and (stored["status"], stored["amountPaid"]) == ("completed", 5_000)
+
+
+async def test_expired_session_is_not_completed(ingest: Client, store: Store) -> None:
+    session = await add_session(store, amount=5_000, expiresAt=utcnow() - timedelta(seconds=1))
+    status, body = await post(ingest, signed_webhook(session["orderCode"], 5_000))
+    # Still there (a real TTL monitor lags ~60 s) or already deleted (the stand-in's is eager).
+    assert status == 200 and body["outcome"] in ("not_pending", "unknown_order")
+    assert await store.sessions.count_documents({"status": "completed"}) == 0
+    assert await store.webhooks.count_documents({"orderCode": session["orderCode"]}) == 1
+
+
+async def test_mongodb_down_is_503_then_redelivery_is_stored_once(
+    ingest: Client, store: Store, servers: Servers
+) -> None:
+    if servers.mongo is None:
+        pytest.skip("MongoDB is external; the suite cannot stop it")
+    session = await add_session(store, amount=8_000)
+    webhook = signed_webhook(session["orderCode"], 8_000)
+    servers.mongo.stop()
+    try:
+        status, body = await post(ingest, webhook)
+        assert status == 503 and body["retryable"] is True
+    finally:
+        servers.mongo.start()
+    for _ in range(2):  # PayOS redelivers; a retry may race another
+        status, body = await post(ingest, webhook)
+        assert status == 200
+    assert await store.webhooks.count_documents({"orderCode": session["orderCode"]}) == 1
+    stored = await store.sessions.find_one({"uuid": session["uuid"]})
+    assert stored is not None and (stored["status"], stored["amountPaid"]) == ("completed", 8_000)
+
+
+async def test_redis_down_is_acknowledged_and_event_arrives_after_redis_returns(
+    ingest: Client, store: Store, settings: Settings, servers: Servers
+) -> None:
+    session = await add_session(store, amount=6_000)
+    servers.redis.stop()
+    try:
+        status, body = await post(ingest, signed_webhook(session["orderCode"], 6_000))
+        assert (status, body["outcome"]) == (200, "completed")
+        stored = await store.sessions.find_one({"uuid": session["uuid"]})
+        assert stored is not None and stored["status"] == "completed"
+    finally:
+        servers.redis.start()
+    async with subscribed(settings.redis_url, session["uuid"]) as sub:
+        [event] = await sub.wait_for(1, timeout=10)
+    assert event.status is StreamStatus.DONE
+    cached = await ingest.app[CACHE].get(session["uuid"])
+    assert cached is not None and cached.status is StreamStatus.DONE
+
+
+async def test_readiness_reports_each_dependency(ingest: Client, servers: Servers) -> None:
+    assert (await ingest.get("/healthz")).status == 200
+    ready = await ingest.get("/readyz")
+    assert ready.status == 200
+    assert (await ready.json())["checks"] == {"redis": "ok", "mongodb": "ok"}
+    servers.redis.stop()
+    try:
+        down = await ingest.get("/readyz")
+        assert down.status == 503
+        assert (await down.json())["checks"]["redis"].startswith("down")
+        assert (await ingest.get("/healthz")).status == 200
+    finally:
+        servers.redis.start()
+
+
+async def test_metrics_count_webhooks_by_outcome(ingest: Client, store: Store) -> None:
+    session = await add_session(store, amount=4_000)
+    await post(ingest, signed_webhook(session["orderCode"], 4_000))
+    await post(ingest, b"nope")
+    text = await (await ingest.get("/metrics")).text()
+    assert 'paypush_webhooks_total{outcome="completed"} 1.0' in text
+    assert 'paypush_webhooks_total{outcome="invalid"} 1.0' in text
+    assert "paypush_webhook_seconds_bucket" in text
+
+
+async def test_logs_never_hold_a_full_signature(ingest: Client, store: Store) -> None:
+    session = await add_session(store, amount=4_000)
+    webhook = signed_webhook(session["orderCode"], 4_000)
+    good_signature = webhook["signature"]
+    webhook["data"]["amount"] = 1
+    with structlog.testing.capture_logs() as logs:
+        await post(ingest, webhook)
+    rejected = [entry for entry in logs if entry["event"] == "webhook_rejected"]
+    assert rejected and rejected[0]["signature"].startswith(good_signature[:6])
+    assert good_signature not in json.dumps(logs, default=str)
