@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint format mypy bench bench-ingest clean
+.PHONY: setup run test lint format mypy bench bench-ingest bench-stream bench-status clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,10 +33,16 @@ format: setup
 mypy: setup
 	$(BIN)/mypy
 
-bench: bench-ingest
+bench: bench-ingest bench-stream bench-status
 
 bench-ingest: setup
 	$(BIN)/python -m bench.ingest $(BENCH_ARGS)
+
+bench-stream: setup
+	$(BIN)/python -m bench.stream $(BENCH_ARGS)
+
+bench-status: setup
+	$(BIN)/python -m bench.status $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache

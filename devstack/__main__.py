@@ -47,7 +47,7 @@ def plan(settings: Settings) -> tuple[Settings, list[Process]]:
     for name, module, port_field in SERVICES:
         if name == "payos-simulator" and is_set("PAYOS_BASE_URL"):
             continue
-        if importlib.util.find_spec(module) is None:
+        if importlib.util.find_spec(f"{module}.__main__") is None:
             continue  # a service not built yet
         port = getattr(settings, port_field)
         processes.append(python_service(name, module, port, env, logs))

@@ -1,0 +1,1 @@
+"""session-api: payment sessions, the per-account limit, status reads, cleanup, stats."""

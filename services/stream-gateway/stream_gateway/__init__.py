@@ -1,0 +1,1 @@
+"""stream-gateway: SSE streams to waiting browsers, multiplexed over Redis pub/sub."""
