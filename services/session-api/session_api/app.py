@@ -1,0 +1,57 @@
+"""session-api's app factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from shared.appkeys import CACHE, SETTINGS, STORE
+from shared.clients import mongo_ctx, redis_ctx
+from shared.payos_client import payos_client
+from shared.settings import Settings
+from shared.status import StatusReader
+from shared.web import cors_middleware, new_registry, request_context_middleware
+
+from .appkeys import PAYOS, SESSION_METRICS, SESSIONS, STATUS_READER
+from .metrics import SessionMetrics
+from .routes import setup_routes
+from .sessions import LinkUrls, Sessions
+from .views import MAX_BODY_BYTES
+
+
+async def _payos_ctx(app: web.Application) -> AsyncIterator[None]:
+    client = payos_client(app[SETTINGS])
+    app[PAYOS] = client
+    yield
+    await client.aclose()
+
+
+async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    site = settings.site_public_url.rstrip("/")
+    app[SESSIONS] = Sessions(
+        app[STORE],
+        app[CACHE],
+        app[PAYOS],
+        max_pending=settings.max_pending_per_account,
+        urls=LinkUrls(return_url=f"{site}/?paid=1", cancel_url=f"{site}/?cancelled=1"),
+        payos_timeout=settings.payos_timeout_seconds,
+    )
+    app[STATUS_READER] = StatusReader(
+        app[CACHE], app[STORE], on_db_query=app[SESSION_METRICS].status_db_queries.inc
+    )
+    yield
+
+
+def create_app(settings: Settings) -> web.Application:
+    """session-api: sessions, status reads, listing, cleanup, stats, plus the ops routes."""
+    app = web.Application(
+        middlewares=[request_context_middleware, cors_middleware(settings.cors_origins)],
+        client_max_size=MAX_BODY_BYTES,
+    )
+    app[SETTINGS] = settings
+    app[SESSION_METRICS] = SessionMetrics.create(new_registry(app))
+    app.cleanup_ctx.extend([redis_ctx, mongo_ctx, _payos_ctx, _sessions_ctx])
+    setup_routes(app)
+    return app

@@ -1,0 +1,167 @@
+"""The cleanup job: expire stale pending sessions (publishing `expired`), delete expired records.
+
+Served as `GET`/`POST /api/webhooks/cleanup` and run as `python -m session_api.cleanup` by
+the Kubernetes CronJob (exit code 0 on success, 1 on failure).
+
+Rules, in this order, all against one `now`:
+
+1. **Expire.** A session still `pending` whose `expiresAt` has passed, or that was created
+   more than 24 h ago, is set `expired` (with `version` incremented) by a conditional update
+   whose filter holds `status: pending`; of concurrent runs exactly one wins each session,
+   and only the winner publishes `expired` through the status cache, so waiting browsers
+   stop.
+2. **Delete.** Sessions whose `expiresAt` has passed and that are no longer pending, and
+   webhook records whose `expiresAt` has passed, are deleted: the backup for MongoDB's TTL
+   monitor, which runs about once a minute and may lag. A pending session is never deleted
+   here: step 1 has first turned it `expired` and published that. A session whose `expired`
+   could not be published (Redis down) is not deleted by this run (the run reports it), so
+   readers falling back to MongoDB still see `expired`; a later run deletes it.
+
+Running it twice, in a row or at once, changes nothing the first run did not already do.
+MongoDB's TTL monitor may still delete a pending session before any run sees it; browsers
+stop waiting on their own after the gateway's maximum wait (10 minutes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+
+import structlog
+from pymongo import ReturnDocument
+from redis.exceptions import RedisError
+
+from shared.cache import StatusCache
+from shared.clients import redis_client
+from shared.keys import SESSION_TTL_SECONDS
+from shared.logs import configure_logging
+from shared.model import SessionStatus, StatusEvent, utcnow
+from shared.mongo import Doc, Store, mongo_client
+from shared.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+# Sessions examined per round trip; rounds continue until none is left.
+BATCH = 500
+
+
+@dataclass(frozen=True, slots=True)
+class CleanupResult:
+    expired: int  # sessions this run moved pending → expired
+    published: int  # of those, `expired` events that reached Redis
+    publish_failed: int  # of those, events Redis could not take (kept for a later run)
+    sessions_deleted: int
+    webhooks_deleted: int
+    duration_ms: float
+
+    def to_dict(self) -> dict[str, int | float]:
+        return {
+            "expired": self.expired,
+            "published": self.published,
+            "publishFailed": self.publish_failed,
+            "sessionsDeleted": self.sessions_deleted,
+            "webhooksDeleted": self.webhooks_deleted,
+            "durationMs": self.duration_ms,
+        }
+
+
+async def run_cleanup(
+    store: Store, cache: StatusCache, now: datetime | None = None
+) -> CleanupResult:
+    """One cleanup run (see the module docstring for the rules); raises PyMongoError."""
+    started = time.perf_counter()
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=SESSION_TTL_SECONDS)
+    expired = published = 0
+    unpublished: list[str] = []
+    # Two simple filters rather than one `$or`: the MongoDB stand-in ignores a condition
+    # beside a top-level `$or`.
+    for stale in (
+        {"status": SessionStatus.PENDING.value, "expiresAt": {"$lte": now}},
+        {"status": SessionStatus.PENDING.value, "createdAt": {"$lte": cutoff}},
+    ):
+        while True:
+            batch = [d["_id"] async for d in store.sessions.find(stale, {"_id": 1}).limit(BATCH)]
+            changed = 0
+            for _id in batch:
+                doc = await _expire(store, _id)
+                if doc is None:
+                    continue  # a concurrent run (or a payment) got there first
+                changed += 1
+                try:
+                    await cache.put(StatusEvent.from_session(doc))
+                except RedisError as exc:
+                    log.warning("cleanup_publish_failed", uuid=doc["uuid"], error=str(exc))
+                    unpublished.append(doc["uuid"])
+                else:
+                    published += 1
+            expired += changed
+            # A round that changed nothing means what is left is another run's to finish
+            # (and guarantees an end whatever the database answers).
+            if len(batch) < BATCH or changed == 0:
+                break
+
+    sessions = await store.sessions.delete_many(
+        {
+            "expiresAt": {"$lte": now},
+            "status": {"$in": [SessionStatus.COMPLETED.value, SessionStatus.EXPIRED.value]},
+            "uuid": {"$nin": unpublished},
+        }
+    )
+    webhooks = await store.webhooks.delete_many({"expiresAt": {"$lte": now}})
+    result = CleanupResult(
+        expired=expired,
+        published=published,
+        publish_failed=len(unpublished),
+        sessions_deleted=sessions.deleted_count,
+        webhooks_deleted=webhooks.deleted_count,
+        duration_ms=round((time.perf_counter() - started) * 1000, 2),
+    )
+    log.info("cleanup_done", **asdict(result))
+    return result
+
+
+async def _expire(store: Store, _id: object) -> Doc | None:
+    """Move one session pending → expired; None if it was no longer pending."""
+    return await store.sessions.find_one_and_update(
+        {"_id": _id, "status": SessionStatus.PENDING.value},
+        {
+            "$set": {"status": SessionStatus.EXPIRED.value},
+            "$inc": {"version": 1},
+            # The database's clock, and no `$set` of a datetime (the stand-in stores a string).
+            "$currentDate": {"updatedAt": True, "expiredAt": True},
+        },
+        projection={"_id": 0},
+        return_document=ReturnDocument.AFTER,
+    )
+
+
+async def _run_once(settings: Settings) -> CleanupResult:
+    redis = redis_client(settings)
+    store = Store(mongo_client(settings))
+    try:
+        return await run_cleanup(store, StatusCache(redis, sharded=settings.redis_cluster))
+    finally:
+        await store.client.close()
+        await redis.aclose()
+
+
+def main() -> int:
+    """`python -m session_api.cleanup`: one run, its counts on stdout as JSON."""
+    settings = Settings.from_env()
+    configure_logging(settings)
+    try:
+        result = asyncio.run(_run_once(settings))
+    except Exception as exc:
+        log.error("cleanup_failed", error=str(exc), error_type=type(exc).__name__)
+        return 1
+    print(json.dumps({"success": True, **result.to_dict()}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

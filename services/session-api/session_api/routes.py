@@ -1,0 +1,17 @@
+"""Every route of session-api, in one place. `GET /` is kept for the deposit page."""
+
+from aiohttp import web
+
+from shared.web import add_ops_routes
+
+from . import views
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_post("/api/sessions", views.create_session)
+    app.router.add_get("/api/webhooks", views.status_or_list)
+    app.router.add_get("/api/webhooks/check-session-limit", views.check_session_limit)
+    app.router.add_get("/api/webhooks/cleanup", views.cleanup)
+    app.router.add_post("/api/webhooks/cleanup", views.cleanup)
+    app.router.add_get("/api/stats", views.stats)
+    add_ops_routes(app)
