@@ -1,0 +1,670 @@
+"""session-api: sessions and the per-account limit against the unmodified payos SDK and the
+PayOS simulator, status reads through the cache, listing, cleanup and stats, on real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import subprocess
+import sys
+import uuid as uuidlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from session_api import create_app
+from webhook_ingest import create_app as create_ingest
+
+from devstack.payos_simulator import create_app as create_simulator
+from shared.appkeys import CACHE, METRICS
+from shared.model import StreamStatus, utcnow
+from shared.mongo import Store
+from shared.settings import Settings
+from tests.helpers import add_session, subscribed
+
+Client = TestClient[Any, Any]
+ACCOUNT = "0001112223"
+CRON = {"Authorization": "Bearer test-cron-secret"}
+ADMIN = {"Authorization": "Bearer test-admin-token"}
+
+
+@dataclass
+class Sim:
+    """The PayOS simulator (delivering webhooks to a real ingest) and its controls."""
+
+    url: str
+    http: aiohttp.ClientSession
+
+    async def faults(self, mode: str, delay: float = 0.0) -> None:
+        body = {"mode": mode, "delaySeconds": delay}
+        async with self.http.post(f"{self.url}/sim/faults", json=body) as resp:
+            assert resp.status == 200
+
+    async def pay(self, order_code: int) -> dict[str, Any]:
+        async with self.http.post(f"{self.url}/sim/pay/{order_code}", json={}) as resp:
+            assert resp.status == 200, await resp.text()
+            result: dict[str, Any] = await resp.json()
+            return result
+
+
+@pytest.fixture
+async def sim(settings: Settings, store: Store) -> AsyncIterator[Sim]:
+    ingest = TestServer(create_ingest(settings))
+    await ingest.start_server()
+    sim_server = TestServer(
+        create_simulator(
+            Settings.from_env(
+                {},
+                payos_checksum_key=settings.payos_checksum_key,
+                payos_webhook_url=str(ingest.make_url("/api/webhooks")),
+            ),
+            retry_delays=(0.05, 0.1, 0.2),
+        )
+    )
+    await sim_server.start_server()
+    async with aiohttp.ClientSession() as http:
+        async with asyncio.timeout(5):
+            while not (await http.get(str(ingest.make_url("/readyz")))).ok:
+                await asyncio.sleep(0.02)
+        yield Sim(str(sim_server.make_url("")).rstrip("/"), http)
+    await sim_server.close()
+    await ingest.close()
+
+
+@pytest.fixture
+def api_settings(settings: Settings, sim: Sim) -> Settings:
+    return dataclasses.replace(
+        settings,
+        payos_base_url=sim.url,
+        payos_timeout_seconds=0.5,
+        cron_secret="test-cron-secret",
+        admin_token="test-admin-token",
+    )
+
+
+async def _ready(client: Client) -> Client:
+    # Index creation runs in the background at start-up; wait for it like /readyz does.
+    async with asyncio.timeout(5):
+        while (await client.get("/readyz")).status != 200:
+            await asyncio.sleep(0.02)
+    return client
+
+
+@pytest.fixture
+async def api(aiohttp_client: Callable[..., Awaitable[Client]], api_settings: Settings) -> Client:
+    return await _ready(await aiohttp_client(create_app(api_settings)))
+
+
+async def create(client: Client, body: Any) -> tuple[int, dict[str, Any]]:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    resp = await client.post(
+        "/api/sessions", data=raw, headers={"Content-Type": "application/json"}
+    )
+    return resp.status, await resp.json()
+
+
+async def get_json(client: Client, path: str, **kw: Any) -> tuple[int, dict[str, Any]]:
+    resp = await client.get(path, **kw)
+    return resp.status, await resp.json()
+
+
+def db_queries(client: Client) -> float:
+    value = client.app[METRICS].get_sample_value("paypush_status_db_queries_total")
+    return float(value or 0)
+
+
+def new_uuid() -> str:
+    return str(uuidlib.uuid4())
+
+
+# --- create ---------------------------------------------------------------------------------
+
+
+async def test_create_returns_the_link_and_stores_a_pending_session(
+    api: Client, store: Store
+) -> None:
+    status, body = await create(api, {"accountNumber": ACCOUNT, "amount": 50_000})
+    assert status == 201, body
+    assert body["success"] is True and body["status"] == "pending" and body["resumed"] is False
+    assert (body["amount"], body["description"]) == (50_000, "NAPTIEN")
+    assert body["checkoutUrl"].startswith("http") and body["qrCode"].startswith("000201")
+    assert body["expiresAt"].endswith("Z")
+    stored = await store.sessions.find_one({"uuid": body["uuid"]})
+    assert stored is not None
+    assert (stored["orderCode"], stored["status"], stored["qrCode"]) == (
+        body["orderCode"],
+        "pending",
+        body["qrCode"],
+    )
+    assert stored["expiresAt"] - stored["createdAt"] == timedelta(hours=24)
+    cached = await api.app[CACHE].get(body["uuid"])
+    assert cached is not None and cached.status is StreamStatus.PENDING
+
+
+async def test_twenty_concurrent_creates_for_one_account_make_exactly_five(
+    api: Client, store: Store
+) -> None:
+    body = {"accountNumber": ACCOUNT, "amount": 10_000}
+    results = await asyncio.gather(*(create(api, body) for _ in range(20)))
+    statuses = sorted(status for status, _ in results)
+    assert statuses == [201] * 5 + [429] * 15
+    refused = [b for s, b in results if s == 429]
+    assert all((b["pendingCount"], b["maxAllowed"]) == (5, 5) for b in refused)
+    assert "5" in refused[0]["error"]
+    assert await store.sessions.count_documents({"accountNumber": ACCOUNT}) == 5
+
+
+async def test_two_replicas_sharing_the_database_make_exactly_five(
+    aiohttp_client: Callable[..., Awaitable[Client]], api_settings: Settings, store: Store
+) -> None:
+    a = await _ready(await aiohttp_client(create_app(api_settings)))
+    b = await _ready(await aiohttp_client(create_app(api_settings)))
+    body = {"accountNumber": ACCOUNT, "amount": 10_000}
+    results = await asyncio.gather(*(create(c, body) for c in [a, b] * 10))
+    assert sorted(status for status, _ in results) == [201] * 5 + [429] * 15
+    codes = [b["orderCode"] for s, b in results if s == 201]
+    assert len(set(codes)) == 5
+    assert await store.sessions.count_documents({"accountNumber": ACCOUNT}) == 5
+
+
+async def test_other_accounts_are_not_limited_by_a_full_one(api: Client) -> None:
+    for _ in range(5):
+        assert (await create(api, {"accountNumber": ACCOUNT, "amount": 10_000}))[0] == 201
+    assert (await create(api, {"accountNumber": ACCOUNT, "amount": 10_000}))[0] == 429
+    assert (await create(api, {"accountNumber": "999888777", "amount": 10_000}))[0] == 201
+
+
+async def test_pending_uuid_resumes_the_same_session(api: Client, store: Store) -> None:
+    uuid = new_uuid()
+    first = await create(api, {"accountNumber": ACCOUNT, "amount": 20_000, "uuid": uuid})
+    again = await create(api, {"accountNumber": ACCOUNT, "amount": 20_000, "uuid": uuid})
+    assert (first[0], again[0]) == (201, 200)
+    assert again[1]["resumed"] is True
+    for key in ("uuid", "orderCode", "qrCode", "checkoutUrl", "expiresAt"):
+        assert again[1][key] == first[1][key]
+    assert await store.sessions.count_documents({}) == 1
+
+
+async def test_resume_does_not_count_against_the_limit(api: Client) -> None:
+    uuids = [new_uuid() for _ in range(5)]
+    for uuid in uuids:
+        assert (await create(api, {"accountNumber": ACCOUNT, "amount": 9_000, "uuid": uuid}))[
+            0
+        ] == 201
+    status, body = await create(api, {"accountNumber": ACCOUNT, "amount": 9_000, "uuid": uuids[2]})
+    assert (status, body["resumed"]) == (200, True)
+
+
+async def test_another_accounts_uuid_is_refused_without_leaking_it(
+    api: Client, store: Store
+) -> None:
+    uuid = new_uuid()
+    mine = await create(api, {"accountNumber": ACCOUNT, "amount": 20_000, "uuid": uuid})
+    status, body = await create(api, {"accountNumber": "5556667778", "amount": 1_000, "uuid": uuid})
+    assert (mine[0], status) == (201, 409)
+    assert body["success"] is False
+    leaked = json.dumps(body)
+    for secret in (mine[1]["qrCode"], mine[1]["checkoutUrl"], str(mine[1]["orderCode"]), ACCOUNT):
+        assert secret not in leaked
+    assert await store.sessions.count_documents({}) == 1
+
+
+async def test_limit_frees_when_a_session_is_paid(api: Client, sim: Sim, store: Store) -> None:
+    created = [await create(api, {"accountNumber": ACCOUNT, "amount": 10_000}) for _ in range(5)]
+    assert (await create(api, {"accountNumber": ACCOUNT, "amount": 10_000}))[0] == 429
+    paid = await sim.pay(created[0][1]["orderCode"])
+    assert paid["delivered"] is True
+    stored = await store.sessions.find_one({"uuid": created[0][1]["uuid"]})
+    assert stored is not None and stored["status"] == "completed"
+    assert (await create(api, {"accountNumber": ACCOUNT, "amount": 10_000}))[0] == 201
+
+
+async def test_limit_frees_when_a_session_passes_its_expiry(api: Client, store: Store) -> None:
+    for _ in range(4):
+        await add_session(store, account=ACCOUNT)
+    # Past expiresAt: the TTL monitor may not have deleted it yet, the count must ignore it.
+    await add_session(store, account=ACCOUNT, expiresAt=utcnow() - timedelta(seconds=1))
+    assert (await create(api, {"accountNumber": ACCOUNT, "amount": 10_000}))[0] == 201
+    assert (await create(api, {"accountNumber": ACCOUNT, "amount": 10_000}))[0] == 429
+
+
+async def test_limit_frees_when_cleanup_expires_a_stale_session(api: Client, store: Store) -> None:
+    for _ in range(4):
+        await add_session(store, account=ACCOUNT)
+    await add_session(store, account=ACCOUNT, createdAt=utcnow() - timedelta(hours=25))
+    assert (await create(api, {"accountNumber": ACCOUNT, "amount": 10_000}))[0] == 429
+    assert (await api.post("/api/webhooks/cleanup", headers=CRON)).status == 200
+    assert (await create(api, {"accountNumber": ACCOUNT, "amount": 10_000}))[0] == 201
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        pytest.param(b"{nope", "valid JSON", id="invalid-json"),
+        pytest.param(b"\xff\xfe", "valid JSON", id="not-utf8"),
+        pytest.param([ACCOUNT, 10_000], "JSON object", id="array"),
+        pytest.param({"amount": 10_000}, "accountNumber", id="account-missing"),
+        pytest.param(
+            {"accountNumber": 123456789, "amount": 10_000}, "accountNumber", id="acct-int"
+        ),
+        pytest.param(
+            {"accountNumber": "12ab5678", "amount": 10_000}, "accountNumber", id="acct-abc"
+        ),
+        pytest.param(
+            {"accountNumber": "12345", "amount": 10_000}, "accountNumber", id="acct-short"
+        ),
+        pytest.param(
+            {"accountNumber": "1" * 21, "amount": 10_000}, "accountNumber", id="acct-long"
+        ),
+        pytest.param({"accountNumber": ACCOUNT}, "amount", id="amount-missing"),
+        pytest.param({"accountNumber": ACCOUNT, "amount": "10000"}, "amount", id="amount-string"),
+        pytest.param({"accountNumber": ACCOUNT, "amount": 10_000.5}, "amount", id="amount-float"),
+        pytest.param({"accountNumber": ACCOUNT, "amount": True}, "amount", id="amount-bool"),
+        pytest.param({"accountNumber": ACCOUNT, "amount": 0}, "amount", id="amount-zero"),
+        pytest.param({"accountNumber": ACCOUNT, "amount": -5_000}, "amount", id="amount-negative"),
+        pytest.param({"accountNumber": ACCOUNT, "amount": 999}, "amount", id="amount-too-small"),
+        pytest.param(
+            {"accountNumber": ACCOUNT, "amount": 10_000_000_001}, "amount", id="amount-too-large"
+        ),
+        pytest.param(
+            {"accountNumber": ACCOUNT, "amount": 10_000, "description": "x" * 26},
+            "description",
+            id="description-too-long",
+        ),
+        pytest.param(
+            {"accountNumber": ACCOUNT, "amount": 10_000, "description": ""},
+            "description",
+            id="description-empty",
+        ),
+        pytest.param(
+            {"accountNumber": ACCOUNT, "amount": 10_000, "description": "nạp tiền"},
+            "description",
+            id="description-accents",
+        ),
+        pytest.param(
+            {"accountNumber": ACCOUNT, "amount": 10_000, "description": 7},
+            "description",
+            id="description-number",
+        ),
+        pytest.param(
+            {"accountNumber": ACCOUNT, "amount": 10_000, "uuid": "not-a-uuid"},
+            "uuid",
+            id="uuid-bad",
+        ),
+        pytest.param(
+            {"accountNumber": ACCOUNT, "amount": 10_000, "uuid": str(uuidlib.uuid1())},
+            "uuid",
+            id="uuid-v1",
+        ),
+        pytest.param(
+            {"accountNumber": ACCOUNT, "amount": 10_000, "uuid": new_uuid().upper()},
+            "uuid",
+            id="uuid-uppercase",
+        ),
+    ],
+)
+async def test_invalid_create_request_is_400_and_nothing_stored(
+    api: Client, store: Store, body: Any, message: str
+) -> None:
+    status, answer = await create(api, body)
+    assert status == 400
+    assert answer["success"] is False and message in answer["error"]
+    assert await store.sessions.count_documents({}) == 0
+
+
+async def test_oversized_create_request_is_413_and_nothing_stored(
+    api: Client, store: Store
+) -> None:
+    body = {"accountNumber": ACCOUNT, "amount": 10_000, "padding": "x" * 20_000}
+    status, answer = await create(api, body)
+    assert status == 413 and "exceeds" in answer["error"]
+    assert await store.sessions.count_documents({}) == 0
+
+
+async def test_payos_down_is_502_and_nothing_counted(api: Client, sim: Sim, store: Store) -> None:
+    await sim.faults("down")
+    status, body = await create(api, {"accountNumber": ACCOUNT, "amount": 10_000})
+    assert status == 502 and body["payosCode"] == "503" and "PayOS" in body["error"]
+    assert await store.sessions.count_documents({}) == 0
+    _, check = await get_json(api, f"/api/webhooks/check-session-limit?accountNumber={ACCOUNT}")
+    assert check["pendingCount"] == 0
+
+
+async def test_payos_slow_is_504_and_nothing_counted(api: Client, sim: Sim, store: Store) -> None:
+    await sim.faults("slow", delay=1.5)  # the test's PAYOS_TIMEOUT_SECONDS is 0.5
+    status, body = await create(api, {"accountNumber": ACCOUNT, "amount": 10_000})
+    assert status == 504 and "did not answer" in body["error"]
+    assert await store.sessions.count_documents({}) == 0
+
+
+async def test_payos_error_code_is_502_and_nothing_counted(
+    api: Client, sim: Sim, store: Store
+) -> None:
+    await sim.faults("error")
+    status, body = await create(api, {"accountNumber": ACCOUNT, "amount": 10_000})
+    assert status == 502 and body["payosCode"] == "20" and "refused" in body["error"]
+    assert await store.sessions.count_documents({}) == 0
+
+
+async def test_failed_payos_calls_never_fill_the_limit(api: Client, sim: Sim) -> None:
+    await sim.faults("error")
+    for _ in range(6):
+        assert (await create(api, {"accountNumber": ACCOUNT, "amount": 10_000}))[0] == 502
+    await sim.faults("none")
+    for _ in range(5):
+        assert (await create(api, {"accountNumber": ACCOUNT, "amount": 10_000}))[0] == 201
+
+
+# --- status reads ---------------------------------------------------------------------------
+
+
+async def test_status_of_a_created_session_is_a_cache_hit(api: Client) -> None:
+    _, created = await create(api, {"accountNumber": ACCOUNT, "amount": 10_000})
+    status, body = await get_json(api, f"/api/webhooks?uuid={created['uuid']}")
+    assert status == 200
+    assert body["success"] is True
+    assert (body["uuid"], body["orderCode"], body["status"], body["amount"]) == (
+        created["uuid"],
+        created["orderCode"],
+        "pending",
+        10_000,
+    )
+    assert db_queries(api) == 0
+
+
+async def test_status_miss_reads_mongodb_once_and_refills_the_cache(
+    api: Client, store: Store
+) -> None:
+    session = await add_session(store, amount=12_000)
+    for _ in range(3):
+        status, body = await get_json(api, f"/api/webhooks?uuid={session['uuid']}")
+        assert (status, body["status"], body["amount"]) == (200, "pending", 12_000)
+    assert db_queries(api) == 1
+    cached = await api.app[CACHE].get(session["uuid"])
+    assert cached is not None and cached.order_code == session["orderCode"]
+
+
+async def test_fifty_concurrent_misses_cost_one_mongodb_query(api: Client, store: Store) -> None:
+    session = await add_session(store)
+    results = await asyncio.gather(
+        *(get_json(api, f"/api/webhooks?uuid={session['uuid']}") for _ in range(50))
+    )
+    assert all(status == 200 and body["uuid"] == session["uuid"] for status, body in results)
+    assert db_queries(api) == 1
+
+
+async def test_unknown_uuid_is_404_and_cached_as_unknown(api: Client) -> None:
+    uuid = new_uuid()
+    for _ in range(3):
+        status, body = await get_json(api, f"/api/webhooks?uuid={uuid}")
+        assert status == 404 and body["success"] is False
+    assert db_queries(api) == 1
+    assert await api.app[CACHE].is_unknown(uuid)
+
+
+async def test_malformed_uuid_status_is_400(api: Client) -> None:
+    status, body = await get_json(api, "/api/webhooks?uuid=../../etc")
+    assert status == 400 and "uuid" in body["error"]
+    assert db_queries(api) == 0
+
+
+async def test_status_of_a_paid_session_is_done(api: Client, sim: Sim) -> None:
+    _, created = await create(api, {"accountNumber": ACCOUNT, "amount": 10_000})
+    await sim.pay(created["orderCode"])
+    status, body = await get_json(api, f"/api/webhooks?uuid={created['uuid']}")
+    assert (status, body["status"], body["amountPaid"]) == (200, "done", 10_000)
+
+
+# --- check-session-limit --------------------------------------------------------------------
+
+
+async def test_check_by_uuid_reports_existence_and_status(api: Client) -> None:
+    _, created = await create(api, {"accountNumber": ACCOUNT, "amount": 10_000})
+    status, body = await get_json(api, f"/api/webhooks/check-session-limit?uuid={created['uuid']}")
+    assert status == 200
+    assert (body["success"], body["exists"], body["status"]) == (True, True, "pending")
+    assert body["message"]
+    _, missing = await get_json(api, f"/api/webhooks/check-session-limit?uuid={new_uuid()}")
+    assert (missing["exists"], missing["status"]) == (False, None)
+
+
+async def test_check_by_account_reports_the_count_and_whether_one_more_fits(
+    api: Client, store: Store
+) -> None:
+    for _ in range(4):
+        await add_session(store, account=ACCOUNT)
+    path = f"/api/webhooks/check-session-limit?accountNumber={ACCOUNT}"
+    _, body = await get_json(api, path)
+    assert (body["success"], body["canCreate"], body["pendingCount"], body["maxAllowed"]) == (
+        True,
+        True,
+        4,
+        5,
+    )
+    await add_session(store, account=ACCOUNT)
+    _, full = await get_json(api, path)
+    assert (full["canCreate"], full["pendingCount"]) == (False, 5) and full["message"]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        pytest.param("", id="neither"),
+        pytest.param(f"?uuid={new_uuid()}&accountNumber={ACCOUNT}", id="both"),
+        pytest.param("?uuid=nope", id="bad-uuid"),
+        pytest.param("?accountNumber=abc", id="bad-account"),
+    ],
+)
+async def test_check_with_a_bad_query_is_400(api: Client, query: str) -> None:
+    status, body = await get_json(api, f"/api/webhooks/check-session-limit{query}")
+    assert status == 400 and body["success"] is False
+
+
+# --- list -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({}, id="none"),
+        pytest.param({"Authorization": "Bearer wrong"}, id="wrong"),
+        pytest.param({"Authorization": "test-admin-token"}, id="no-scheme"),
+        pytest.param(CRON, id="cron-secret"),
+    ],
+)
+async def test_list_without_the_admin_token_is_401(api: Client, headers: dict[str, str]) -> None:
+    resp = await api.get("/api/webhooks?page=1&limit=10", headers=headers)
+    assert resp.status == 401
+    assert resp.headers["WWW-Authenticate"] == "Bearer"
+    assert (await resp.json())["success"] is False
+
+
+async def test_list_with_the_admin_token_pages_newest_first(api: Client, store: Store) -> None:
+    made = []
+    for i in range(5):
+        made.append(await add_session(store, createdAt=utcnow() + timedelta(seconds=i)))
+    status, first = await get_json(api, "/api/webhooks?page=1&limit=2", headers=ADMIN)
+    assert status == 200
+    assert (first["total"], first["pages"], first["page"], first["limit"]) == (5, 3, 1, 2)
+    assert [s["uuid"] for s in first["items"]] == [made[4]["uuid"], made[3]["uuid"]]
+    _, last = await get_json(api, "/api/webhooks?page=3&limit=2", headers=ADMIN)
+    assert [s["uuid"] for s in last["items"]] == [made[0]["uuid"]]
+    assert last["items"][0]["createdAt"].endswith("Z")
+
+
+@pytest.mark.parametrize("query", ["?limit=101", "?limit=0", "?page=0", "?page=x"])
+async def test_list_with_out_of_range_paging_is_400(api: Client, query: str) -> None:
+    status, _ = await get_json(api, f"/api/webhooks{query}", headers=ADMIN)
+    assert status == 400
+
+
+# --- cleanup --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({}, id="none"),
+        pytest.param({"Authorization": "Bearer wrong"}, id="wrong"),
+        pytest.param(ADMIN, id="admin-token"),
+    ],
+)
+async def test_cleanup_without_the_cron_secret_is_401_and_changes_nothing(
+    api: Client, store: Store, method: str, headers: dict[str, str]
+) -> None:
+    stale = await add_session(store, createdAt=utcnow() - timedelta(hours=25))
+    resp = await api.request(method, "/api/webhooks/cleanup", headers=headers)
+    assert resp.status == 401
+    stored = await store.sessions.find_one({"uuid": stale["uuid"]})
+    assert stored is not None and stored["status"] == "pending"
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_cleanup_with_the_cron_secret_expires_stale_sessions(
+    api: Client, store: Store, method: str
+) -> None:
+    stale = await add_session(store, createdAt=utcnow() - timedelta(hours=25))
+    fresh = await add_session(store)
+    status, body = (
+        await get_json(api, "/api/webhooks/cleanup", headers=CRON)
+        if method == "GET"
+        else (await _post_json(api, "/api/webhooks/cleanup", headers=CRON))
+    )
+    assert status == 200 and (body["expired"], body["published"]) == (1, 1)
+    stored = await store.sessions.find_one({"uuid": stale["uuid"]})
+    assert stored is not None and (stored["status"], stored["version"]) == ("expired", 2)
+    kept = await store.sessions.find_one({"uuid": fresh["uuid"]})
+    assert kept is not None and kept["status"] == "pending"
+
+
+async def _post_json(client: Client, path: str, **kw: Any) -> tuple[int, dict[str, Any]]:
+    resp = await client.post(path, **kw)
+    return resp.status, await resp.json()
+
+
+async def test_cleanup_publishes_expired_to_a_waiting_subscriber(
+    api: Client, store: Store, settings: Settings
+) -> None:
+    stale = await add_session(store, createdAt=utcnow() - timedelta(hours=25))
+    async with subscribed(settings.redis_url, stale["uuid"]) as sub:
+        assert (await api.post("/api/webhooks/cleanup", headers=CRON)).status == 200
+        [event] = await sub.wait_for(1)
+    assert (event.uuid, event.status, event.version) == (stale["uuid"], StreamStatus.EXPIRED, 2)
+    status, body = await get_json(api, f"/api/webhooks?uuid={stale['uuid']}")
+    assert (status, body["status"]) == (200, "expired")
+
+
+async def test_cleanup_twice_in_a_row_changes_nothing_the_second_time(
+    api: Client, store: Store, settings: Settings
+) -> None:
+    stale = await add_session(store, createdAt=utcnow() - timedelta(hours=25))
+    _, first = await _post_json(api, "/api/webhooks/cleanup", headers=CRON)
+    async with subscribed(settings.redis_url, stale["uuid"]) as sub:
+        _, second = await _post_json(api, "/api/webhooks/cleanup", headers=CRON)
+        await asyncio.sleep(0.2)
+        assert sub.events == []
+    assert first["expired"] == 1
+    assert (second["expired"], second["sessionsDeleted"], second["webhooksDeleted"]) == (0, 0, 0)
+    stored = await store.sessions.find_one({"uuid": stale["uuid"]})
+    assert stored is not None and stored["version"] == 2
+
+
+async def test_cleanup_twice_at_once_expires_and_publishes_each_session_once(
+    api: Client, store: Store, settings: Settings
+) -> None:
+    stale = [await add_session(store, createdAt=utcnow() - timedelta(hours=25)) for _ in range(20)]
+    async with subscribed(settings.redis_url, stale[0]["uuid"]) as sub:
+        runs = await asyncio.gather(
+            *(_post_json(api, "/api/webhooks/cleanup", headers=CRON) for _ in range(2))
+        )
+        await sub.wait_for(1)
+        await asyncio.sleep(0.2)
+        assert len(sub.events) == 1
+    assert [status for status, _ in runs] == [200, 200]
+    assert sum(body["expired"] for _, body in runs) == 20
+    assert sum(body["published"] for _, body in runs) == 20
+    versions = [d["version"] async for d in store.sessions.find({})]
+    assert versions == [2] * 20
+
+
+async def test_cleanup_deletes_expired_records(api: Client, store: Store) -> None:
+    past = utcnow() - timedelta(minutes=1)
+    await store.webhooks.insert_one({"orderCode": 1, "reference": "FT1", "expiresAt": past})
+    await add_session(store, status="completed", expiresAt=past)
+    live = await store.webhooks.insert_one(
+        {"orderCode": 2, "reference": "FT2", "expiresAt": utcnow() + timedelta(hours=1)}
+    )
+    _, body = await _post_json(api, "/api/webhooks/cleanup", headers=CRON)
+    assert body["success"] is True
+    # Deleted by this run or already by the TTL monitor (the stand-in's is eager).
+    assert await store.webhooks.count_documents({}) == 1
+    assert await store.webhooks.find_one({"_id": live.inserted_id}) is not None
+    assert await store.sessions.count_documents({}) == 0
+
+
+async def test_cleanup_command_exits_zero_and_prints_its_counts(
+    api_settings: Settings, store: Store
+) -> None:
+    stale = await add_session(store, createdAt=utcnow() - timedelta(hours=25))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "session_api.cleanup",
+        env=api_settings.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, out.decode()
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    assert (result["success"], result["expired"]) == (True, 1)
+    stored = await store.sessions.find_one({"uuid": stale["uuid"]})
+    assert stored is not None and stored["status"] == "expired"
+
+
+# --- stats and ops --------------------------------------------------------------------------
+
+
+async def test_stats_count_cached_orders_subscriptions_and_pending_sessions(
+    api: Client, store: Store, settings: Settings
+) -> None:
+    _, a = await create(api, {"accountNumber": ACCOUNT, "amount": 10_000})
+    await create(api, {"accountNumber": ACCOUNT, "amount": 20_000})
+    await add_session(store, status="completed")
+    async with subscribed(settings.redis_url, a["uuid"]), subscribed(settings.redis_url, a["uuid"]):
+        status, body = await get_json(api, "/api/stats")
+    assert status == 200
+    assert (body["cachedOrders"], body["activeSubscriptions"], body["pendingSessions"]) == (
+        2,
+        2,
+        2,
+    )
+
+
+async def test_health_readiness_and_metrics(api: Client) -> None:
+    assert (await api.get("/healthz")).status == 200
+    ready = await api.get("/readyz")
+    assert (await ready.json())["checks"] == {"redis": "ok", "mongodb": "ok"}
+    await create(api, {"accountNumber": ACCOUNT, "amount": 10_000})
+    await create(api, {"accountNumber": ACCOUNT, "amount": 1})
+    text = await (await api.get("/metrics")).text()
+    assert 'paypush_session_requests_total{outcome="created"} 1.0' in text
+    assert 'paypush_session_requests_total{outcome="invalid"} 1.0' in text
+    assert "paypush_status_db_queries_total 0.0" in text
+
+
+async def test_cors_allows_the_site_origin_only(api: Client, api_settings: Settings) -> None:
+    origin = api_settings.cors_origins[0]
+    preflight = {"Origin": origin, "Access-Control-Request-Method": "POST"}
+    resp = await api.options("/api/sessions", headers=preflight)
+    assert resp.status == 204 and resp.headers["Access-Control-Allow-Origin"] == origin
+    evil = await api.options(
+        "/api/sessions", headers={**preflight, "Origin": "https://evil.example"}
+    )
+    assert evil.status == 403
