@@ -389,6 +389,15 @@ async def test_status_miss_reads_mongodb_once_and_refills_the_cache(
     assert cached is not None and cached.order_code == session["orderCode"]
 
 
+async def test_cache_hit_answers_the_same_json_as_a_miss(api: Client, store: Store) -> None:
+    session = await add_session(store, amount=15_000)
+    miss = await (await api.get(f"/api/webhooks?uuid={session['uuid']}")).json()
+    resp = await api.get(f"/api/webhooks?uuid={session['uuid']}")
+    assert resp.content_type == "application/json"
+    assert await resp.json() == miss
+    assert db_queries(api) == 1
+
+
 async def test_fifty_concurrent_misses_cost_one_mongodb_query(api: Client, store: Store) -> None:
     session = await add_session(store)
     results = await asyncio.gather(

@@ -14,9 +14,20 @@ class SessionMetrics:
     status_db_queries: Counter
     cleanup_expired: Counter
     cleanup_deleted: Counter
+    # Children of `status_reads`, bound once: the status read is the hot path.
+    reads_found: Counter
+    reads_not_found: Counter
+    reads_invalid: Counter
+    reads_store_unavailable: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> SessionMetrics:
+        status_reads = Counter(
+            "paypush_status_reads",
+            "Status reads (`GET /api/webhooks?uuid=`) by result",
+            ["result"],
+            registry=registry,
+        )
         return cls(
             sessions=Counter(
                 "paypush_session_requests",
@@ -24,12 +35,7 @@ class SessionMetrics:
                 ["outcome"],
                 registry=registry,
             ),
-            status_reads=Counter(
-                "paypush_status_reads",
-                "Status reads (`GET /api/webhooks?uuid=`) by result",
-                ["result"],
-                registry=registry,
-            ),
+            status_reads=status_reads,
             status_db_queries=Counter(
                 "paypush_status_db_queries",
                 "MongoDB queries made by status reads (cache misses, single-flight)",
@@ -46,4 +52,8 @@ class SessionMetrics:
                 ["collection"],
                 registry=registry,
             ),
+            reads_found=status_reads.labels("found"),
+            reads_not_found=status_reads.labels("not_found"),
+            reads_invalid=status_reads.labels("invalid"),
+            reads_store_unavailable=status_reads.labels("store_unavailable"),
         )
