@@ -13,13 +13,13 @@ import pytest
 from aiohttp.test_utils import TestServer
 from payos import APIError, AsyncPayOS, WebhookError
 from payos.types import CreatePaymentLinkRequest
-from webhook_ingest import create_app as create_ingest
 
 from devstack.payos_simulator import create_app as create_simulator
 from shared.mongo import Store
 from shared.payos_client import payos_client
 from shared.settings import Settings
 from tests.helpers import add_session
+from webhook_ingest import create_app as create_ingest
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
+from typing import Any
 
 import structlog
 from pymongo import ReturnDocument
@@ -106,35 +107,51 @@ class Ingestor:
         return True
 
     async def _apply(self, webhook: Webhook) -> tuple[Doc | None, bool]:
-        """Count the transaction once, then complete the session once it is paid in full."""
-        now = utcnow()
+        """Count the transaction once, and complete the session once it is paid in full.
+
+        Equality filters only (plus the reference guard): they are what every MongoDB, and
+        the local stand-in, answers from an index. Expiry is checked on the document read
+        first; a session is only ever moved forward, so a stale read cannot undo anything.
+        """
         sessions = self._store.sessions
-        live_pending = {
-            "orderCode": webhook.order_code,
-            "status": SessionStatus.PENDING.value,
-            "expiresAt": {"$gt": now},
-        }
-        # The reference guard makes this idempotent per delivery, whatever crashed before.
-        doc = await sessions.find_one_and_update(
-            {**live_pending, "references": {"$nin": [webhook.reference]}},
-            {
+        doc = await sessions.find_one({"orderCode": webhook.order_code})
+        if doc is None or doc["status"] != SessionStatus.PENDING or doc["expiresAt"] <= utcnow():
+            return doc, False
+        changed = False
+        if webhook.reference not in doc.get("references", ()):
+            update: dict[str, Any] = {
                 "$inc": {"amountPaid": webhook.amount, "version": 1},
                 "$push": {"references": webhook.reference},
                 # The database's clock: one clock for every replica of every service.
                 "$currentDate": {"updatedAt": True},
-            },
-            return_document=ReturnDocument.AFTER,
-        )
-        changed = doc is not None
-        if doc is None:
-            doc = await sessions.find_one({"orderCode": webhook.order_code})
+            }
+            # amountPaid only grows: if the sum already covers the amount on this read, it
+            # does on the stored document too, and one update both counts and completes.
+            if doc.get("amountPaid", 0) + webhook.amount >= doc["amount"]:
+                update["$set"] = {"status": SessionStatus.COMPLETED.value}
+                update["$currentDate"]["completedAt"] = True
+            # The reference guard makes this idempotent per delivery, whatever crashed before;
+            # `status: pending` lets exactly one of concurrent deliveries count.
+            counted = await sessions.find_one_and_update(
+                {
+                    "_id": doc["_id"],
+                    "status": SessionStatus.PENDING.value,
+                    "references": {"$nin": [webhook.reference]},
+                },
+                update,
+                return_document=ReturnDocument.AFTER,
+            )
+            if counted is not None:
+                doc, changed = counted, True
+            else:
+                doc = await sessions.find_one({"_id": doc["_id"]}) or doc
         if (
-            doc is not None
-            and doc["status"] == SessionStatus.PENDING
+            doc["status"] == SessionStatus.PENDING
             and webhook.reference in doc.get("references", ())
             and doc.get("amountPaid", 0) >= doc["amount"]
         ):
-            # `status: pending` in the filter: of concurrent completions exactly one matches.
+            # Paid in full by transactions counted concurrently, or by a delivery that died
+            # between counting and completing: complete now, exactly once.
             done = await sessions.find_one_and_update(
                 {"_id": doc["_id"], "status": SessionStatus.PENDING.value},
                 {
