@@ -158,3 +158,29 @@ async def test_confirm_webhook_sends_payos_test_delivery(sim: Sim, store: Store)
 async def test_confirm_webhook_fails_for_a_url_that_does_not_answer(sim: Sim) -> None:
     with pytest.raises(WebhookError):
         await sim.payos.webhooks.confirm("http://127.0.0.1:9/api/webhooks")
+
+
+async def test_checkout_page_pays_in_full(sim: Sim, store: Store) -> None:
+    session = await add_session(store, amount=15_000)
+    created = await sim.payos.payment_requests.create(_request(session["orderCode"]))
+    async with sim.http.get(created.checkout_url) as resp:
+        page = await resp.text()
+    assert resp.status == 200 and 'id="pay"' in page and "15,000 VND" in page
+    async with sim.http.post(f"{created.checkout_url}/pay") as resp:
+        after = await resp.text()
+    assert "webhook delivered" in after and "PAID" in after
+    stored = await store.sessions.find_one({"uuid": session["uuid"]})
+    assert stored is not None and stored["status"] == "completed"
+
+
+async def test_checkout_page_pays_less_then_cancels(sim: Sim, store: Store) -> None:
+    session = await add_session(store, amount=15_000)
+    created = await sim.payos.payment_requests.create(_request(session["orderCode"]))
+    async with sim.http.post(f"{created.checkout_url}/pay-less") as resp:
+        assert "UNDERPAID" in await resp.text()
+    async with sim.http.post(f"{created.checkout_url}/cancel") as resp:
+        assert "CANCELLED" in await resp.text()
+    stored = await store.sessions.find_one({"uuid": session["uuid"]})
+    assert stored is not None and (stored["status"], stored["amountPaid"]) == ("pending", 7_500)
+    link = await sim.payos.payment_requests.get(session["orderCode"])
+    assert link.status == "CANCELLED"

@@ -18,11 +18,13 @@ from shared.settings import Settings
 from shared.signing import sign_data, sign_payment_request
 from shared.web import request_context_middleware
 
+from .appkeys import HTTP, RETRY_DELAYS, SETTINGS, TASKS, WORLD
+from .checkout import add_checkout_routes
+from .delivery import attempt, signed_delivery, transfer
 from .state import (
     ACCOUNT_NAME,
     ACCOUNT_NUMBER,
     BANK_BIN,
-    Delivery,
     Faults,
     PaymentLink,
     Transaction,
@@ -32,15 +34,9 @@ from .state import (
     vn_now,
 )
 from .vietqr import vietqr_payload
-from .webhooks import webhook_body
 
 log = structlog.get_logger(__name__)
 
-SETTINGS = web.AppKey("sim_settings", Settings)
-WORLD = web.AppKey("sim_world", World)
-HTTP = web.AppKey("sim_http", aiohttp.ClientSession)
-RETRY_DELAYS = web.AppKey("sim_retry_delays", tuple[float, ...])
-TASKS = web.AppKey("sim_tasks", set[asyncio.Task[None]])
 
 # PayOS limits a payment link's description to 25 characters.
 MAX_DESCRIPTION = 25
@@ -163,9 +159,11 @@ async def confirm_webhook(request: web.Request) -> web.Response:
     if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https"):
         return payos_error(200, "20", "webhookUrl is required")
     tx = Transaction(new_reference(), 3000, TEST_DESCRIPTION, vn_now())
-    delivery = _webhook(request.app, TEST_ORDER_CODE, "test-link", TEST_DESCRIPTION, tx, "00")
+    delivery = signed_delivery(
+        request.app, TEST_ORDER_CODE, "test-link", TEST_DESCRIPTION, tx, "00"
+    )
     request.app[WORLD].deliveries.append(delivery)
-    status = await _attempt(request.app, url, delivery)
+    status = await attempt(request.app, url, delivery)
     if not 200 <= status < 300:
         return payos_error(200, "20", f"Webhook URL answered {status or 'nothing'}")
     settings = request.app[SETTINGS]
@@ -186,8 +184,7 @@ async def pay(request: web.Request) -> web.Response:
     `copies` (deliver the same webhook N times at once, as PayOS's retries can), `wait`
     (answer only after a delivery was acknowledged).
     """
-    world = request.app[WORLD]
-    link = world.find(request.match_info["ref"])
+    link = request.app[WORLD].find(request.match_info["ref"])
     if link is None:
         return web.json_response({"error": "no such payment link"}, status=404)
     body: dict[str, Any] = {}
@@ -198,39 +195,19 @@ async def pay(request: web.Request) -> web.Response:
             return web.json_response({"error": "invalid JSON"}, status=400)
     if link.status in ("PAID", "CANCELLED") and not body.get("force"):
         return web.json_response({"error": f"payment link is {link.status}"}, status=409)
-    remaining = max(link.amount - link.amount_paid, 0)
-    amount = body.get("amount", remaining or link.amount)
+    amount = body.get("amount", max(link.amount - link.amount_paid, 0) or link.amount)
     if not isinstance(amount, int) or amount <= 0:
         return web.json_response({"error": "amount must be a positive integer"}, status=400)
-    code = str(body.get("code", "00"))
-    tx = Transaction(
-        str(body.get("reference") or new_reference()), amount, link.description, vn_now()
+    result = await transfer(
+        request.app,
+        link,
+        amount,
+        code=str(body.get("code", "00")),
+        reference=body.get("reference"),
+        copies=max(1, min(int(body.get("copies", 1)), 100)),
+        wait=bool(body.get("wait")),
     )
-    if code == "00":
-        link.transactions.append(tx)
-    delivery = _webhook(request.app, link.order_code, link.id, link.description, tx, code)
-    world.deliveries.append(delivery)
-    copies = max(1, min(int(body.get("copies", 1)), 100))
-    url = request.app[SETTINGS].payos_webhook_url
-    statuses = await asyncio.gather(*(_attempt(request.app, url, delivery) for _ in range(copies)))
-    if not delivery.delivered:
-        task = asyncio.create_task(_redeliver(request.app, url, delivery))
-        request.app[TASKS].add(task)
-        task.add_done_callback(request.app[TASKS].discard)
-        if body.get("wait"):
-            await task
-    return web.json_response(
-        {
-            "orderCode": link.order_code,
-            "status": link.status,
-            "reference": tx.reference,
-            "amount": amount,
-            "delivered": delivery.delivered,
-            "attempts": delivery.attempts,
-            "firstStatuses": statuses,
-            "webhook": delivery.body,
-        }
-    )
+    return web.json_response(result)
 
 
 async def set_faults(request: web.Request) -> web.Response:
@@ -254,51 +231,6 @@ async def list_deliveries(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
-
-
-def _webhook(
-    app: web.Application,
-    order_code: int,
-    link_id: str,
-    description: str,
-    tx: Transaction,
-    code: str,
-) -> Delivery:
-    body = webhook_body(
-        order_code=order_code,
-        link_id=link_id,
-        description=description,
-        tx=tx,
-        checksum_key=app[SETTINGS].payos_checksum_key,
-        code=code,
-    )
-    return Delivery(body=body)
-
-
-async def _attempt(app: web.Application, url: str, delivery: Delivery) -> int:
-    world = app[WORLD]
-    if world.faults.drop_deliveries > 0:
-        world.faults.drop_deliveries -= 1
-        delivery.attempts.append(0)
-        return 0
-    try:
-        async with app[HTTP].post(url, json=delivery.body) as resp:
-            await resp.read()
-            status = resp.status
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        log.info("webhook_delivery_failed", url=url, error=str(exc))
-        status = 0
-    delivery.attempts.append(status)
-    return status
-
-
-async def _redeliver(app: web.Application, url: str, delivery: Delivery) -> None:
-    """Deliver again, with growing delays, until acknowledged (as PayOS does)."""
-    for delay in app[RETRY_DELAYS]:
-        await asyncio.sleep(delay)
-        if 200 <= await _attempt(app, url, delivery) < 300:
-            return
-    log.warning("webhook_given_up", order_code=delivery.body["data"]["orderCode"])
 
 
 async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -328,4 +260,5 @@ def create_app(
     app.router.add_post("/sim/faults", set_faults)
     app.router.add_get("/sim/deliveries", list_deliveries)
     app.router.add_get("/healthz", healthz)
+    add_checkout_routes(app)
     return app
