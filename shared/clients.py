@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import structlog
 from aiohttp import web
 from pymongo.errors import PyMongoError
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -22,17 +23,35 @@ from .settings import Settings
 
 log = structlog.get_logger(__name__)
 
+# How long a command waits for a free connection of a bounded pool before it fails.
+POOL_WAIT_SECONDS = 2.0
 
-def redis_client(settings: Settings) -> Redis:
-    """A pooled client that retries briefly, then fails fast, so callers can fall back."""
-    return Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=1.0,
-        socket_timeout=2.0,
-        health_check_interval=15,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
+
+
+def redis_client(
+    settings: Settings, *, max_connections: int | None = None, client_name: str | None = None
+) -> Redis:
+    """A pooled client that retries briefly, then fails fast, so callers can fall back.
+
+    With `max_connections`, commands queue for a free connection instead of opening more (a
+    process serving thousands of clients stays at a fixed number of Redis connections), and
+    `client_name` names them in Redis's CLIENT LIST.
+    """
+    options: dict[str, Any] = {
+        "socket_connect_timeout": 1.0,
+        "socket_timeout": 2.0,
+        "health_check_interval": 15,
+        "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+        "client_name": client_name,
+    }
+    if max_connections is None:
+        return Redis.from_url(settings.redis_url, **options)
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=max_connections, timeout=POOL_WAIT_SECONDS, **options
     )
+    return Redis.from_pool(pool)
 
 
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -43,6 +62,20 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     app[CACHE] = StatusCache(redis, sharded=settings.redis_cluster)
     yield
     await redis.aclose()
+
+
+def bounded_redis_ctx(max_connections: int, client_name: str) -> CleanupCtx:
+    """Like `redis_ctx`, over at most `max_connections` connections named `client_name`."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        redis = redis_client(settings, max_connections=max_connections, client_name=client_name)
+        app[REDIS] = redis
+        app[CACHE] = StatusCache(redis, sharded=settings.redis_cluster)
+        yield
+        await redis.aclose()
+
+    return ctx
 
 
 async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:

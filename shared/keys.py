@@ -38,3 +38,8 @@ CHANNEL_PREFIX = f"{PREFIX}:events:"
 def uuid_of_channel(channel: str) -> str:
     """The session uuid a channel name belongs to."""
     return channel.removeprefix(CHANNEL_PREFIX).strip("{}")
+
+
+# Every stream-gateway process keeps this channel subscribed on its one pub/sub connection, so
+# the connection is in subscribed mode (and watched) even while no browser waits.
+GATEWAY_CHANNEL = f"{PREFIX}:gateway"

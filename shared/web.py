@@ -48,6 +48,8 @@ async def request_context_middleware(request: web.Request, handler: Handler) -> 
             if name in exc.headers:
                 response.headers[name] = exc.headers[name]
     except asyncio.CancelledError:
+        # The client went away (handler cancellation): nginx's "client closed request".
+        status = 499
         raise
     except Exception:
         log.exception("unhandled_error", method=request.method, path=request.path)
