@@ -1,1 +1,5 @@
-"""stream-gateway: SSE streams to waiting browsers, multiplexed over Redis pub/sub."""
+"""stream-gateway: each session's status pushed to waiting browsers over SSE."""
+
+from .app import create_app
+
+__all__ = ["create_app"]
