@@ -8,6 +8,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import time
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -170,6 +171,18 @@ async def test_two_replicas_sharing_the_database_make_exactly_five(
     codes = [b["orderCode"] for s, b in results if s == 201]
     assert len(set(codes)) == 5
     assert await store.sessions.count_documents({"accountNumber": ACCOUNT}) == 5
+
+
+async def test_a_lock_left_by_a_dead_replica_is_taken_over_once_its_lease_ran_out(
+    api: Client, store: Store
+) -> None:
+    expired_lease = int(time.time() * 1000) - 1
+    await store.db["locks"].insert_one(
+        {"_id": ACCOUNT, "owner": "dead", "leaseUntil": expired_lease}
+    )
+    status, _ = await create(api, {"accountNumber": ACCOUNT, "amount": 10_000})
+    assert status == 201
+    assert await store.db["locks"].count_documents({}) == 0
 
 
 async def test_other_accounts_are_not_limited_by_a_full_one(api: Client) -> None:

@@ -183,6 +183,8 @@ class AccountLocks:
                     try:
                         await self._acquire(account, token)
                     except BaseException:
+                        # Timed out mid-insert, the lock may be ours in MongoDB after all.
+                        await asyncio.shield(self._release(account, token))
                         turn.lock.release()
                         raise
             except TimeoutError:

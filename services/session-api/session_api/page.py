@@ -1,0 +1,76 @@
+"""The deposit page: one HTML document, its script and style, and the QR image of a session."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import segno
+from aiohttp import web
+
+from shared.appkeys import SETTINGS, STORE
+from shared.model import is_valid_uuid
+from shared.web import json_error
+
+STATIC_DIR = Path(__file__).parent / "static"
+# The wait before the page gives up, and the fallback polling period (the original's).
+MAX_WAIT_MS = 10 * 60 * 1000
+POLL_INTERVAL_MS = 5000
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+async def index(request: web.Request) -> web.Response:
+    """`GET /`: the page, configured with where the stream lives."""
+    settings = request.app[SETTINGS]
+    config = {
+        "streamUrl": settings.stream_public_url.rstrip("/"),
+        "pollIntervalMs": POLL_INTERVAL_MS,
+        "maxWaitMs": MAX_WAIT_MS,
+    }
+    # `<` escaped so no value can close the script element.
+    payload = json.dumps(config).replace("<", "\\u003c")
+    html = (STATIC_DIR / "index.html").read_text().replace("__CONFIG__", payload)
+    return web.Response(text=html, content_type="text/html")
+
+
+async def qr_svg(request: web.Request) -> web.Response:
+    """`GET /api/sessions/{uuid}/qr.svg`: the session's VietQR payload drawn as SVG."""
+    uuid = request.match_info["uuid"]
+    if not is_valid_uuid(uuid):
+        return json_error(400, "`uuid` must be a uuid4")
+    doc = await request.app[STORE].find_session(uuid)
+    if doc is None or not doc.get("qrCode"):
+        return json_error(404, "no payment session with this uuid")
+    out = io.BytesIO()
+    segno.make(doc["qrCode"], error="m").save(out, kind="svg", scale=6, border=2, xmldecl=False)
+    return web.Response(
+        body=out.getvalue(),
+        content_type="image/svg+xml",
+        headers={"Cache-Control": "private, max-age=86400"},
+    )
+
+
+async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Headers every response of the page's origin carries (`on_response_prepare`)."""
+    stream_origin = _origin(request.app[SETTINGS].stream_public_url)
+    response.headers.setdefault(
+        "Content-Security-Policy",
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        f"connect-src 'self' {stream_origin}; frame-ancestors 'none'; base-uri 'none'; "
+        "form-action 'self'",
+    )
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+
+
+def add_page_routes(app: web.Application) -> None:
+    app.router.add_get("/", index)
+    app.router.add_get("/api/sessions/{uuid}/qr.svg", qr_svg)
+    app.router.add_static("/static/", STATIC_DIR)
