@@ -18,15 +18,15 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from session_api import create_app
-from webhook_ingest import create_app as create_ingest
 
 from devstack.payos_simulator import create_app as create_simulator
+from session_api import create_app
 from shared.appkeys import CACHE, METRICS
 from shared.model import StreamStatus, utcnow
 from shared.mongo import Store
 from shared.settings import Settings
 from tests.helpers import add_session, subscribed
+from webhook_ingest import create_app as create_ingest
 
 Client = TestClient[Any, Any]
 ACCOUNT = "0001112223"
