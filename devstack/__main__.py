@@ -7,7 +7,6 @@ MONGODB_URL is set, the PayOS simulator unless PAYOS_BASE_URL is set, then every
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import signal
 import sys
 import threading
@@ -15,20 +14,12 @@ from pathlib import Path
 
 from shared.settings import Settings, is_set
 
-from .servers import Process, mongo_standin, port_open, python_service, redis_server
+from .servers import Process, mongo_standin, port_open, redis_server, service_processes
 
 RUN_DIR = Path(".run")
 # Our own Redis stays off 6379, where a machine-wide Redis often runs.
 DEV_REDIS_PORT = 6390
 DEV_MONGO_PORT = 27017
-
-# (name, module, settings field holding its port), in start order.
-SERVICES = [
-    ("payos-simulator", "devstack.payos_simulator", "payos_simulator_port"),
-    ("webhook-ingest", "webhook_ingest", "webhook_ingest_port"),
-    ("stream-gateway", "stream_gateway", "stream_gateway_port"),
-    ("session-api", "session_api", "session_api_port"),
-]
 
 
 def plan(settings: Settings) -> tuple[Settings, list[Process]]:
@@ -43,14 +34,8 @@ def plan(settings: Settings) -> tuple[Settings, list[Process]]:
         settings = dataclasses.replace(
             settings, mongodb_url=f"mongodb://127.0.0.1:{DEV_MONGO_PORT}/paypush"
         )
-    env = settings.env()
-    for name, module, port_field in SERVICES:
-        if name == "payos-simulator" and is_set("PAYOS_BASE_URL"):
-            continue
-        if importlib.util.find_spec(f"{module}.__main__") is None:
-            continue  # a service not built yet
-        port = getattr(settings, port_field)
-        processes.append(python_service(name, module, port, env, logs))
+    skip = ["payos-simulator"] if is_set("PAYOS_BASE_URL") else []
+    processes += service_processes(settings, logs, skip=skip)
     return settings, processes
 
 
