@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint format mypy bench bench-ingest bench-stream bench-status clean
+.PHONY: setup run test faults soak lint format mypy bench bench-ingest bench-stream bench-status clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,13 +13,22 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
-	./scripts/ensure-system-packages.sh
+	./scripts/ensure-system-packages.sh chromium nginx
 
 run: setup
 	$(BIN)/python -m devstack
 
 test: setup
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The whole fault suite, long tests included (`make test` runs its bounded part).
+faults: setup
+	$(BIN)/pytest tests/faults -m "faults or faults_long" $(PYTEST_ARGS)
+
+# The system at a steady mixed load; memory and connection curves per process.
+SOAK_ARGS ?=
+soak: setup
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

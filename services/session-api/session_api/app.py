@@ -15,6 +15,7 @@ from shared.web import cors_middleware, new_registry, request_context_middleware
 
 from .appkeys import PAYOS, SESSION_METRICS, SESSIONS, STATUS_READER
 from .metrics import SessionMetrics
+from .page import security_headers
 from .routes import setup_routes
 from .sessions import LinkUrls, Sessions
 from .views import MAX_BODY_BYTES
@@ -53,5 +54,6 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[SESSION_METRICS] = SessionMetrics.create(new_registry(app))
     app.cleanup_ctx.extend([redis_ctx, mongo_ctx, _payos_ctx, _sessions_ctx])
+    app.on_response_prepare.append(security_headers)
     setup_routes(app)
     return app

@@ -69,8 +69,3 @@ async def security_headers(request: web.Request, response: web.StreamResponse) -
     response.headers.setdefault("Referrer-Policy", "no-referrer")
     response.headers.setdefault("X-Frame-Options", "DENY")
 
-
-def add_page_routes(app: web.Application) -> None:
-    app.router.add_get("/", index)
-    app.router.add_get("/api/sessions/{uuid}/qr.svg", qr_svg)
-    app.router.add_static("/static/", STATIC_DIR)

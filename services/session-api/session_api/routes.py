@@ -1,10 +1,10 @@
-"""Every route of session-api, in one place. `GET /` is kept for the deposit page."""
+"""Every route of session-api, in one place."""
 
 from aiohttp import web
 
 from shared.web import add_ops_routes
 
-from . import views
+from . import page, views
 
 
 def setup_routes(app: web.Application) -> None:
@@ -14,4 +14,8 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/api/webhooks/cleanup", views.cleanup)
     app.router.add_post("/api/webhooks/cleanup", views.cleanup)
     app.router.add_get("/api/stats", views.stats)
+    # The deposit page, its assets, and the QR image of a session.
+    app.router.add_get("/", page.index)
+    app.router.add_get("/api/sessions/{uuid}/qr.svg", page.qr_svg)
+    app.router.add_static("/static/", page.STATIC_DIR)
     add_ops_routes(app)

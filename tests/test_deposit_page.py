@@ -1,0 +1,203 @@
+"""The deposit page in a real headless Chromium, against the whole system running as processes."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from playwright.async_api import Page, Route, ViewportSize
+from pymongo import AsyncMongoClient
+
+from shared.model import utcnow
+from tests.browser import System, chromium, running_system
+from tests.conftest import Servers
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+PHONE: ViewportSize = {"width": 390, "height": 844}
+
+
+@pytest.fixture(scope="module")
+def system(servers: Servers) -> Iterator[System]:
+    servers.ensure_running()
+    with running_system(servers.redis_url, servers.mongo_base_url, servers.tmp) as running:
+        yield running
+
+
+@pytest.fixture
+async def page(system: System) -> AsyncIterator[Page]:
+    async with chromium() as browser:
+        context = await browser.new_context(viewport=PHONE)
+        page = await context.new_page()
+        yield page
+        await context.close()
+
+
+def new_account() -> str:
+    return "9" + "".join(secrets.choice("0123456789") for _ in range(9))
+
+
+async def create_deposit(page: Page, system: System, account: str, amount: int = 50_000) -> str:
+    """Fill the form, create the session, wait for its QR; return the orderCode shown."""
+    await page.goto(system.page_url)
+    await page.get_by_label("Account number").fill(account)
+    await page.get_by_label("Amount (VND)").fill(str(amount))
+    await page.get_by_role("button", name="Create QR code").click()
+    await page.wait_for_selector("body[data-state=waiting]")
+    await page.wait_for_function("document.getElementById('qr').naturalWidth > 0")
+    return await page.inner_text("#pay-order")
+
+
+async def sim_pay(system: System, order_code: str, **body: Any) -> dict[str, Any]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{system.settings.payos_base_url}/sim/pay/{order_code}", json=body) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+        result: dict[str, Any] = await resp.json()
+        return result
+
+
+async def test_paying_on_the_simulator_page_shows_success_within_a_second(
+    page: Page, system: System
+) -> None:
+    await create_deposit(page, system, new_account(), 50_000)
+    await page.screenshot(path=DOCS / "deposit-waiting.png", full_page=True)
+    checkout = await page.get_attribute("#checkout", "href")
+    assert checkout and checkout.startswith(system.settings.payos_base_url)
+    payer = await page.context.new_page()
+    await payer.goto(checkout)
+    await payer.screenshot(path=DOCS / "simulator-checkout.png", full_page=True)
+    clicked_at = time.time() * 1000
+    await payer.get_by_role("button", name="Pay 50,000 VND").click()
+    await page.wait_for_selector("body[data-state=paid]", timeout=5_000)
+    paid_at = await page.evaluate("window.paypushPaidAt")
+    assert paid_at - clicked_at < 1_000
+    assert "Payment received" in await page.inner_text("#status")
+    assert "50.000" in await page.inner_text("#status")
+    assert await page.get_attribute("body", "data-transport") == "stream"
+    await page.screenshot(path=DOCS / "deposit-paid.png", full_page=True)
+
+
+async def test_blocked_stream_falls_back_to_polling_and_still_succeeds(
+    page: Page, system: System
+) -> None:
+    async def block(route: Route) -> None:
+        await route.abort()
+
+    await page.route("**/api/webhooks/stream*", block)
+    order_code = await create_deposit(page, system, new_account())
+    await page.wait_for_selector("body[data-transport=polling]")
+    await sim_pay(system, order_code)
+    # The page polls every 5 s.
+    await page.wait_for_selector("body[data-state=paid]", timeout=8_000)
+    assert "Payment received" in await page.inner_text("#status")
+
+
+async def test_reload_mid_wait_resumes_the_same_session_and_qr(page: Page, system: System) -> None:
+    order_code = await create_deposit(page, system, new_account())
+    qr_before = await page.get_attribute("#qr", "src")
+    await page.reload()
+    await page.wait_for_selector("body[data-state=waiting]")
+    assert await page.inner_text("#pay-order") == order_code
+    assert await page.get_attribute("#qr", "src") == qr_before
+    await sim_pay(system, order_code)
+    await page.wait_for_selector("body[data-state=paid]", timeout=5_000)
+
+
+async def test_partial_payment_shows_what_is_still_due(page: Page, system: System) -> None:
+    order_code = await create_deposit(page, system, new_account(), 40_000)
+    await sim_pay(system, order_code, amount=15_000)
+    await page.wait_for_selector("body[data-state=partial]", timeout=5_000)
+    status = await page.inner_text("#status")
+    assert "15.000" in status and "25.000" in status
+    await page.screenshot(path=DOCS / "deposit-partial.png", full_page=True)
+    await sim_pay(system, order_code, amount=25_000)
+    await page.wait_for_selector("body[data-state=paid]", timeout=5_000)
+
+
+async def test_expired_session_shows_expired(page: Page, system: System) -> None:
+    await create_deposit(page, system, new_account())
+    uuid = await page.evaluate("JSON.parse(localStorage.getItem('paypush.session')).uuid")
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(system.settings.mongodb_url)
+    try:
+        sessions = client.get_default_database()["sessions"]
+        doc = await sessions.find_one({"uuid": uuid})
+        assert doc is not None
+        # Created 25 h ago: cleanup's rule for a pending session that outlived its day.
+        # (A whole-document replace: the stand-in mangles a datetime given to `$set`.)
+        doc["createdAt"] = utcnow() - timedelta(hours=25)
+        await sessions.replace_one({"_id": doc["_id"]}, doc)
+    finally:
+        await client.close()
+    headers = {"Authorization": f"Bearer {system.settings.cron_secret}"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{system.settings.site_public_url}/api/webhooks/cleanup", headers=headers
+        ) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+    await page.wait_for_selector("body[data-state=expired]", timeout=5_000)
+    assert "expired" in await page.inner_text("#status")
+    await page.screenshot(path=DOCS / "deposit-expired.png", full_page=True)
+
+
+async def test_sixth_pending_deposit_shows_the_limit_message(page: Page, system: System) -> None:
+    account = new_account()
+    async with aiohttp.ClientSession() as http:
+        for _ in range(5):
+            async with http.post(
+                f"{system.settings.site_public_url}/api/sessions",
+                json={"accountNumber": account, "amount": 10_000},
+            ) as resp:
+                assert resp.status == 201
+    await page.goto(system.page_url)
+    await page.get_by_label("Account number").fill(account)
+    await page.get_by_role("button", name="Create QR code").click()
+    await page.wait_for_selector("body[data-state=limit]")
+    assert "5 of 5" in await page.inner_text("#error")
+    await page.screenshot(path=DOCS / "deposit-limit.png", full_page=True)
+
+
+async def test_waiting_gives_up_after_ten_minutes_and_offers_a_new_qr(
+    page: Page, system: System
+) -> None:
+    await page.clock.install()
+    await create_deposit(page, system, new_account())
+    await page.clock.fast_forward("10:01")
+    await page.wait_for_selector("body[data-state=timeout]")
+    assert "10 minutes" in await page.inner_text("#error")
+    await page.screenshot(path=DOCS / "deposit-timeout.png", full_page=True)
+    await page.get_by_role("button", name="New QR code").click()
+    await page.wait_for_selector("body[data-state=form]")
+    assert await page.evaluate("localStorage.getItem('paypush.session')") is None
+
+
+async def test_page_fetches_nothing_from_outside_and_sends_security_headers(
+    page: Page, system: System
+) -> None:
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    response = await page.goto(system.page_url)
+    assert response is not None
+    headers = await response.all_headers()
+    assert "default-src 'self'" in headers["content-security-policy"]
+    assert headers["x-content-type-options"] == "nosniff"
+    await create_deposit(page, system, new_account())
+    assert requested and all(url.startswith("http://127.0.0.1:") for url in requested)
+
+
+async def test_form_rejects_bad_input_without_creating_anything(page: Page, system: System) -> None:
+    await page.goto(system.page_url)
+    await page.get_by_label("Account number").fill("12ab")
+    await page.get_by_role("button", name="Create QR code").click()
+    assert "6 to 20 digits" in await page.inner_text("#error")
+    assert await page.get_attribute("body", "data-state") == "form"
+    focused = await page.evaluate("document.activeElement.id")
+    assert focused == "account"
