@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test faults soak lint format mypy bench bench-ingest bench-stream bench-status clean
+.PHONY: setup run test faults soak lint format mypy bench bench-ingest bench-stream bench-status bench-page clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +42,7 @@ format: setup
 mypy: setup
 	$(BIN)/mypy
 
-bench: bench-ingest bench-stream bench-status
+bench: bench-ingest bench-stream bench-status bench-page
 
 bench-ingest: setup
 	$(BIN)/python -m bench.ingest $(BENCH_ARGS)
@@ -52,6 +52,9 @@ bench-stream: setup
 
 bench-status: setup
 	$(BIN)/python -m bench.status $(BENCH_ARGS)
+
+bench-page: setup
+	$(BIN)/python -m bench.page $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache

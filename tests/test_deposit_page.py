@@ -14,8 +14,8 @@ import pytest
 from playwright.async_api import Page, Route, ViewportSize
 from pymongo import AsyncMongoClient
 
+from devstack.browser import System, chromium, running_system
 from shared.model import utcnow
-from tests.browser import System, chromium, running_system
 from tests.conftest import Servers
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"

@@ -1,4 +1,4 @@
-"""The whole system as processes, and headless Chromium driven by Playwright, for page tests."""
+"""The whole system as processes, and headless Chromium driven by Playwright (tests, benchmarks)."""
 
 from __future__ import annotations
 
