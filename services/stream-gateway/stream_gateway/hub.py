@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import random
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -48,19 +48,35 @@ DEAD_AFTER_SECONDS = 15.0
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 5.0
 RESYNC_WORKERS = 32
+# How long stopping waits for the hub's tasks to end.
+STOP_TIMEOUT = 1.0
+
+
+Sender = Callable[[StatusEvent, bool], Awaitable[bool]]
 
 
 class Listener:
-    """One open stream's inbox: the events of its session newer than what it already has."""
+    """One open stream's inbox: the events of its session newer than what it already has.
 
-    __slots__ = ("_closed", "_last", "_queue", "_waiter", "uuid")
+    Events wait in a small queue until a sender is attached; then one short-lived task per
+    burst writes them in order (an idle stream costs no task of its own beyond the
+    connection's handler and its keep-alive).
+    """
+
+    __slots__ = ("_closed", "_drain", "_last", "_queue", "_send", "uuid")
 
     def __init__(self, uuid: str, *, after_version: int = 0) -> None:
         self.uuid = uuid
         self._last = after_version
-        self._queue: deque[tuple[StatusEvent, bool]] = deque(maxlen=QUEUE_SIZE)
-        self._waiter: asyncio.Future[None] | None = None
+        self._queue: list[tuple[StatusEvent, bool]] = []
+        self._send: Sender | None = None
+        self._drain: asyncio.Task[None] | None = None
         self._closed = False
+
+    @property
+    def pending(self) -> int:
+        """Events queued and not yet written."""
+        return len(self._queue)
 
     def offer(self, event: StatusEvent, *, pushed: bool = False) -> bool:
         """Queue `event` if it is newer than every event seen so far; True if queued.
@@ -70,37 +86,38 @@ class Listener:
         if self._closed or event.version <= self._last:
             return False
         self._last = event.version
+        if len(self._queue) >= QUEUE_SIZE:
+            del self._queue[0]
         self._queue.append((event, pushed))
-        self._wake()
+        self._kick()
         return True
 
-    @property
-    def pending(self) -> int:
-        """Events queued and not yet taken."""
-        return len(self._queue)
+    def attach(self, send: Sender) -> None:
+        """Start writing: `send(event, pushed)` writes one event, True once the stream ends."""
+        self._send = send
+        self._kick()
 
-    def close(self) -> None:
-        """The stream is gone (client left, shutdown): `next` returns None from now on."""
+    async def close(self) -> None:
+        """No more events; waits for (or stops) a write in progress."""
         self._closed = True
-        self._wake()
+        drain, self._drain = self._drain, None
+        if drain is not None and drain is not asyncio.current_task():
+            drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drain
 
-    async def next(self) -> tuple[StatusEvent, bool] | None:
-        """The next event to send, waiting for one; None once the listener is closed."""
-        while not self._queue:
-            if self._closed:
-                return None
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        if self._closed:
-            return None
-        return self._queue.popleft()
+    def _kick(self) -> None:
+        if self._send is not None and self._drain is None and self._queue and not self._closed:
+            self._drain = asyncio.create_task(self._write_all(self._send))
 
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+    async def _write_all(self, send: Sender) -> None:
+        try:
+            while self._queue and not self._closed:
+                event, pushed = self._queue.pop(0)
+                if await send(event, pushed):
+                    self._closed = True
+        finally:
+            self._drain = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +227,6 @@ class Hub:
 
     def leave(self, listener: Listener) -> None:
         """Remove a stream; the channel is unsubscribed once its last stream left."""
-        listener.close()
         group = self._listeners.get(listener.uuid)
         if group is None:
             return
@@ -230,21 +246,18 @@ class Hub:
 
     async def stop(self) -> None:
         self.closing = True
+        self._dirty.set()
         tasks = [*self._tasks, *([self._resync_task] if self._resync_task else [])]
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for group in self._listeners.values():
-            for listener in group:
-                listener.close()
+        # Bounded: a cancellation caught inside the Redis client must not hold up shutdown.
+        await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
 
     # -- the reader: connect, read, fan out, reconnect -------------------------------------
 
     async def _run(self) -> None:
         delay = BACKOFF_MIN
-        while True:
+        while not self.closing:
             link = PubSubLink(self._redis)
             try:
                 async with asyncio.timeout(CONFIRM_TIMEOUT):
@@ -360,11 +373,11 @@ class Hub:
     # -- the flusher: SUBSCRIBE / UNSUBSCRIBE what changed, in batches ----------------------
 
     async def _flush_loop(self) -> None:
-        while True:
+        while not self.closing:
             await self._dirty.wait()
             self._dirty.clear()
             link = self._link
-            if link is None or not self._changed:
+            if link is None or not self._changed or self.closing:
                 continue
             changed, self._changed = self._changed, set()
             subscribe = [u for u in changed if u in self._listeners and u not in self._told]

@@ -13,7 +13,6 @@ from pymongo.errors import PyMongoError
 
 from shared.appkeys import SETTINGS
 from shared.model import StatusEvent, is_valid_uuid
-from shared.settings import Settings
 from shared.web import add_cors_headers, json_error
 
 from .appkeys import GATEWAY_METRICS, HUB, STATUS_READER, STREAMS
@@ -70,13 +69,34 @@ async def _stream(request: web.Request, listener: Listener) -> EventSourceRespon
     await stream.prepare(request)
     streams = app[STREAMS]
     streams.add(stream)
-    # The stream ends when the client goes or shutdown stops it: wake the listener then.
-    gone = asyncio.ensure_future(stream.wait())
-    gone.add_done_callback(lambda _: listener.close())
+    retry = round(settings.sse_retry_ms * random.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER))
+    hint: list[int] = [retry]
+
+    async def send(event: StatusEvent, pushed: bool) -> bool:
+        """Write one event; True once the stream is over (final status, or client gone)."""
+        try:
+            await stream.send(
+                event.to_json(), id=str(event.version), retry=hint.pop() if hint else None
+            )
+        except (ConnectionResetError, TimeoutError):
+            # aiohttp-sse has stopped the stream already; the handler's wait() returns.
+            return True
+        _delivered(metrics, event, pushed)
+        if event.status.terminal:
+            stream.stop_streaming()
+            return True
+        return False
+
     deadline = asyncio.timeout(settings.sse_max_wait_seconds)
     try:
-        async with stream, deadline:
-            await _pump(stream, listener, settings, metrics)
+        async with stream:
+            if not listener.pending:
+                # Nothing new for a resuming client: still hand it the reconnect hint.
+                await stream.write(f"retry: {hint.pop()}{stream.DEFAULT_SEPARATOR * 2}".encode())
+            listener.attach(send)
+            # Until the client goes, a final status is written, or shutdown stops the stream.
+            async with deadline:
+                await stream.wait()
     except TimeoutError:
         if not deadline.expired():
             raise
@@ -85,27 +105,8 @@ async def _stream(request: web.Request, listener: Listener) -> EventSourceRespon
         log.info("stream_client_gone", uuid=listener.uuid)
     finally:
         streams.discard(stream)
-        gone.cancel()
+        await listener.close()
     return stream
-
-
-async def _pump(
-    stream: EventSourceResponse, listener: Listener, settings: Settings, metrics: GatewayMetrics
-) -> None:
-    retry: int | None = round(
-        settings.sse_retry_ms * random.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER)
-    )
-    if not listener.pending:
-        # Nothing new for a resuming client: still hand it the reconnect hint.
-        await stream.write(f"retry: {retry}{stream.DEFAULT_SEPARATOR * 2}".encode())
-        retry = None
-    while (item := await listener.next()) is not None:
-        event, pushed = item
-        await stream.send(event.to_json(), id=str(event.version), retry=retry)
-        retry = None
-        _delivered(metrics, event, pushed)
-        if event.status.terminal:
-            return
 
 
 def _delivered(metrics: GatewayMetrics, event: StatusEvent, pushed: bool) -> None:
