@@ -211,13 +211,19 @@ async def pay(request: web.Request) -> web.Response:
 
 
 async def set_faults(request: web.Request) -> web.Response:
-    """`POST /sim/faults` `{mode, delaySeconds, dropDeliveries}` — for fault tests."""
+    """`POST /sim/faults` `{mode, delaySeconds, dropDeliveries, deliveryDelaySeconds}`.
+
+    For fault tests: `mode` and `delaySeconds` make the payment-link API misbehave,
+    `dropDeliveries` loses that many webhook delivery attempts, `deliveryDelaySeconds` holds
+    back every delivery attempt. Each call replaces all of them.
+    """
     body = await request.json()
     world = request.app[WORLD]
     world.faults = Faults(
         mode=str(body.get("mode", "none")),
         delay_seconds=float(body.get("delaySeconds", 0)),
         drop_deliveries=int(body.get("dropDeliveries", 0)),
+        delivery_delay_seconds=float(body.get("deliveryDelaySeconds", 0)),
     )
     return web.json_response({"mode": world.faults.mode})
 

@@ -77,6 +77,8 @@ async def attempt(app: web.Application, url: str, delivery: Delivery) -> int:
         world.faults.drop_deliveries -= 1
         delivery.attempts.append(0)
         return 0
+    if world.faults.delivery_delay_seconds > 0:
+        await asyncio.sleep(world.faults.delivery_delay_seconds)
     try:
         async with app[HTTP].post(url, json=delivery.body) as resp:
             await resp.read()

@@ -103,6 +103,8 @@ class Faults:
     delay_seconds: float = 0.0
     # Webhook deliveries to drop (answered as if the network lost them) before one goes out.
     drop_deliveries: int = 0
+    # How long every webhook delivery attempt waits before it goes out (a slow PayOS).
+    delivery_delay_seconds: float = 0.0
 
 
 @dataclass
