@@ -31,5 +31,10 @@ def sign_payment_request(data: dict[str, Any], checksum_key: str) -> str | None:
 
 def verify_data(data: dict[str, Any], signature: str, checksum_key: str) -> bool:
     """True when `signature` signs `data` with `checksum_key` (constant-time compare)."""
-    expected = sign_data(data, checksum_key)
-    return hmac.compare_digest(expected.encode(), signature.encode())
+    try:
+        expected = sign_data(data, checksum_key)
+        claimed = signature.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (`"\ud800"` is valid JSON, not valid text): nothing PayOS signs.
+        return False
+    return hmac.compare_digest(expected.encode(), claimed)

@@ -6,6 +6,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import bson
+from bson.errors import BSONError
+
 from shared.logs import signature_hint
 from shared.signing import verify_data
 
@@ -25,6 +28,8 @@ _OPTIONAL_STR = (
 MAX_REFERENCE_LEN = 128
 # PayOS order codes are positive and JavaScript-safe.
 MAX_ORDER_CODE = 9_007_199_254_740_991
+# Amounts too (VND): and what MongoDB stores as a 64-bit integer.
+MAX_AMOUNT = 9_007_199_254_740_991
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +58,11 @@ def parse_webhook(body: bytes, checksum_key: str) -> Webhook:
         raise InvalidWebhook(
             f"body is not valid JSON: {exc.msg if hasattr(exc, 'msg') else exc}"
         ) from None
+    except ValueError:
+        # An integer of more than 4,300 digits (Python's int-from-string limit).
+        raise InvalidWebhook("body is not valid JSON: number too long") from None
+    except RecursionError:
+        raise InvalidWebhook("body is not valid JSON: nested too deeply") from None
     if not isinstance(payload, dict):
         raise InvalidWebhook("body must be a JSON object")
     data = payload.get("data")
@@ -73,8 +83,8 @@ def parse_webhook(body: bytes, checksum_key: str) -> Webhook:
     order_code, amount, reference = data["orderCode"], data["amount"], data["reference"]
     if not 0 < order_code <= MAX_ORDER_CODE:
         raise InvalidWebhook("`data.orderCode` is out of range")
-    if amount < 0:
-        raise InvalidWebhook("`data.amount` must not be negative")
+    if not 0 <= amount <= MAX_AMOUNT:
+        raise InvalidWebhook("`data.amount` is out of range")
     if not reference or len(reference) > MAX_REFERENCE_LEN:
         raise InvalidWebhook(f"`data.reference` must have 1 to {MAX_REFERENCE_LEN} characters")
     code, desc, success = payload.get("code", ""), payload.get("desc", ""), payload.get("success")
@@ -90,6 +100,12 @@ def parse_webhook(body: bytes, checksum_key: str) -> Webhook:
         raise InvalidWebhook("`signature` must be a string")
     if not verify_data(data, signature, checksum_key):
         raise BadSignature("signature does not match the data", hint=signature_hint(signature))
+    try:
+        # What is stored must be storable: an integer beyond 64 bits, or a lone surrogate in
+        # the unsigned `code`/`desc`, would otherwise fail in MongoDB's encoder (a 500).
+        bson.encode({"code": code, "desc": desc, "data": data})
+    except (BSONError, OverflowError, RecursionError):
+        raise InvalidWebhook("the webhook holds a value that cannot be stored") from None
     return Webhook(
         code=code,
         desc=desc,
