@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -49,7 +50,10 @@ async def create_deposit(page: Page, system: System, account: str, amount: int =
     await page.get_by_label("Amount (VND)").fill(str(amount))
     await page.get_by_role("button", name="Create QR code").click()
     await page.wait_for_selector("body[data-state=waiting]")
-    await page.wait_for_function("document.getElementById('qr').naturalWidth > 0")
+    # Polled from here: a page-side wait_for_function needs eval, which the page's CSP forbids.
+    async with asyncio.timeout(5):
+        while not await page.evaluate("document.getElementById('qr').naturalWidth > 0"):
+            await asyncio.sleep(0.05)
     return await page.inner_text("#pay-order")
 
 
