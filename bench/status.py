@@ -131,6 +131,7 @@ def main() -> None:
             session_api_port=api_port,
             # The limit is not what this measures.
             max_pending_per_account=args.sessions,
+            session_rate_limit_per_minute=0,
             log_level="WARNING",
         )
         env = settings.env()

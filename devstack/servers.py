@@ -122,7 +122,9 @@ class Process:
         self.start()
 
 
-def redis_server(port: int, log_dir: Path) -> Process:
+def redis_server(
+    port: int, log_dir: Path, *, name: str = "redis", extra_args: Sequence[str] = ()
+) -> Process:
     """Our own redis-server: nothing persisted, so a restart loses every key (the hard case)."""
     binary = shutil.which("redis-server")
     if binary is None:
@@ -145,8 +147,9 @@ def redis_server(port: int, log_dir: Path) -> Process:
         str(log_dir),
         "--maxclients",
         "20000",
+        *extra_args,
     ]
-    return Process("redis", argv, port=port, log_dir=log_dir)
+    return Process(name, argv, port=port, log_dir=log_dir)
 
 
 def mongo_standin(port: int, data_dir: Path, log_dir: Path) -> Process:
@@ -223,4 +226,74 @@ def local_settings(settings: Settings, *, redis_url: str, mongodb_url: str) -> S
         stream_public_url=f"http://127.0.0.1:{gateway}",
         site_public_url=site_url,
         cors_origins=(site_url,),
+        # Tests and load tools create many sessions from this one address.
+        session_rate_limit_per_minute=0,
     )
+
+
+class LocalRedisCluster:
+    """A Redis Cluster of `primaries` local redis-servers (no replicas), on free ports.
+
+    Each node runs with `cluster-enabled`; `redis-cli --cluster create` spreads the 16384
+    slots over them. Nothing is persisted: a new start is a new, empty cluster.
+    """
+
+    def __init__(self, log_dir: Path, *, primaries: int = 3) -> None:
+        self.dir = log_dir
+        self.nodes = [
+            redis_server(
+                port,
+                log_dir,
+                name=f"redis-cluster-{port}",
+                extra_args=[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    str(log_dir / f"nodes-{port}.conf"),
+                    "--cluster-node-timeout",
+                    "2000",
+                    # Not port + 10000 (the default), which may be taken or above 65535.
+                    "--cluster-port",
+                    str(free_port()),
+                ],
+            )
+            for port in (free_port() for _ in range(primaries))
+        ]
+
+    @property
+    def url(self) -> str:
+        """A `REDIS_URL` for the cluster (any node: the client discovers the others)."""
+        return f"redis://127.0.0.1:{self.nodes[0].port}/0"
+
+    def start(self, timeout: float = 20.0) -> None:
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RuntimeError("redis-cli is missing: run `make setup` (Debian's redis-tools)")
+        for node in self.nodes:
+            (self.dir / f"nodes-{node.port}.conf").unlink(missing_ok=True)
+            node.start()
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=timeout,
+        )
+
+        def every_node_ok() -> bool:
+            for node in self.nodes:
+                info = subprocess.run(
+                    [cli, "-p", str(node.port), "cluster", "info"],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                ).stdout
+                if "cluster_state:ok" not in info:
+                    return False
+            return True
+
+        wait_until(every_node_ok, timeout, "redis cluster")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

@@ -43,3 +43,12 @@ def uuid_of_channel(channel: str) -> str:
 # Every stream-gateway process keeps this channel subscribed on its one pub/sub connection, so
 # the connection is in subscribed mode (and watched) even while no browser waits.
 GATEWAY_CHANNEL = f"{PREFIX}:gateway"
+
+
+# Session creations of one client in the current fixed window (the key expires with it).
+RATE_LIMIT_WINDOW_SECONDS = 60
+
+
+def session_rate_key(client: str) -> str:
+    """The counter of session creations by one client address in the current window."""
+    return f"{PREFIX}:ratelimit:sessions:{client}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -70,6 +71,12 @@ class Settings:
     sse_retry_ms: int = 3000
     shutdown_timeout_seconds: float = 10.0
     max_pending_per_account: int = 5
+    # Session creations per client address and minute (0: no limit): a client cannot burn
+    # orderCodes and PayOS links in a loop. Behind NAT many users share an address.
+    session_rate_limit_per_minute: int = 30
+    # Proxies (addresses or CIDR networks) whose X-Forwarded-For is believed: the client is the
+    # nearest hop not in this list. Empty: the peer address is the client, the header ignored.
+    trusted_proxies: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.app_env not in ("development", "production"):
@@ -85,6 +92,15 @@ class Settings:
         for name in ("payos_checksum_key", "cron_secret", "admin_token"):
             if not getattr(self, name):
                 raise SettingsError(f"{name.upper()} must not be empty")
+        if self.session_rate_limit_per_minute < 0:
+            raise SettingsError("SESSION_RATE_LIMIT_PER_MINUTE must not be negative")
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise SettingsError(
+                    f"TRUSTED_PROXIES: {proxy!r} is not an address or network"
+                ) from None
 
     @property
     def is_production(self) -> bool:

@@ -6,14 +6,22 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from shared.appkeys import CACHE, SETTINGS, STORE
+from shared.appkeys import CACHE, REDIS, SETTINGS, STORE
 from shared.clients import mongo_ctx, redis_ctx
 from shared.payos_client import payos_client
 from shared.settings import Settings
 from shared.status import StatusReader
 from shared.web import cors_middleware, new_registry, request_context_middleware
 
-from .appkeys import PAYOS, SESSION_METRICS, SESSIONS, STATUS_READER
+from .appkeys import (
+    PAYOS,
+    RATE_LIMITER,
+    SESSION_METRICS,
+    SESSIONS,
+    STATUS_READER,
+    TRUSTED_PROXIES,
+)
+from .limits import RateLimiter, body_limit_middleware, parse_networks
 from .metrics import SessionMetrics
 from .page import security_headers
 from .routes import setup_routes
@@ -39,6 +47,7 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
         urls=LinkUrls(return_url=f"{site}/?paid=1", cancel_url=f"{site}/?cancelled=1"),
         payos_timeout=settings.payos_timeout_seconds,
     )
+    app[RATE_LIMITER] = RateLimiter(app[REDIS], settings.session_rate_limit_per_minute)
     app[STATUS_READER] = StatusReader(
         app[CACHE], app[STORE], on_db_query=app[SESSION_METRICS].status_db_queries.inc
     )
@@ -48,10 +57,15 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings) -> web.Application:
     """session-api: sessions, status reads, listing, cleanup, stats, plus the ops routes."""
     app = web.Application(
-        middlewares=[request_context_middleware, cors_middleware(settings.cors_origins)],
+        middlewares=[
+            request_context_middleware,
+            cors_middleware(settings.cors_origins),
+            body_limit_middleware(MAX_BODY_BYTES),
+        ],
         client_max_size=MAX_BODY_BYTES,
     )
     app[SETTINGS] = settings
+    app[TRUSTED_PROXIES] = parse_networks(settings.trusted_proxies)
     app[SESSION_METRICS] = SessionMetrics.create(new_registry(app))
     app.cleanup_ctx.extend([redis_ctx, mongo_ctx, _payos_ctx, _sessions_ctx])
     app.on_response_prepare.append(security_headers)

@@ -5,6 +5,7 @@ from payos import AsyncPayOS
 
 from shared.status import StatusReader
 
+from .limits import Network, RateLimiter
 from .metrics import SessionMetrics
 from .sessions import Sessions
 
@@ -12,3 +13,5 @@ PAYOS = web.AppKey("payos", AsyncPayOS)
 SESSIONS = web.AppKey("sessions", Sessions)
 STATUS_READER = web.AppKey("status_reader", StatusReader)
 SESSION_METRICS = web.AppKey("session_metrics", SessionMetrics)
+RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
+TRUSTED_PROXIES: web.AppKey[tuple[Network, ...]] = web.AppKey("trusted_proxies")

@@ -18,7 +18,7 @@ from shared.appkeys import CACHE, REDIS, SETTINGS, STORE
 from shared.model import SessionStatus, utcnow
 from shared.web import json_error
 
-from .appkeys import SESSION_METRICS, SESSIONS, STATUS_READER
+from .appkeys import RATE_LIMITER, SESSION_METRICS, SESSIONS, STATUS_READER, TRUSTED_PROXIES
 from .cleanup import run_cleanup
 from .errors import (
     AccountBusy,
@@ -29,6 +29,7 @@ from .errors import (
     StoreUnavailable,
     UuidConflict,
 )
+from .limits import check_rate
 from .sessions import iso, parse_create_request, validate_account_number, validate_uuid
 
 log = structlog.get_logger(__name__)
@@ -64,6 +65,10 @@ def _store_down(exc: Exception) -> web.Response:
 async def create_session(request: web.Request) -> web.Response:
     """`POST /api/sessions` `{accountNumber, amount, uuid?, description?}`."""
     metrics = request.app[SESSION_METRICS].sessions
+    limited = await check_rate(request, request.app[RATE_LIMITER], request.app[TRUSTED_PROXIES])
+    if limited is not None:
+        metrics.labels("rate_limited").inc()
+        return limited
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -72,7 +77,9 @@ async def create_session(request: web.Request) -> web.Response:
     try:
         try:
             payload = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):
+            # ValueError: not UTF-8, not JSON, or an integer of more than 4,300 digits;
+            # RecursionError: nesting deeper than the parser's stack.
             raise InvalidRequest("body is not valid JSON") from None
         req = parse_create_request(payload)
         view = await request.app[SESSIONS].create(req)

@@ -1,0 +1,144 @@
+"""Request limits of session-api: body size on every POST, session creations per client.
+
+The rate limit is a fixed window per client address, counted in Redis so it holds across
+replicas: the first creation of a window starts the counter with the window as its TTL; a
+creation beyond the limit is answered 429 with `Retry-After` (the window's remaining time).
+Redis unavailable: the limit fails open (logged) — a payment must not be refused because the
+limiter's store is down; the per-account limit in MongoDB still holds.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from aiohttp import web
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared import keys
+from shared.web import Handler, json_error
+
+log = structlog.get_logger(__name__)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Count one creation and answer (count, milliseconds left in the window), atomically.
+_HIT = """
+local n = redis.call('INCR', KEYS[1])
+local ttl = redis.call('PTTL', KEYS[1])
+if n == 1 or ttl < 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  ttl = tonumber(ARGV[1])
+end
+return {n, ttl}
+"""
+# Longest client identifier kept in a key (an IPv6 address is at most 45 characters).
+MAX_CLIENT_LEN = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    count: int
+    retry_after: int  # seconds until the window ends (0 when allowed)
+
+
+class RateLimiter:
+    """At most `limit` session creations per client address and window (0: unlimited)."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        limit: int,
+        *,
+        window_seconds: int = keys.RATE_LIMIT_WINDOW_SECONDS,
+    ) -> None:
+        self.limit = limit
+        self.window_seconds = window_seconds
+        self._hit = redis.register_script(_HIT)
+
+    async def hit(self, client: str) -> Decision:
+        """Count one creation by `client`; raises RedisError."""
+        if self.limit <= 0:
+            return Decision(True, 0, 0)
+        result: Any = await self._hit(
+            keys=[keys.session_rate_key(client)], args=[self.window_seconds * 1000]
+        )
+        count, ttl_ms = int(result[0]), int(result[1])
+        if count <= self.limit:
+            return Decision(True, count, 0)
+        return Decision(False, count, max(1, math.ceil(ttl_ms / 1000)))
+
+
+def parse_networks(proxies: Sequence[str]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(p, strict=False) for p in proxies)
+
+
+def _trusted(address: str, networks: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+def client_address(request: web.Request, trusted: Sequence[Network]) -> str:
+    """The client's address: the peer, or — when the peer is a trusted proxy — the nearest
+    X-Forwarded-For hop that is not itself a trusted proxy (walking from the right, since
+    every hop left of the first untrusted one was written by the client and may be forged)."""
+    address = request.remote or "unknown"
+    if trusted:
+        hops = [
+            hop.strip()
+            for header in request.headers.getall("X-Forwarded-For", [])
+            for hop in header.split(",")
+            if hop.strip()
+        ]
+        while hops and _trusted(address, trusted):
+            address = hops.pop()
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return address[:MAX_CLIENT_LEN]
+
+
+async def check_rate(
+    request: web.Request, limiter: RateLimiter, trusted: tuple[Network, ...]
+) -> web.Response | None:
+    """None if `request` may create a session, else the 429 to answer."""
+    client = client_address(request, trusted)
+    try:
+        decision = await limiter.hit(client)
+    except RedisError as exc:
+        log.warning("rate_limit_unavailable", error=str(exc))
+        return None
+    if decision.allowed:
+        return None
+    log.info("session_rate_limited", client=client, count=decision.count)
+    response = json_error(
+        429,
+        f"too many payment sessions from this address; at most {limiter.limit} per "
+        f"{limiter.window_seconds} s, try again in {decision.retry_after} s",
+        retryAfter=decision.retry_after,
+    )
+    response.headers["Retry-After"] = str(decision.retry_after)
+    return response
+
+
+def body_limit_middleware(max_bytes: int) -> Any:
+    """413 for any request declaring a body over `max_bytes`, before its handler runs (and
+    so before authentication): a handler that never reads its body still refuses it."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        length = request.content_length
+        if length is not None and length > max_bytes:
+            return json_error(413, f"body exceeds {max_bytes} bytes")
+        return await handler(request)
+
+    return middleware
