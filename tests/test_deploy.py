@@ -25,6 +25,7 @@ from kubernetes_validate.utils import (  # type: ignore[import-untyped]
     validate,
 )
 
+from shared.openapi import OPENAPI_PATH
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -301,7 +302,8 @@ def test_each_deployment_has_a_pdb_and_an_hpa_of_at_least_two_replicas() -> None
         assert "replicas" not in dep["spec"], "the HPA owns the replica count"
 
 
-OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# A replica's own paths, never routed: health, metrics, and its OpenAPI document.
+OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics", OPENAPI_PATH})
 DEPOSIT_PAGE_PATHS = frozenset({("Exact", "/"), ("Prefix", "/static")})
 
 

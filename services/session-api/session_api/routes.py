@@ -2,9 +2,11 @@
 
 from aiohttp import web
 
+from shared.appkeys import SETTINGS
+from shared.openapi import add_openapi_route
 from shared.web import add_ops_routes
 
-from . import page, views
+from . import openapi, page, views
 
 
 def setup_routes(app: web.Application) -> None:
@@ -19,3 +21,4 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/api/sessions/{uuid}/qr.svg", page.qr_svg)
     app.router.add_static("/static/", page.STATIC_DIR)
     add_ops_routes(app)
+    add_openapi_route(app, openapi.document(app[SETTINGS]))

@@ -2,9 +2,11 @@
 
 from aiohttp import web
 
+from shared.appkeys import SETTINGS
+from shared.openapi import add_openapi_route
 from shared.web import add_ops_routes, mongo_ready, redis_ready
 
-from . import views
+from . import openapi, views
 from .appkeys import HUB
 
 
@@ -17,3 +19,4 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/api/webhooks/stream", views.stream_status)
     app.router.add_get("/api/stats", views.stats)
     add_ops_routes(app, {"redis": redis_ready, "mongodb": mongo_ready, "pubsub": pubsub_ready})
+    add_openapi_route(app, openapi.document(app[SETTINGS]))

@@ -2,11 +2,14 @@
 
 from aiohttp import web
 
+from shared.appkeys import SETTINGS
+from shared.openapi import add_openapi_route
 from shared.web import add_ops_routes
 
-from . import views
+from . import openapi, views
 
 
 def setup_routes(app: web.Application) -> None:
     app.router.add_post("/api/webhooks", views.receive_webhook)
     add_ops_routes(app)
+    add_openapi_route(app, openapi.document(app[SETTINGS]))

@@ -1,0 +1,316 @@
+"""session-api's OpenAPI document: the bounds are the validators' own constants."""
+
+from __future__ import annotations
+
+from shared import openapi
+from shared.model import UUID_RE, SessionStatus, StreamStatus
+from shared.openapi import Doc
+from shared.settings import Settings
+
+from .sessions import (
+    ACCOUNT_RE,
+    DESCRIPTION_RE,
+    MAX_AMOUNT,
+    MAX_DESCRIPTION,
+    MAX_ORDER_CODE,
+    MIN_AMOUNT,
+)
+from .views import DEFAULT_PAGE_SIZE, MAX_BODY_BYTES, MAX_PAGE_SIZE
+
+# `_page_arg`'s bound for `page`.
+MAX_PAGE = 1_000_000
+
+UUID: Doc = {"type": "string", "pattern": UUID_RE.pattern, "description": "A lowercase uuid4."}
+ACCOUNT: Doc = {
+    "type": "string",
+    "pattern": ACCOUNT_RE.pattern,
+    "description": "The bank account number: 6 to 20 digits.",
+}
+ORDER_CODE: Doc = {"type": "integer", "minimum": 1, "maximum": MAX_ORDER_CODE}
+TIMESTAMP: Doc = {"type": "string", "format": "date-time"}
+
+CREATE_REQUEST: Doc = {
+    "type": "object",
+    "required": ["accountNumber", "amount"],
+    "properties": {
+        "accountNumber": ACCOUNT,
+        "amount": {
+            "type": "integer",
+            "minimum": MIN_AMOUNT,
+            "maximum": MAX_AMOUNT,
+            "description": "VND.",
+        },
+        "uuid": {
+            "type": ["string", "null"],
+            "pattern": UUID_RE.pattern,
+            "description": "Resume this session if it is still pending for this account; "
+            "otherwise the new session takes this uuid.",
+        },
+        "description": {
+            "type": ["string", "null"],
+            "minLength": 1,
+            "maxLength": MAX_DESCRIPTION,
+            "pattern": DESCRIPTION_RE.pattern,
+            "description": "The transfer note (default NAPTIEN).",
+        },
+    },
+}
+
+SESSION: Doc = openapi.success_object(
+    {
+        "uuid": UUID,
+        "orderCode": ORDER_CODE,
+        "amount": {"type": "integer"},
+        "description": {"type": "string"},
+        "checkoutUrl": {"type": "string"},
+        "qrCode": {"type": "string"},
+        "status": {"enum": [s.value for s in SessionStatus]},
+        "expiresAt": TIMESTAMP,
+        "resumed": {"type": "boolean"},
+    },
+    required=[
+        "uuid",
+        "orderCode",
+        "amount",
+        "checkoutUrl",
+        "qrCode",
+        "status",
+        "expiresAt",
+        "resumed",
+    ],
+)
+
+STATUS: Doc = openapi.success_object(
+    {
+        "uuid": UUID,
+        "orderCode": ORDER_CODE,
+        "status": {"enum": [s.value for s in StreamStatus]},
+        "amount": {"type": "integer"},
+        "amountPaid": {"type": "integer"},
+        "updatedAt": TIMESTAMP,
+        "version": {"type": "integer", "minimum": 1},
+    },
+    required=["uuid", "orderCode", "status", "amount", "amountPaid", "updatedAt", "version"],
+)
+
+SESSION_LIST: Doc = openapi.success_object(
+    {
+        "page": {"type": "integer", "minimum": 1},
+        "limit": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_SIZE},
+        "total": {"type": "integer", "minimum": 0},
+        "pages": {"type": "integer", "minimum": 0},
+        "items": {"type": "array", "items": {"type": "object"}},
+    },
+    required=["page", "limit", "total", "pages", "items"],
+)
+
+CHECK: Doc = {
+    "oneOf": [
+        openapi.success_object(
+            {
+                "exists": {"type": "boolean"},
+                "status": {"type": ["string", "null"]},
+                "message": {"type": "string"},
+            },
+            required=["exists", "status", "message"],
+        ),
+        openapi.success_object(
+            {
+                "canCreate": {"type": "boolean"},
+                "pendingCount": {"type": "integer", "minimum": 0},
+                "maxAllowed": {"type": "integer", "minimum": 0},
+                "message": {"type": "string"},
+            },
+            required=["canCreate", "pendingCount", "maxAllowed", "message"],
+        ),
+    ]
+}
+
+CLEANUP: Doc = openapi.success_object(
+    {
+        name: {"type": "integer", "minimum": 0}
+        for name in ("expired", "published", "publishFailed", "sessionsDeleted", "webhooksDeleted")
+    }
+    | {"durationMs": {"type": "number", "minimum": 0}},
+    required=["expired", "published", "publishFailed", "sessionsDeleted", "webhooksDeleted"],
+)
+
+STATS: Doc = openapi.success_object(
+    {
+        "cachedOrders": {"type": ["integer", "null"]},
+        "activeSubscriptions": {"type": ["integer", "null"]},
+        "pendingSessions": {"type": ["integer", "null"]},
+    },
+    required=["cachedOrders", "activeSubscriptions", "pendingSessions"],
+)
+
+_REF = "#/components/schemas/"
+
+
+def _or_empty(maximum: int) -> Doc:
+    """A paging number; empty means the default (`_page_arg`)."""
+    return {"anyOf": [{"type": "integer", "minimum": 1, "maximum": maximum}, {"const": ""}]}
+
+
+TOO_LARGE = openapi.error(f"Body over {MAX_BODY_BYTES} bytes; nothing stored.")
+
+
+def _cleanup(method: str) -> Doc:
+    op: Doc = {
+        "operationId": f"cleanup{method.capitalize()}",
+        "summary": "Expire stale pending sessions (publishing `expired`), delete expired "
+        "records. Idempotent.",
+        "security": [{"cronSecret": []}],
+        "responses": {
+            "200": openapi.ok("The run's counts.", {"$ref": _REF + "CleanupResult"}),
+            "401": openapi.BEARER_UNAUTHORIZED,
+            "503": openapi.STORE_UNAVAILABLE,
+        },
+    }
+    if method == "post":
+        op["responses"]["413"] = TOO_LARGE
+    return op
+
+
+def document(settings: Settings) -> Doc:
+    rate = settings.session_rate_limit_per_minute
+    return openapi.document(
+        title="session-api",
+        description="Payment sessions with a per-account limit, status reads for polling, "
+        "the admins' list, cleanup, stats and the deposit page.",
+        schemas={
+            "CreateSession": CREATE_REQUEST,
+            "Session": SESSION,
+            "Status": STATUS,
+            "SessionList": SESSION_LIST,
+            "CheckResult": CHECK,
+            "CleanupResult": CLEANUP,
+            "Stats": STATS,
+        },
+        security_schemes={
+            "adminToken": {"type": "http", "scheme": "bearer", "description": "ADMIN_TOKEN"},
+            "cronSecret": {"type": "http", "scheme": "bearer", "description": "CRON_SECRET"},
+        },
+        paths={
+            "/api/sessions": {
+                "post": {
+                    "operationId": "createSession",
+                    "summary": "Create a payment session (PayOS link), or resume a pending one.",
+                    "description": f"At most {settings.max_pending_per_account} pending "
+                    "sessions per account in 24 h"
+                    + (f"; at most {rate} creations per client address a minute." if rate else "."),
+                    "requestBody": {
+                        "required": True,
+                        "content": openapi.json_body({"$ref": _REF + "CreateSession"}),
+                    },
+                    "responses": {
+                        "201": openapi.ok("Created.", {"$ref": _REF + "Session"}),
+                        "200": openapi.ok(
+                            "Resumed (pending, same account).", {"$ref": _REF + "Session"}
+                        ),
+                        "400": openapi.error("Invalid request; nothing stored."),
+                        "409": openapi.error(
+                            "The uuid belongs to a session this request may not resume."
+                        ),
+                        "413": TOO_LARGE,
+                        "429": openapi.error(
+                            "The account's pending limit (`pendingCount`, `maxAllowed`) or the "
+                            "client's rate limit (`retryAfter`, and the header) is reached.",
+                            headers={"Retry-After": {"schema": {"type": "integer"}}},
+                        ),
+                        "502": openapi.error("PayOS refused or is unreachable; nothing counted."),
+                        "503": openapi.error("MongoDB unavailable or the account busy; retry."),
+                        "504": openapi.error("PayOS did not answer in time; nothing counted."),
+                    },
+                }
+            },
+            "/api/webhooks": {
+                "get": {
+                    "operationId": "statusOrList",
+                    "summary": "`?uuid=`: a session's status (polling); otherwise the admins' "
+                    "paginated list (bearer ADMIN_TOKEN).",
+                    "parameters": [
+                        openapi.query_param("uuid", UUID, "The session whose status to read."),
+                        openapi.query_param(
+                            "page", _or_empty(MAX_PAGE), "List page (default 1); admins only."
+                        ),
+                        openapi.query_param(
+                            "limit",
+                            _or_empty(MAX_PAGE_SIZE),
+                            f"Page size (default {DEFAULT_PAGE_SIZE}); admins only.",
+                        ),
+                    ],
+                    "security": [{}, {"adminToken": []}],
+                    "responses": {
+                        "200": openapi.ok(
+                            "The status, or a page of sessions (newest first).",
+                            {
+                                "oneOf": [
+                                    {"$ref": _REF + "Status"},
+                                    {"$ref": _REF + "SessionList"},
+                                ]
+                            },
+                        ),
+                        "400": openapi.error("Malformed uuid or paging."),
+                        "401": openapi.BEARER_UNAUTHORIZED,
+                        "404": openapi.error("No session with this uuid."),
+                        "503": openapi.STORE_UNAVAILABLE,
+                    },
+                }
+            },
+            "/api/webhooks/check-session-limit": {
+                "get": {
+                    "operationId": "checkSessionLimit",
+                    "summary": "Exactly one of `uuid` (does it exist, its status) and "
+                    "`accountNumber` (may it create one more).",
+                    "parameters": [
+                        openapi.query_param("uuid", UUID, "A session's uuid."),
+                        openapi.query_param("accountNumber", ACCOUNT, "An account number."),
+                    ],
+                    "responses": {
+                        "200": openapi.ok("The answer.", {"$ref": _REF + "CheckResult"}),
+                        "400": openapi.error("Neither or both given, or malformed."),
+                        "503": openapi.STORE_UNAVAILABLE,
+                    },
+                }
+            },
+            "/api/webhooks/cleanup": {"get": _cleanup("get"), "post": _cleanup("post")},
+            "/api/stats": {
+                "get": {
+                    "operationId": "stats",
+                    "summary": "Cached orders, active subscriptions, pending sessions "
+                    "(null when Redis or MongoDB cannot tell).",
+                    "responses": {"200": openapi.ok("The counts.", {"$ref": _REF + "Stats"})},
+                }
+            },
+            "/": {
+                "get": {
+                    "operationId": "depositPage",
+                    "summary": "The deposit page.",
+                    "responses": {
+                        "200": {
+                            "description": "HTML.",
+                            "content": {"text/html": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/api/sessions/{uuid}/qr.svg": {
+                "get": {
+                    "operationId": "qrCode",
+                    "summary": "The session's VietQR code as SVG.",
+                    "parameters": [
+                        {"name": "uuid", "in": "path", "required": True, "schema": UUID}
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "SVG.",
+                            "content": {"image/svg+xml": {"schema": {"type": "string"}}},
+                        },
+                        "400": openapi.error("Malformed uuid."),
+                        "404": openapi.error("No session (with a QR code) with this uuid."),
+                    },
+                }
+            },
+        },
+    )

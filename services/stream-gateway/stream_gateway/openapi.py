@@ -1,0 +1,108 @@
+"""The gateway's OpenAPI document."""
+
+from __future__ import annotations
+
+from shared import openapi
+from shared.model import UUID_RE, StreamStatus
+from shared.openapi import Doc
+from shared.settings import Settings
+
+UUID: Doc = {"type": "string", "pattern": UUID_RE.pattern, "description": "A lowercase uuid4."}
+
+EVENT: Doc = {
+    "type": "object",
+    "description": "The `data` of each event; its `id:` is `version`.",
+    "required": ["uuid", "orderCode", "status", "amount", "amountPaid", "updatedAt", "version"],
+    "properties": {
+        "uuid": UUID,
+        "orderCode": {"type": "integer"},
+        "status": {"enum": [s.value for s in StreamStatus]},
+        "amount": {"type": "integer"},
+        "amountPaid": {"type": "integer"},
+        "updatedAt": {"type": "string", "format": "date-time"},
+        "version": {"type": "integer", "minimum": 1},
+    },
+}
+
+# One parsed event of the stream (what a client's EventSource hands over).
+SSE_EVENT: Doc = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "event": {"const": "message"},
+        "id": {"type": "string", "pattern": "^[0-9]+$"},
+        "retry": {"type": "integer", "minimum": 0},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"$ref": "#/components/schemas/StatusEvent"},
+        },
+    },
+}
+
+
+def document(settings: Settings) -> Doc:
+    return openapi.document(
+        title="stream-gateway",
+        description="Server-Sent Events: a session's status now, then every change.",
+        readiness_checks=("redis", "mongodb", "pubsub"),
+        schemas={"StatusEvent": EVENT},
+        paths={
+            "/api/webhooks/stream": {
+                "get": {
+                    "operationId": "streamStatus",
+                    "summary": "The session's status, then each change, as `text/event-stream`.",
+                    "description": "The first event is the current status; the stream ends "
+                    "after a final status (`done`, `expired`) or after "
+                    f"{settings.sse_max_wait_seconds:g} s. Keep-alive comments every "
+                    f"{settings.sse_keepalive_seconds:g} s.",
+                    "parameters": [
+                        openapi.query_param("uuid", UUID, "The session.", required=True),
+                        {
+                            "name": "Last-Event-ID",
+                            "in": "header",
+                            "required": False,
+                            "description": "The last `id:` received (resume).",
+                            "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                        },
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The event stream; each `data:` is a StatusEvent.",
+                            "content": {"text/event-stream": {"schema": SSE_EVENT}},
+                        },
+                        "204": {
+                            "description": "Final status already seen (Last-Event-ID): stop "
+                            "reconnecting."
+                        },
+                        "400": openapi.error("Malformed uuid; no stream started."),
+                        "404": openapi.error("No session with this uuid; no stream started."),
+                        "503": openapi.error("Shutting down or MongoDB unavailable; reconnect."),
+                    },
+                }
+            },
+            "/api/stats": {
+                "get": {
+                    "operationId": "stats",
+                    "summary": "Open streams and live subscriptions of this process.",
+                    "responses": {
+                        "200": openapi.ok(
+                            "The counts.",
+                            openapi.success_object(
+                                {
+                                    "connectionCount": {"type": "integer", "minimum": 0},
+                                    "activeSubscriptions": {"type": "integer", "minimum": 0},
+                                    "pubsubConnected": {"type": "boolean"},
+                                },
+                                required=[
+                                    "connectionCount",
+                                    "activeSubscriptions",
+                                    "pubsubConnected",
+                                ],
+                            ),
+                        )
+                    },
+                }
+            },
+        },
+    )

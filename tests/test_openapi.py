@@ -1,0 +1,91 @@
+"""Each service's OpenAPI document: served at /openapi.json, and true to the app's routes."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import schemathesis
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from shared.appkeys import SETTINGS
+from shared.openapi import OPENAPI_PATH, app_operations, documented_operations
+from shared.settings import Settings
+
+Client = TestClient[Any, Any]
+SERVICES = ("webhook_ingest", "session_api", "stream_gateway")
+
+
+def build(module: str, settings: Settings) -> tuple[web.Application, dict[str, Any]]:
+    app: web.Application = importlib.import_module(module).create_app(settings)
+    doc: dict[str, Any] = importlib.import_module(f"{module}.openapi").document(app[SETTINGS])
+    return app, doc
+
+
+@pytest.mark.parametrize("module", SERVICES)
+def test_every_route_is_documented_and_every_documented_operation_is_a_route(
+    module: str,
+) -> None:
+    app, doc = build(module, Settings.from_env({}))
+    routes, documented = app_operations(app), documented_operations(doc)
+    assert routes - documented == set(), "routes missing from the document"
+    assert documented - routes == set(), "documented operations the app does not serve"
+
+
+@pytest.mark.parametrize("module", SERVICES)
+def test_every_operation_documents_its_errors_in_the_shared_shape(module: str) -> None:
+    _, doc = build(module, Settings.from_env({}))
+    for path, item in doc["paths"].items():
+        if path == "/readyz":
+            continue  # its 503 is the readiness report, as its 200 is
+        for method, op in item.items():
+            for status, response in op["responses"].items():
+                if int(status) >= 400:
+                    schema = response["content"]["application/json"]["schema"]
+                    assert schema == {"$ref": "#/components/schemas/Error"}, (method, path)
+    error = doc["components"]["schemas"]["Error"]
+    assert error["required"] == ["success", "error"]
+    assert error["properties"]["success"] == {"const": False}
+
+
+@pytest.mark.parametrize("module", SERVICES)
+def test_document_loads_in_schemathesis_with_every_operation(module: str) -> None:
+    _, doc = build(module, Settings.from_env({}))
+    schema = schemathesis.openapi.from_dict(doc)
+    labels = {result.ok().label for result in schema.get_all_operations()}  # type: ignore[union-attr]
+    assert labels == {f"{m} {p}" for m, p in documented_operations(doc)}
+
+
+@pytest.mark.parametrize("module", SERVICES)
+async def test_openapi_json_is_served(
+    aiohttp_client: Callable[..., Awaitable[Client]], settings: Settings, module: str
+) -> None:
+    app, doc = build(module, settings)
+    client = await aiohttp_client(app)
+    resp = await client.get(OPENAPI_PATH)
+    assert resp.status == 200
+    assert resp.content_type == "application/json"
+    served = await resp.json()
+    assert served == doc
+    assert served["openapi"].startswith("3.")
+
+
+def test_documented_bounds_are_the_validators_own() -> None:
+    from session_api import sessions
+    from shared.model import UUID_RE
+    from webhook_ingest import payload
+
+    _, api = build("session_api", Settings.from_env({}))
+    create = api["components"]["schemas"]["CreateSession"]["properties"]
+    assert create["amount"]["minimum"] == sessions.MIN_AMOUNT
+    assert create["amount"]["maximum"] == sessions.MAX_AMOUNT
+    assert create["accountNumber"]["pattern"] == sessions.ACCOUNT_RE.pattern
+    assert create["description"]["maxLength"] == sessions.MAX_DESCRIPTION
+    assert create["uuid"]["pattern"] == UUID_RE.pattern
+    _, ingest = build("webhook_ingest", Settings.from_env({}))
+    data = ingest["components"]["schemas"]["Webhook"]["properties"]["data"]["properties"]
+    assert data["reference"]["maxLength"] == payload.MAX_REFERENCE_LEN
+    assert data["orderCode"]["maximum"] == payload.MAX_ORDER_CODE
