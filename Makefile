@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test faults soak lint format mypy bench bench-ingest bench-stream bench-status bench-page clean
+.PHONY: setup run test fuzz faults soak lint format mypy bench bench-ingest bench-stream bench-status bench-page clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ run: setup
 
 test: setup
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The fuzz suite at length: FUZZ_SCALE times the example budget `make test` spends.
+FUZZ_SCALE ?= 20
+fuzz: setup
+	$(BIN)/pytest tests/test_fuzz.py --fuzz-scale $(FUZZ_SCALE) -s $(PYTEST_ARGS)
 
 # The whole fault suite, long tests included (`make test` runs its bounded part).
 faults: setup

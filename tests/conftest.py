@@ -23,6 +23,24 @@ from shared.settings import Settings
 from tests.helpers import TEST_CHECKSUM_KEY
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fuzz-scale",
+        type=int,
+        default=1,
+        help="multiply the fuzz tests' example counts (`make fuzz` runs them long)",
+    )
+
+
+@pytest.fixture(scope="session")
+def fuzz_scale(request: pytest.FixtureRequest) -> int:
+    """How many times the bounded fuzz budget to spend (1 in `make test`)."""
+    scale = int(request.config.getoption("--fuzz-scale"))
+    if scale < 1:
+        raise pytest.UsageError("--fuzz-scale must be at least 1")
+    return scale
+
+
 @dataclass
 class Servers:
     redis: Process

@@ -1,0 +1,416 @@
+"""Fuzzing: schemathesis against each service's own OpenAPI document over real processes, and
+hypothesis on the webhook parser and the signature code.
+
+Every generated request (schema-valid and schema-violating, authorised or not, signed or not)
+must get no 5xx and a response the document describes; a request that is refused (4xx) must
+leave every MongoDB collection and every Redis key as it found them (the negative-cache and
+rate-limit counters excepted: they exist to remember refusals, and expire).
+
+`make test` runs a bounded budget; `make fuzz` (`pytest --fuzz-scale N`) multiplies it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import redis
+import requests
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pymongo import MongoClient
+from schemathesis import APIOperation, GenerationMode
+from schemathesis import Case as GenericCase
+from schemathesis.checks import not_a_server_error
+from schemathesis.core.result import Err
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from devstack.servers import Process, free_port, service_processes
+from shared import keys
+from shared.settings import Settings
+from shared.signing import sign_data, verify_data
+from tests.conftest import Servers
+from tests.helpers import TEST_CHECKSUM_KEY, signed_webhook
+from webhook_ingest.errors import BadSignature, InvalidWebhook
+from webhook_ingest.payload import parse_webhook
+
+ADMIN_TOKEN = "fuzz-admin-" + secrets.token_hex(8)
+CRON_SECRET = "fuzz-cron-" + secrets.token_hex(8)
+# Bookkeeping keys that a refused request may create by design, each with a TTL.
+REFUSAL_KEYS = (f"{keys.PREFIX}:unknown:", f"{keys.PREFIX}:ratelimit:")
+# Examples per operation and generation mode, for `--fuzz-scale 1`.
+API_EXAMPLES = 50
+OPS_EXAMPLES = 3
+OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
+
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
+
+
+# --- the system under test --------------------------------------------------------------------
+
+
+@dataclass
+class System:
+    settings: Settings
+    processes: list[Process]
+    mongo: MongoClient[dict[str, Any]]
+    redis: redis.Redis
+    last_records: tuple[dict[str, int], int] = ({}, 0)
+
+    def url(self, port_field: str) -> str:
+        return f"http://127.0.0.1:{getattr(self.settings, port_field)}"
+
+    def records(self) -> tuple[dict[str, int], int]:
+        """Documents per collection, and Redis keys that are records (not refusal counters)."""
+        db = self.mongo.get_default_database()
+        docs = {name: db[name].count_documents({}) for name in db.list_collection_names()}
+        redis_keys = [k.decode() if isinstance(k, bytes) else k for k in self.redis.keys("*")]
+        return docs, sum(1 for k in redis_keys if not k.startswith(REFUSAL_KEYS))
+
+    def refusal_keys_expire(self) -> bool:
+        return all(
+            self.redis.ttl(k) > 0
+            for prefix in REFUSAL_KEYS
+            for k in self.redis.scan_iter(match=prefix + "*")
+        )
+
+
+@pytest.fixture(scope="module")
+def system(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    servers.ensure_running()
+    redis.Redis.from_url(servers.redis_url).flushall()
+    db = f"fuzz_{secrets.token_hex(6)}"
+    ports = {name: free_port() for name in ("sim", "ingest", "gateway", "api")}
+    fuzz_settings = Settings.from_env(
+        {},
+        redis_url=servers.redis_url,
+        mongodb_url=f"{servers.mongo_base_url}/{db}",
+        payos_checksum_key=TEST_CHECKSUM_KEY,
+        admin_token=ADMIN_TOKEN,
+        cron_secret=CRON_SECRET,
+        payos_simulator_port=ports["sim"],
+        webhook_ingest_port=ports["ingest"],
+        stream_gateway_port=ports["gateway"],
+        session_api_port=ports["api"],
+        payos_base_url=f"http://127.0.0.1:{ports['sim']}",
+        payos_webhook_url=f"http://127.0.0.1:{ports['ingest']}/api/webhooks",
+        # Valid creations reach PayOS; the per-client limit is test_security's business.
+        session_rate_limit_per_minute=0,
+        max_pending_per_account=1000,
+        sse_max_wait_seconds=1.0,
+        log_level="WARNING",
+    )
+    processes = service_processes(fuzz_settings, tmp_path_factory.mktemp("fuzz-logs"))
+    mongo: MongoClient[dict[str, Any]] = MongoClient(fuzz_settings.mongodb_url)
+    r = redis.Redis.from_url(servers.redis_url)
+    try:
+        for process in processes:
+            process.start()
+        yield System(fuzz_settings, processes, mongo, r)
+    finally:
+        for process in reversed(processes):
+            process.stop()
+        mongo.drop_database(db)
+        mongo.close()
+        r.close()
+
+
+def wait_ready(url: str) -> None:
+    for _ in range(200):
+        try:
+            if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} not ready")
+
+
+# --- the fuzzing loop -----------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    """Requests sent per operation and their outcomes, printed at the end of each test."""
+
+    statuses: dict[str, collections.Counter[int]] = field(
+        default_factory=lambda: collections.defaultdict(collections.Counter)
+    )
+
+    def add(self, label: str, status: int) -> None:
+        self.statuses[label][status] += 1
+
+    @property
+    def total(self) -> int:
+        return sum(sum(c.values()) for c in self.statuses.values())
+
+    def report(self, service: str) -> str:
+        by_status: collections.Counter[int] = collections.Counter()
+        for counter in self.statuses.values():
+            by_status.update(counter)
+        lines = [
+            f"fuzz {service}: {self.total} requests, by status {dict(sorted(by_status.items()))}"
+        ]
+        for label, counter in sorted(self.statuses.items()):
+            lines.append(f"  {label}: {dict(sorted(counter.items()))}")
+        return "\n".join(lines)
+
+
+Case = GenericCase[Any]
+Operation = APIOperation[Any, Any, Any, Any]
+# (case, salt, negative) -> extra headers; may also edit the case.
+Prepare = Callable[[Case, int, bool], dict[str, str]]
+
+
+def fuzz_service(
+    system: System,
+    base_url: str,
+    *,
+    scale: int,
+    prepare: Prepare | None = None,
+) -> Tally:
+    """Every operation of the service's served document, in both generation modes."""
+    wait_ready(base_url)
+    doc = requests.get(f"{base_url}/openapi.json", timeout=5).json()
+    schema = schemathesis.openapi.from_dict(doc)
+    tally = Tally()
+    http = requests.Session()
+    system.last_records = system.records()
+    for result in schema.get_all_operations():
+        if isinstance(result, Err):
+            raise AssertionError(f"the served document does not load: {result.err()}")
+        operation = result.ok()
+        has_input = bool(operation.body) or any(True for _ in operation.iter_parameters())
+        examples = (OPS_EXAMPLES if operation.path in OPS_PATHS else API_EXAMPLES) * scale
+        modes = [GenerationMode.POSITIVE]
+        if has_input:
+            modes.append(GenerationMode.NEGATIVE)
+        for mode in modes:
+            fuzz_operation(system, base_url, operation, mode, examples, prepare, http, tally)
+    assert system.refusal_keys_expire()
+    return tally
+
+
+def fuzz_operation(
+    system: System,
+    base_url: str,
+    operation: Operation,
+    mode: GenerationMode,
+    examples: int,
+    prepare: Prepare | None,
+    http: requests.Session,
+    tally: Tally,
+) -> None:
+    label = f"{operation.label} [{mode.value}]"
+    negative = mode is GenerationMode.NEGATIVE
+    checks = [*CHECKS, negative_data_rejection] if negative else CHECKS
+
+    @given(case=operation.as_strategy(generation_mode=mode), salt=st.integers(0, 3))
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    def run(case: Case, salt: int) -> None:
+        headers = prepare(case, salt, negative) if prepare is not None else {}
+        # Requests run one at a time and nothing else writes: the records after the previous
+        # request are the records before this one.
+        before = system.last_records
+        response = case.call(base_url=base_url, session=http, headers=headers, timeout=10)
+        tally.add(label, response.status_code)
+        after = system.last_records = system.records()
+        case.validate_response(response, checks=checks, headers=headers)
+        if 400 <= response.status_code < 500:
+            assert after == before, (
+                f"{label} answered {response.status_code} yet changed records: "
+                f"{before} -> {after}\n{case.as_curl_command()}"
+            )
+
+    run()
+
+
+def sign_half(case: Case, salt: int, negative: bool) -> dict[str, str]:
+    """Sign half of the schema-valid webhooks: the fuzzer then reaches past the signature
+    check into storage, with whatever `data` holds. Schema-violating ones stay as generated."""
+    body = case.body
+    if not negative and salt % 2 == 0 and isinstance(body, dict) and isinstance(body["data"], dict):
+        with contextlib.suppress(UnicodeEncodeError):
+            body["signature"] = sign_data(body["data"], TEST_CHECKSUM_KEY)
+    return {}
+
+
+def authorise_some(case: Case, salt: int, negative: bool) -> dict[str, str]:
+    """Send the right bearer token with a quarter of the admin and cleanup requests, and the
+    other service's token with another quarter."""
+    path = case.operation.path
+    if path == "/api/webhooks":
+        token = {0: ADMIN_TOKEN, 1: CRON_SECRET}.get(salt)
+    elif path == "/api/webhooks/cleanup":
+        token = {0: CRON_SECRET, 1: ADMIN_TOKEN}.get(salt)
+    else:
+        token = None
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+@pytest.mark.timeout(3600)
+def test_fuzz_webhook_ingest(
+    system: System, fuzz_scale: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tally = fuzz_service(
+        system, system.url("webhook_ingest_port"), scale=fuzz_scale, prepare=sign_half
+    )
+    with capsys.disabled():
+        print("\n" + tally.report("webhook-ingest"))
+    # Half the bodies were signed: the fuzzer got past the signature into storage.
+    assert tally.statuses["POST /api/webhooks [positive]"][200] > 0
+
+
+@pytest.mark.timeout(3600)
+def test_fuzz_session_api(
+    system: System, fuzz_scale: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tally = fuzz_service(
+        system, system.url("session_api_port"), scale=fuzz_scale, prepare=authorise_some
+    )
+    with capsys.disabled():
+        print("\n" + tally.report("session-api"))
+    assert tally.statuses["POST /api/sessions [positive]"][201] > 0
+    assert tally.statuses["GET /api/webhooks/cleanup [positive]"][200] > 0
+
+
+@pytest.mark.timeout(3600)
+def test_fuzz_stream_gateway(
+    system: System, fuzz_scale: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tally = fuzz_service(system, system.url("stream_gateway_port"), scale=fuzz_scale)
+    with capsys.disabled():
+        print("\n" + tally.report("stream-gateway"))
+
+
+# --- hypothesis on the parser and the signature -----------------------------------------------
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+DATA_KEYS = ("orderCode", "amount", "reference", "description", "accountNumber", "code")
+
+
+def _parse(payload: Any) -> None:
+    parse_webhook(json.dumps(payload).encode(), TEST_CHECKSUM_KEY)
+
+
+@given(payload=JSON)
+@settings(database=None, deadline=None)
+def test_any_json_value_is_refused_only_with_invalid_or_bad_signature(payload: Any) -> None:
+    with pytest.raises((InvalidWebhook, BadSignature)):
+        _parse(payload)
+
+
+@given(
+    data=st.dictionaries(st.sampled_from(DATA_KEYS) | st.text(max_size=10), JSON, max_size=8),
+    top=st.dictionaries(st.sampled_from(["code", "desc", "success", "signature"]), JSON),
+)
+@settings(database=None, deadline=None)
+def test_webhook_shaped_values_are_refused_only_with_invalid_or_bad_signature(
+    data: dict[str, Any], top: dict[str, Any]
+) -> None:
+    with pytest.raises((InvalidWebhook, BadSignature)):
+        _parse({**top, "data": data})
+
+
+@given(body=st.binary(max_size=256))
+@settings(database=None, deadline=None)
+def test_any_bytes_are_refused_only_with_invalid_or_bad_signature(body: bytes) -> None:
+    with pytest.raises((InvalidWebhook, BadSignature)):
+        parse_webhook(body, TEST_CHECKSUM_KEY)
+
+
+def test_pathological_json_is_invalid_not_a_crash() -> None:
+    """Found by fuzzing: these used to escape as ValueError, RecursionError and
+    UnicodeEncodeError (a 500)."""
+    for body in (
+        b'{"data": ' + b"1" * 5000 + b"}",
+        b"[" * 100_000 + b"]" * 100_000,
+    ):
+        with pytest.raises(InvalidWebhook):
+            parse_webhook(body, TEST_CHECKSUM_KEY)
+    surrogate = b'{"data":{"orderCode":1,"amount":1,"reference":"\\ud800"},"signature":"ab"}'
+    with pytest.raises(BadSignature):
+        parse_webhook(surrogate, TEST_CHECKSUM_KEY)
+    assert not verify_data({"a": "\ud800"}, "00", TEST_CHECKSUM_KEY)
+
+
+VALID = signed_webhook(123_456, 50_000)
+
+
+def _signed_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
+
+
+SCALARS = st.none() | st.booleans() | st.integers() | st.text(max_size=20)
+
+
+@given(key=st.sampled_from(sorted(VALID["data"])), value=SCALARS)
+@settings(database=None, deadline=None)
+def test_any_single_changed_field_is_refused(key: str, value: Any) -> None:
+    original = VALID["data"][key]
+    # Changed as signed: PayOS's scheme renders null as empty and booleans in lower case, so
+    # `null` and `""` sign alike (see SECURITY.md).
+    if _signed_text(value) == _signed_text(original):
+        return
+    body = json.loads(json.dumps(VALID))
+    body["data"][key] = value
+    with pytest.raises((BadSignature, InvalidWebhook)):
+        _parse(body)
+
+
+# What MongoDB can store: 64-bit integers, keys without NUL (anything else is refused 400).
+STORABLE = st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=20)
+
+
+@given(
+    extra=st.dictionaries(
+        st.text(min_size=1, max_size=12).filter(lambda k: k not in VALID["data"] and "\0" not in k),
+        STORABLE,
+        min_size=1,
+        max_size=5,
+    )
+)
+@settings(database=None, deadline=None)
+def test_arbitrary_extra_signed_fields_are_accepted(extra: dict[str, Any]) -> None:
+    body = json.loads(json.dumps(VALID))
+    body["data"].update(extra)
+    try:
+        body["signature"] = sign_data(body["data"], TEST_CHECKSUM_KEY)
+    except UnicodeEncodeError:
+        return  # text PayOS could never sign
+    webhook = parse_webhook(json.dumps(body).encode(), TEST_CHECKSUM_KEY)
+    assert webhook.data == body["data"]
+    assert (webhook.order_code, webhook.amount) == (123_456, 50_000)
