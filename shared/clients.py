@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from aiohttp import web
 from pymongo.errors import PyMongoError
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -25,6 +25,10 @@ log = structlog.get_logger(__name__)
 
 # How long a command waits for a free connection of a bounded pool before it fails.
 POOL_WAIT_SECONDS = 2.0
+# A cluster client cannot queue for a connection (redis-py's cluster pool fails when full), so
+# a bounded client gets at least this many connections per node: still a fixed number.
+CLUSTER_MIN_CONNECTIONS_PER_NODE = 32
+SHARDED_PUBSUB_COUNTS = ("PUBSUB SHARDCHANNELS", "PUBSUB SHARDNUMSUB")
 
 CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
 
@@ -37,6 +41,11 @@ def redis_client(
     With `max_connections`, commands queue for a free connection instead of opening more (a
     process serving thousands of clients stays at a fixed number of Redis connections), and
     `client_name` names them in Redis's CLIENT LIST.
+
+    With `REDIS_CLUSTER=true` it is a `RedisCluster` (found from the same `REDIS_URL`),
+    typed as `Redis`: the services use only commands both have (single-key commands, scripts
+    whose keys share a hash tag, SCAN, PING, PUBSUB counts), and the cluster client routes
+    each to the node owning its slot.
     """
     options: dict[str, Any] = {
         "socket_connect_timeout": 1.0,
@@ -46,6 +55,15 @@ def redis_client(
         "retry_on_error": [RedisConnectionError, RedisTimeoutError],
         "client_name": client_name,
     }
+    if settings.redis_cluster:
+        if max_connections is not None:
+            options["max_connections"] = max(max_connections, CLUSTER_MIN_CONNECTIONS_PER_NODE)
+        cluster = RedisCluster.from_url(settings.redis_url, **options)
+        # A node counts only its own shard channels' subscribers, but redis-py sends these to
+        # one node: ask every primary and merge (lists joined, counts summed per channel).
+        for command in SHARDED_PUBSUB_COUNTS:
+            cluster.command_flags[command] = RedisCluster.PRIMARIES
+        return cast(Redis, cluster)
     if max_connections is None:
         return Redis.from_url(settings.redis_url, **options)
     pool = BlockingConnectionPool.from_url(
