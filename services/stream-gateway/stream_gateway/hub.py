@@ -1,4 +1,4 @@
-"""The multiplexer: one Redis pub/sub connection per process, fanned out to every open stream.
+"""The multiplexer: one Redis pub/sub link per process, fanned out to every open stream.
 
 `Hub.join` subscribes a session's channel when its first stream arrives and returns once Redis
 has confirmed the subscription (so a status read after it cannot miss a publish); `Hub.leave`
@@ -7,6 +7,9 @@ event to the listeners of its session; another sends the (batched) SUBSCRIBE/UNS
 commands. When the connection drops, the reader reconnects with backoff, subscribes every
 live channel again and re-reads the status of every session that still has a stream, since
 whatever was published meanwhile is gone for good.
+
+The link is one connection to a single Redis, or on a Redis Cluster one connection per
+primary with sharded pub/sub (`links.py`); the hub sees no difference.
 """
 
 from __future__ import annotations
@@ -16,20 +19,16 @@ import contextlib
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
-from typing import Literal
 
 import structlog
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisError
 
-from shared import keys
 from shared.model import StatusEvent
-from shared.settings import Settings
 from shared.status import StatusReader
 
+from .links import CONFIRM_TIMEOUT, DEAD_AFTER_SECONDS, IDLE_PING_SECONDS, Link, open_link
+from .links import pubsub_client as pubsub_client
 from .metrics import GatewayMetrics
 
 log = structlog.get_logger(__name__)
@@ -39,11 +38,6 @@ log = structlog.get_logger(__name__)
 QUEUE_SIZE = 8
 # Channels per SUBSCRIBE/UNSUBSCRIBE command when many change at once (a reconnect).
 COMMAND_BATCH = 500
-# How long a joining stream waits for Redis to confirm its subscription.
-CONFIRM_TIMEOUT = 2.0
-# Silence on the pub/sub connection after which it is pinged, and after which it is dead.
-IDLE_PING_SECONDS = 5.0
-DEAD_AFTER_SECONDS = 15.0
 # Reconnect backoff (with full jitter) and the parallelism of the re-read after a reconnect.
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 5.0
@@ -120,81 +114,18 @@ class Listener:
             self._drain = None
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    kind: Literal["subscribe", "unsubscribe", "message", "pong", "other"]
-    uuid: str | None  # None for the gateway's own channel and for pongs
-    data: bytes = b""
-
-
-class PubSubLink:
-    """One pub/sub connection: subscribe, unsubscribe, read — the only code that speaks
-    Redis pub/sub (the one place to switch to SSUBSCRIBE for Redis Cluster)."""
-
-    def __init__(self, redis: Redis) -> None:
-        self._pubsub = redis.pubsub()
-
-    async def open(self) -> None:
-        """Connect and subscribe the gateway's own channel; returns once Redis confirmed."""
-        await self._pubsub.subscribe(keys.GATEWAY_CHANNEL)
-        while True:
-            msg = await self.read(idle=CONFIRM_TIMEOUT)
-            if msg is not None and msg.kind == "subscribe" and msg.uuid is None:
-                return
-
-    async def subscribe(self, uuids: Iterable[str]) -> None:
-        await self._pubsub.subscribe(*(keys.status_channel(u) for u in uuids))
-
-    async def unsubscribe(self, uuids: Iterable[str]) -> None:
-        await self._pubsub.unsubscribe(*(keys.status_channel(u) for u in uuids))
-
-    async def ping(self) -> None:
-        await self._pubsub.ping()
-
-    async def read(self, *, idle: float) -> Message | None:
-        """The next message, or None after `idle` seconds of silence."""
-        raw = await self._pubsub.get_message(timeout=idle)
-        if raw is None:
-            return None
-        kind = raw["type"]
-        if kind not in ("subscribe", "unsubscribe", "message", "pong"):
-            kind = "other"
-        channel = raw.get("channel")
-        uuid: str | None = None
-        if isinstance(channel, bytes):
-            name = channel.decode()
-            if name.startswith(keys.CHANNEL_PREFIX):
-                uuid = keys.uuid_of_channel(name)
-        data = raw.get("data")
-        return Message(kind, uuid, data if isinstance(data, bytes) else b"")
-
-    async def close(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
-
-
-def pubsub_client(settings: Settings, client_name: str) -> Redis:
-    """The client of the hub's one connection: no retries of its own, the hub reconnects."""
-    return Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=1.0,
-        socket_timeout=2.0,
-        health_check_interval=0,
-        retry=Retry(NoBackoff(), 0, supported_errors=()),
-        client_name=client_name,
-    )
-
-
 class Hub:
     """Every stream of this process, grouped by session, over one pub/sub connection."""
 
-    def __init__(self, redis: Redis, reader: StatusReader, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self, redis: Redis | RedisCluster, reader: StatusReader, metrics: GatewayMetrics
+    ) -> None:
         self._redis = redis
         self._reader = reader
         self._metrics = metrics
         self._listeners: dict[str, set[Listener]] = {}
         # State of the current connection; reset by every reconnect.
-        self._link: PubSubLink | None = None
+        self._link: Link | None = None
         self._told: set[str] = set()  # SUBSCRIBE sent (and no UNSUBSCRIBE since)
         self._inflight: dict[str, int] = {}  # commands sent, confirmation not yet read
         self._confirmed: set[str] = set()
@@ -258,7 +189,7 @@ class Hub:
     async def _run(self) -> None:
         delay = BACKOFF_MIN
         while not self.closing:
-            link = PubSubLink(self._redis)
+            link = open_link(self._redis)
             try:
                 async with asyncio.timeout(CONFIRM_TIMEOUT):
                     await link.open()
@@ -279,7 +210,7 @@ class Hub:
                 await link.close()
             await asyncio.sleep(random.uniform(0, delay))
 
-    def _begin(self, link: PubSubLink) -> None:
+    def _begin(self, link: Link) -> None:
         self._link = link
         self._told.clear()
         self._inflight.clear()
@@ -305,7 +236,7 @@ class Hub:
                     fut.set_result(None)
         self._waiters.clear()
 
-    async def _read(self, link: PubSubLink) -> None:
+    async def _read(self, link: Link) -> None:
         loop = asyncio.get_running_loop()
         last_heard = loop.time()
         pinged = False
