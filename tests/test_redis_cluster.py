@@ -1,0 +1,244 @@
+"""The payment flow on a local 3-primary Redis Cluster (`REDIS_CLUSTER=true`).
+
+Every service runs as its own process (`devstack.replicas`, one replica each, behind nginx)
+against Debian's redis-server in cluster mode. Sessions are chosen so their uuids land on
+every shard: the cache-and-publish script runs on the shard owning the session's hash tag and
+SPUBLISHes there; the gateway holds one sharded pub/sub connection per primary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import uuid as uuidlib
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis, RedisCluster
+
+from devstack.balancer import find_nginx
+from devstack.replicas import ReplicaSystem, running
+from devstack.servers import Process
+from devstack.sse import EventSourceClient
+from shared import keys
+from shared.cache import StatusCache
+from shared.clients import redis_client
+from shared.model import StatusEvent, StreamStatus, utcnow
+from shared.settings import Settings
+
+STREAM = "/api/webhooks/stream"
+SESSIONS_PER_SHARD = 2
+
+pytestmark = pytest.mark.skipif(
+    find_nginx() is None or shutil.which("redis-cli") is None,
+    reason="needs nginx and redis-cli",
+)
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReplicaSystem]:
+    base = Settings.from_env({}, log_level="WARNING", sse_retry_ms=300)
+    with running(base, tmp_path_factory.mktemp("cluster"), replicas=1, cluster=True) as s:
+        yield s
+
+
+@pytest.fixture
+async def cluster(system: ReplicaSystem) -> AsyncIterator[RedisCluster]:
+    client = RedisCluster.from_url(system.settings.redis_url)
+    await client.initialize()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def http(system: ReplicaSystem) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=system.url, timeout=10) as client:
+        yield client
+
+
+def direct(system: ReplicaSystem, service: str) -> str:
+    [proc] = system.replicas[service]
+    return system.replica_url(proc)
+
+
+def uuids_on_every_shard(cluster: RedisCluster, per_shard: int) -> dict[str, list[str]]:
+    """Fresh uuids, `per_shard` for each primary (by their channel's slot)."""
+    by_node: dict[str, list[str]] = {node.name: [] for node in cluster.get_primaries()}
+    while any(len(v) < per_shard for v in by_node.values()):
+        uuid = str(uuidlib.uuid4())
+        node = cluster.get_node_from_key(keys.status_channel(uuid))
+        assert node is not None
+        if len(by_node[node.name]) < per_shard:
+            by_node[node.name].append(uuid)
+    return by_node
+
+
+async def create_session(http: httpx.AsyncClient, uuid: str, account: str) -> dict[str, Any]:
+    resp = await http.post(
+        "/api/sessions", json={"accountNumber": account, "amount": 30_000, "uuid": uuid}
+    )
+    assert resp.status_code == 201, resp.text
+    body: dict[str, Any] = resp.json()
+    assert body["uuid"] == uuid
+    return body
+
+
+@contextlib.asynccontextmanager
+async def waiting(urls: list[str]) -> AsyncIterator[list[EventSourceClient]]:
+    clients = [EventSourceClient(url) for url in urls]
+    tasks = [asyncio.create_task(c.run()) for c in clients]
+    try:
+        async with asyncio.timeout(10):
+            await asyncio.gather(*(c.first_event.wait() for c in clients))
+        yield clients
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def until_final(clients: list[EventSourceClient], timeout: float = 15) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            while not all(c.outcome for c in clients):
+                await asyncio.sleep(0.05)
+
+
+async def shard_connections(cluster: RedisCluster, gateway: Process) -> dict[str, list[int]]:
+    """node name → ids of the gateway's connections in sharded pub/sub mode on that node (its
+    cluster client's topology connections carry the same name but subscribe nothing)."""
+    name = f"stream-gateway-{gateway.pid}-pubsub"
+    out: dict[str, list[int]] = {}
+    for node in cluster.get_primaries():
+        listed: list[dict[str, Any]] = await cluster.client_list(target_nodes=node)
+        out[node.name] = [
+            int(c["id"]) for c in listed if c["name"] == name and int(c.get("ssub", 0)) > 0
+        ]
+    return out
+
+
+async def connections_per_shard(cluster: RedisCluster, gateway: Process) -> list[int]:
+    return sorted(len(ids) for ids in (await shard_connections(cluster, gateway)).values())
+
+
+async def test_every_service_is_ready_on_the_cluster(system: ReplicaSystem) -> None:
+    async with httpx.AsyncClient(timeout=5) as client:
+        for service in system.replicas:
+            resp = await client.get(f"{direct(system, service)}/readyz")
+            assert resp.status_code == 200, (service, resp.text)
+            checks = resp.json()["checks"]
+            assert checks["redis"] == checks["mongodb"] == "ok"
+            if service == "stream-gateway":
+                assert checks["pubsub"] == "ok"
+
+
+async def test_gateway_holds_one_sharded_pubsub_connection_per_primary(
+    system: ReplicaSystem, cluster: RedisCluster
+) -> None:
+    [gateway] = system.gateways
+    assert await connections_per_shard(cluster, gateway) == [1, 1, 1]
+
+
+async def test_payment_flow_on_every_shard(
+    system: ReplicaSystem, cluster: RedisCluster, http: httpx.AsyncClient
+) -> None:
+    by_node = uuids_on_every_shard(cluster, SESSIONS_PER_SHARD)
+    uuids = [u for group in by_node.values() for u in group]
+    sessions = [await create_session(http, u, f"00077766{i:02d}") for i, u in enumerate(uuids)]
+    gateway = direct(system, "stream-gateway")
+    # Two browsers per session: one on the gateway itself, one through nginx.
+    urls = [f"{base}{STREAM}?uuid={u}" for u in uuids for base in (gateway, system.url)]
+    async with waiting(urls) as clients:
+        assert {c.status for c in clients} == {"pending"}
+        # Each session's channel is subscribed once (one gateway process), on its own shard.
+        for node_name, group in by_node.items():
+            node = cluster.get_node(node_name=node_name)
+            counts = await cluster.pubsub_shardnumsub(
+                *(keys.status_channel(u) for u in group), target_nodes=node
+            )
+            assert [int(n) for _, n in counts] == [1] * len(group)
+        stats = (await http.get("/api/stats")).json()
+        assert stats["activeSubscriptions"] == len(uuids)
+        assert stats["cachedOrders"] >= len(uuids)
+        assert stats["pendingSessions"] >= len(uuids)
+        gateway_stats = (await http.get(f"{gateway}/api/stats")).json()
+        assert (gateway_stats["connectionCount"], gateway_stats["activeSubscriptions"]) == (
+            len(urls),
+            len(uuids),
+        )
+
+        # The bank transfers: the simulator signs each webhook and delivers it (to nginx →
+        # webhook-ingest), which caches `done` and SPUBLISHes it on the session's shard.
+        async with httpx.AsyncClient(base_url=system.settings.payos_base_url) as sim:
+            for session in sessions:
+                resp = await sim.post(f"/sim/pay/{session['orderCode']}", json={})
+                assert resp.status_code == 200, resp.text
+        await until_final(clients)
+    assert [c.outcome for c in clients] == ["final"] * len(clients)
+    assert {c.status for c in clients} == {"done"}
+    for uuid in uuids:
+        polled = (await http.get("/api/webhooks", params={"uuid": uuid})).json()
+        assert (polled["status"], polled["amount"]) == ("done", 30_000)
+        # The cached status lives on the shard of the uuid's hash tag.
+        assert await cluster.get(keys.status_key(uuid)) is not None
+
+
+async def test_a_shard_connection_dropped_while_streams_wait_still_delivers_done(
+    system: ReplicaSystem, cluster: RedisCluster, http: httpx.AsyncClient
+) -> None:
+    by_node = uuids_on_every_shard(cluster, 1)
+    uuids = [u for group in by_node.values() for u in group]
+    sessions = [await create_session(http, u, f"00055544{i:02d}") for i, u in enumerate(uuids)]
+    gateway = direct(system, "stream-gateway")
+    [gateway_proc] = system.gateways
+    async with waiting([f"{gateway}{STREAM}?uuid={u}" for u in uuids]) as clients:
+        # Redis drops the gateway's connection to one shard; the payment of that shard's
+        # session lands while the gateway is away from it.
+        victim = next(iter(by_node))
+        [conn_id] = (await shard_connections(cluster, gateway_proc))[victim]
+        await cluster.client_kill_filter(
+            _id=str(conn_id), target_nodes=cluster.get_node(node_name=victim)
+        )
+        async with httpx.AsyncClient(base_url=system.settings.payos_base_url) as sim:
+            for session in sessions:
+                resp = await sim.post(f"/sim/pay/{session['orderCode']}", json={})
+                assert resp.status_code == 200, resp.text
+        await until_final(clients)
+        # The gateway is connected to every shard again.
+        async with asyncio.timeout(10):
+            while await connections_per_shard(cluster, gateway_proc) != [1, 1, 1]:
+                await asyncio.sleep(0.05)
+    assert {c.status for c in clients} == {"done"}
+    assert all(c.connects == 1 for c in clients), "the browsers never noticed"
+
+
+async def test_status_cache_on_the_cluster_publishes_once_per_version(
+    system: ReplicaSystem, cluster: RedisCluster
+) -> None:
+    """The cache-and-publish script's keys share a slot; SPUBLISH reaches shard subscribers."""
+    uuid = str(uuidlib.uuid4())
+    client = redis_client(system.settings)
+    node = cluster.get_node_from_key(keys.status_channel(uuid))
+    assert node is not None
+    sub = Redis(host=node.host, port=int(node.port))
+    pubsub = sub.pubsub()
+    try:
+        await pubsub.ssubscribe(keys.status_channel(uuid))
+        assert (await pubsub.get_message(timeout=2))["type"] == "ssubscribe"
+        cache = StatusCache(client, sharded=True)
+        event = StatusEvent(uuid, 42, StreamStatus.PENDING, 1000, 0, utcnow(), 1)
+        assert await cache.put(event) is True
+        assert await cache.put(event) is False  # same version: nothing published
+        message = await pubsub.get_message(timeout=2)
+        assert message is not None and message["type"] == "smessage"
+        assert message["data"] == event.to_json().encode()
+        assert await pubsub.get_message(timeout=0.2) is None
+        cached = await cache.get(uuid)
+        assert cached is not None and cached.to_json() == event.to_json()
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await sub.aclose()
+        await client.aclose()
