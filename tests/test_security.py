@@ -547,3 +547,10 @@ async def _check_cors(service: str, client: Client, path: str) -> None:
         resp = await client.get(path, headers={"Origin": SITE})
         assert resp.headers["Access-Control-Allow-Origin"] == SITE != "*"
         assert "Origin" in resp.headers["Vary"]
+
+
+def test_production_refuses_the_embedded_development_secrets() -> None:
+    with pytest.raises(ValueError, match="production needs real secrets") as info:
+        Settings.from_env({"APP_ENV": "production"})
+    for name in ("PAYOS_CHECKSUM_KEY", "PAYOS_API_KEY", "CRON_SECRET", "ADMIN_TOKEN"):
+        assert name in str(info.value)
