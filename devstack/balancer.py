@@ -65,7 +65,7 @@ def local_nginx_conf(
         if not ports:
             raise ValueError(f"upstream {name} needs at least one port")
         start, end = _block_span(conf, f"upstream {name}")
-        body = re.sub(r"^\s*server\s+[^;]+;\n", "", conf[start:end], flags=re.MULTILINE)
+        body = re.sub(r"^[ \t]*server\s+[^;]+;[ \t]*\n", "", conf[start:end], flags=re.M)
         servers = "".join(f"\n        server 127.0.0.1:{port};" for port in ports)
         conf = conf[:start] + servers + body + conf[end:]
     conf, listens = re.subn(
@@ -110,6 +110,7 @@ def nginx_process(
     nginx = find_nginx()
     if nginx is None:
         raise RuntimeError("nginx is missing: run `make setup` (installs Debian's nginx)")
+    prefix = prefix.resolve()  # nginx reads -c and the log paths relative to -p
     prefix.mkdir(parents=True, exist_ok=True)
     conf = prefix / "nginx.conf"
     conf.write_text(local_nginx_conf(upstreams, listen_port, prefix))

@@ -125,6 +125,7 @@ def plan(
 
     `replicas` of each service, except the gateway's count when `gateways` is given.
     """
+    run_dir = run_dir.resolve()
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     backing: list[Process] = []
@@ -215,7 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ports = ", ".join(str(p.port) for p in group)
             print(f"  {name:<36} ports {ports}")
         print(f"  PayOS simulator                     {system.settings.payos_base_url}")
-        print(f"  Redis                               {system.settings.redis_url}")
+        redis = "Redis Cluster" if args.cluster else "Redis"
+        print(f"  {redis:<36}{system.settings.redis_url}")
         print("Ctrl-C stops everything.", flush=True)
         while not stop.wait(0.5):
             dead = system.dead()

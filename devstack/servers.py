@@ -239,17 +239,18 @@ class LocalRedisCluster:
     """
 
     def __init__(self, log_dir: Path, *, primaries: int = 3) -> None:
-        self.dir = log_dir
+        # Absolute: redis-server reads the cluster config file relative to its --dir.
+        self.dir = log_dir.resolve()
         self.nodes = [
             redis_server(
                 port,
-                log_dir,
+                self.dir,
                 name=f"redis-cluster-{port}",
                 extra_args=[
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
-                    str(log_dir / f"nodes-{port}.conf"),
+                    str(self.dir / f"nodes-{port}.conf"),
                     "--cluster-node-timeout",
                     "2000",
                     # Not port + 10000 (the default), which may be taken or above 65535.
@@ -269,6 +270,7 @@ class LocalRedisCluster:
         cli = shutil.which("redis-cli")
         if cli is None:
             raise RuntimeError("redis-cli is missing: run `make setup` (Debian's redis-tools)")
+        self.dir.mkdir(parents=True, exist_ok=True)
         for node in self.nodes:
             (self.dir / f"nodes-{node.port}.conf").unlink(missing_ok=True)
             node.start()
