@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import re
-import shutil
 import subprocess
 import tomllib
 from collections.abc import Iterator
@@ -25,6 +24,8 @@ from kubernetes_validate.utils import (  # type: ignore[import-untyped]
     validate,
 )
 
+from devstack.balancer import UPSTREAMS, find_nginx, local_nginx_conf, nginx_argv
+from devstack.servers import free_port
 from shared.openapi import OPENAPI_PATH
 from shared.settings import Settings
 
@@ -564,36 +565,48 @@ def test_nginx_hides_the_replicas_ops_endpoints() -> None:
     assert hidden == {"return": "404"}
 
 
-def find_nginx() -> str | None:
-    return shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None
-    )
-
-
 def test_nginx_accepts_the_config(tmp_path: Path) -> None:
     nginx = find_nginx()
     if nginx is None:
         pytest.skip("nginx is not installed")
-    # Compose service names resolve only inside Docker: point them at this machine.
-    hosts = "|".join(re.escape(h) for h in compose_app_services())
-    conf = re.sub(rf"\bserver\s+({hosts}):", "server 127.0.0.1:", NGINX_CONF.read_text())
-    (tmp_path / "nginx.conf").write_text(conf)
+    # As local runs use it (devstack.balancer): compose service names resolve only inside
+    # Docker, so each upstream points at its service's default port on this machine.
+    upstreams = {name: [getattr(DEFAULTS, f"{name}_port")] for name in UPSTREAMS}
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(local_nginx_conf(upstreams, free_port(), tmp_path))
     result = subprocess.run(
-        [
-            nginx,
-            "-t",
-            "-p",
-            str(tmp_path),
-            "-c",
-            str(tmp_path / "nginx.conf"),
-            "-g",
-            f"pid {tmp_path / 'nginx.pid'};",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
+        nginx_argv(nginx, tmp_path, conf, test=True), capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_nginx_upstreams_are_the_compose_services() -> None:
+    hosts = {
+        name: re.findall(
+            r"server\s+([\w-]+):(\d+)", nginx_block(NGINX_CONF.read_text(), f"upstream {name}")
+        )
+        for name in UPSTREAMS
+    }
+    assert hosts == {
+        name: [(name.replace("_", "-"), str(getattr(DEFAULTS, f"{name}_port")))]
+        for name in UPSTREAMS
+    }
+    assert {name.replace("_", "-") for name in UPSTREAMS} <= set(compose_app_services())
+
+
+def test_local_nginx_conf_changes_addresses_and_log_files_only(tmp_path: Path) -> None:
+    """Local replicas run the deploy configuration itself: only where it listens, where its
+    upstreams are and where it logs differ."""
+    local = local_nginx_conf({name: [1001, 1002] for name in UPSTREAMS}, 1000, tmp_path)
+    address = re.compile(r"^\s*(server\s+\S+:\d+|listen\s+\S+|error_log\s+\S+|access_log\s+\S+)")
+
+    def rest(text: str) -> list[str]:
+        return [line for line in text.splitlines() if not address.match(line)]
+
+    assert rest(local) == rest(NGINX_CONF.read_text())
+    assert local.count("server 127.0.0.1:1001;") == local.count("server 127.0.0.1:1002;") == 3
+    assert "listen 127.0.0.1:1000;" in local
+    assert f"error_log {tmp_path / 'error.log'}" in local
 
 
 # --- image ------------------------------------------------------------------------------------
