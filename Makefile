@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test fuzz faults soak lint format mypy bench bench-ingest bench-stream bench-status bench-page clean
+.PHONY: setup run test fuzz faults soak lint format mypy bench bench-ingest bench-stream bench-status bench-page bench-replicas replicas replicas-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,16 @@ setup: $(STAMP)
 
 run: setup
 	$(BIN)/python -m devstack
+
+# Two processes of each service behind Debian's nginx (deploy/nginx/nginx.conf); Ctrl-C stops.
+# REPLICAS_ARGS="--replicas 3" or "--cluster" (a local 3-primary Redis Cluster).
+REPLICAS_ARGS ?=
+replicas: setup
+	$(BIN)/python -m devstack.replicas $(REPLICAS_ARGS)
+
+# The replica and Redis Cluster tests alone (both are part of `make test` too).
+replicas-test: setup
+	$(BIN)/pytest tests/test_replicas.py tests/test_redis_cluster.py $(PYTEST_ARGS)
 
 test: setup
 	$(BIN)/pytest $(PYTEST_ARGS)
@@ -47,7 +57,7 @@ format: setup
 mypy: setup
 	$(BIN)/mypy
 
-bench: bench-ingest bench-stream bench-status bench-page
+bench: bench-ingest bench-stream bench-status bench-page bench-replicas
 
 bench-ingest: setup
 	$(BIN)/python -m bench.ingest $(BENCH_ARGS)
@@ -60,6 +70,9 @@ bench-status: setup
 
 bench-page: setup
 	$(BIN)/python -m bench.page $(BENCH_ARGS)
+
+bench-replicas: setup
+	$(BIN)/python -m bench.replicas $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache
