@@ -17,6 +17,8 @@ Doc = dict[str, Any]
 SESSIONS = "sessions"
 WEBHOOKS = "webhooks"
 DEFAULT_DB = "paypush"
+# Set on a session whose latest change could not be published yet (Redis was unreachable).
+PUBLISH_PENDING = "publishPending"
 
 
 def mongo_client(settings: Settings) -> AsyncMongoClient[Doc]:
@@ -54,6 +56,9 @@ class Store:
             name="account_pending",
         )
         await self.sessions.create_index([("createdAt", DESCENDING)], name="createdAt_desc")
+        await self.sessions.create_index(
+            [(PUBLISH_PENDING, ASCENDING)], sparse=True, name="publish_pending"
+        )
         await self.sessions.create_index(
             [("expiresAt", ASCENDING)], expireAfterSeconds=0, name="expiresAt_ttl"
         )

@@ -282,11 +282,16 @@ async def test_redis_down_is_acknowledged_and_event_arrives_after_redis_returns(
         assert (status, body["outcome"]) == (200, "completed")
         stored = await store.sessions.find_one({"uuid": session["uuid"]})
         assert stored is not None and stored["status"] == "completed"
+        # The deferred publish is marked in MongoDB, so it outlives this ingest process.
+        assert stored.get("publishPending")
     finally:
         servers.redis.start()
     async with subscribed(settings.redis_url, session["uuid"]) as sub:
         [event] = await sub.wait_for(1, timeout=10)
     assert event.status is StreamStatus.DONE
+    async with asyncio.timeout(5):
+        while "publishPending" in (await store.sessions.find_one({"uuid": session["uuid"]}) or {}):
+            await asyncio.sleep(0.05)
     cached = await ingest.app[CACHE].get(session["uuid"])
     assert cached is not None and cached.status is StreamStatus.DONE
 

@@ -271,26 +271,12 @@ async def test_chaos_every_fault_again_and_again_while_payments_flow(
     await audit(driver, store, ledger, timeout=120)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "webhook-ingest loses a deferred publish when it restarts: with Redis unreachable "
-        "from the ingest, a webhook is stored, the session completed in MongoDB and the "
-        "delivery acknowledged (200), the publish left to the in-memory Resync; the ingest "
-        "then dies (kill -9; SIGTERM too: Resync.stop only logs resync_abandoned), so nobody "
-        "ever publishes `done`. PayOS does not redeliver an acknowledged webhook, the "
-        "gateways' pub/sub connection never dropped (no re-read), and the cache keeps the "
-        "session's `pending` (version 1) for STATUS_TTL_SECONDS: browsers wait up to the "
-        "10-minute stream limit and polling answers `pending` for 15 minutes while MongoDB "
-        "says completed."
-    ),
-)
 async def test_ingest_restart_with_a_deferred_publish_leaves_no_browser_waiting(
     system: System, driver: Driver, store: Store, ledger: Report
 ) -> None:
     """The ingest cannot reach Redis (its own network path: Redis is fine for everyone
-    else), acknowledges stored webhooks with the publish deferred, and is restarted."""
-    ledger.known_bug = "a deferred publish dies with the ingest"
+    else), acknowledges stored webhooks with the publish deferred (marked in MongoDB), and is
+    killed; the restarted ingest finds the marks and publishes `done`."""
     victims: list[Payment] = await asyncio.gather(*(driver.one(pay=False) for _ in range(4)))
     ingest = system.ingest
     healthy_env = dict(ingest.env or {})

@@ -169,7 +169,11 @@ class Ingestor:
         try:
             return await self._cache.put(event)
         except RedisError as exc:
-            # Stored and acknowledged already; the resync delivers it once Redis is back.
+            # Marked in MongoDB before the delivery is acknowledged, so the publication
+            # survives this process; if even the mark fails, PayOS must deliver again.
             log.warning("publish_deferred", uuid=event.uuid, error=str(exc))
-            self._resync.schedule(event.uuid)
+            try:
+                await self._resync.defer(event)
+            except PyMongoError as mongo_exc:
+                raise StoreUnavailable(str(mongo_exc)) from mongo_exc
             return False

@@ -1,4 +1,10 @@
-"""Background re-publication of statuses that could not reach Redis when they changed."""
+"""Re-publication of statuses that could not reach Redis when they changed, durably.
+
+A deferred publish is marked on the session in MongoDB (`publishPending`) before the
+delivery is acknowledged, so it outlives this process: every ingest replica sweeps the
+marks at start-up and then periodically, publishes the session's latest state, and clears
+the mark only for the version it published.
+"""
 
 from __future__ import annotations
 
@@ -11,18 +17,29 @@ from redis.exceptions import RedisError
 
 from shared.cache import StatusCache
 from shared.model import StatusEvent
-from shared.mongo import Store
+from shared.mongo import PUBLISH_PENDING, Store
 
 log = structlog.get_logger(__name__)
 
+# How often a replica looks for marks left by others (a replica that died, say).
+SWEEP_SECONDS = 5.0
+
 
 class Resync:
-    """Retries, with backoff, until every scheduled session's latest state is in Redis."""
+    """Retries, with backoff, until every marked session's latest state is in Redis."""
 
-    def __init__(self, store: Store, cache: StatusCache, *, max_delay: float = 2.0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        cache: StatusCache,
+        *,
+        max_delay: float = 2.0,
+        sweep_seconds: float = SWEEP_SECONDS,
+    ) -> None:
         self._store = store
         self._cache = cache
         self._max_delay = max_delay
+        self._sweep_seconds = sweep_seconds
         self._pending: set[str] = set()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -31,11 +48,16 @@ class Resync:
     def backlog(self) -> int:
         return len(self._pending)
 
-    def schedule(self, uuid: str) -> None:
-        self._pending.add(uuid)
+    async def defer(self, event: StatusEvent) -> None:
+        """Mark `event`'s session for publication; raises PyMongoError if that fails."""
+        await self._store.sessions.update_one(
+            {"uuid": event.uuid}, {"$set": {PUBLISH_PENDING: True}}
+        )
+        self._pending.add(event.uuid)
         self._wakeup.set()
 
     def start(self) -> None:
+        self._wakeup.set()  # sweep at once: marks left by a replica that died
         self._task = asyncio.create_task(self._run(), name="resync")
 
     async def stop(self) -> None:
@@ -44,20 +66,22 @@ class Resync:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._pending:
-            log.warning("resync_abandoned", sessions=len(self._pending))
+            log.info("resync_left_marked", sessions=len(self._pending))
 
     async def _run(self) -> None:
         delay = 0.05
         while True:
-            await self._wakeup.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self._sweep_seconds)
             self._wakeup.clear()
+            try:
+                await self._sweep()
+            except PyMongoError as exc:
+                log.info("resync_sweep_failed", error=str(exc))
             while self._pending:
                 uuid = next(iter(self._pending))
                 try:
-                    # The latest state, not the one that failed: it may have moved on.
-                    doc = await self._store.sessions.find_one({"uuid": uuid}, {"_id": 0})
-                    if doc is not None:
-                        await self._cache.put(StatusEvent.from_session(doc))
+                    await self._publish(uuid)
                 except (RedisError, PyMongoError) as exc:
                     log.info("resync_retry", uuid=uuid, error=str(exc), retry_in=delay)
                     await asyncio.sleep(delay)
@@ -65,4 +89,21 @@ class Resync:
                     continue
                 self._pending.discard(uuid)
                 delay = 0.05
-                log.info("resync_published", uuid=uuid)
+
+    async def _sweep(self) -> None:
+        cursor = self._store.sessions.find({PUBLISH_PENDING: True}, {"uuid": 1, "_id": 0})
+        async for doc in cursor:
+            self._pending.add(doc["uuid"])
+
+    async def _publish(self, uuid: str) -> None:
+        # The latest state, not the one that failed: it may have moved on.
+        doc = await self._store.sessions.find_one({"uuid": uuid}, {"_id": 0})
+        if doc is None:
+            return
+        event = StatusEvent.from_session(doc)
+        await self._cache.put(event)
+        # Cleared for this version only: a newer deferred change keeps its mark.
+        await self._store.sessions.update_one(
+            {"uuid": uuid, "version": event.version}, {"$unset": {PUBLISH_PENDING: ""}}
+        )
+        log.info("resync_published", uuid=uuid, version=event.version)
