@@ -1,24 +1,8 @@
 """`python -m devstack.payos_simulator`: serve on PAYOS_SIMULATOR_PORT."""
 
-from aiohttp import web
-
-from shared.logs import configure_logging
-from shared.settings import Settings
+from shared.runner import serve
 
 from .app import create_app
 
-
-def main() -> None:
-    settings = Settings.from_env()
-    configure_logging(settings)
-    web.run_app(
-        create_app(settings),
-        host=settings.host,
-        port=settings.payos_simulator_port,
-        access_log=None,
-        print=None,
-    )
-
-
 if __name__ == "__main__":
-    main()
+    serve(create_app, lambda s: s.payos_simulator_port)
