@@ -242,3 +242,63 @@ async def test_status_cache_on_the_cluster_publishes_once_per_version(
         await pubsub.aclose()  # type: ignore[no-untyped-call]
         await sub.aclose()
         await client.aclose()
+
+
+async def move_slot(cluster: RedisCluster, key: str) -> str:
+    """Move `key`'s slot (and its keys) to another primary, as resharding does; returns the
+    new owner's name."""
+    slot = cluster.keyslot(key)
+    source = cluster.get_node_from_key(key)
+    assert source is not None
+    target = next(n for n in cluster.get_primaries() if n.name != source.name)
+    source_id = await cluster.execute_command("CLUSTER MYID", target_nodes=source)
+    target_id = await cluster.execute_command("CLUSTER MYID", target_nodes=target)
+    await cluster.execute_command(
+        "CLUSTER SETSLOT", slot, "IMPORTING", source_id, target_nodes=target
+    )
+    await cluster.execute_command(
+        "CLUSTER SETSLOT", slot, "MIGRATING", target_id, target_nodes=source
+    )
+    while keys_in_slot := await cluster.execute_command(
+        "CLUSTER GETKEYSINSLOT", slot, 100, target_nodes=source
+    ):
+        await cluster.execute_command(
+            "MIGRATE",
+            target.host,
+            target.port,
+            "",
+            0,
+            5000,
+            "KEYS",
+            *keys_in_slot,
+            target_nodes=source,
+        )
+    for node in (target, source, *cluster.get_primaries()):
+        await cluster.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id, target_nodes=node)
+    return str(target.name)
+
+
+async def test_a_slot_moved_to_another_primary_while_a_stream_waits_still_delivers_done(
+    system: ReplicaSystem, cluster: RedisCluster, http: httpx.AsyncClient
+) -> None:
+    uuid = str(uuidlib.uuid4())
+    session = await create_session(http, uuid, "0004443332")
+    gateway = direct(system, "stream-gateway")
+    async with waiting([f"{gateway}{STREAM}?uuid={uuid}"]) as clients:
+        new_owner = await move_slot(cluster, keys.status_channel(uuid))
+        # Redis ended the gateway's subscription on the old owner; the gateway follows the slot.
+        node = cluster.get_node(node_name=new_owner)
+        async with asyncio.timeout(10):
+            while True:
+                [(_, count)] = await cluster.pubsub_shardnumsub(
+                    keys.status_channel(uuid), target_nodes=node
+                )
+                if count == 1:
+                    break
+                await asyncio.sleep(0.05)
+        async with httpx.AsyncClient(base_url=system.settings.payos_base_url) as sim:
+            resp = await sim.post(f"/sim/pay/{session['orderCode']}", json={})
+            assert resp.status_code == 200, resp.text
+        await until_final(clients)
+    assert clients[0].statuses == ["pending", "done"]
+    assert clients[0].connects == 1
