@@ -89,3 +89,17 @@ def test_documented_bounds_are_the_validators_own() -> None:
     data = ingest["components"]["schemas"]["Webhook"]["properties"]["data"]["properties"]
     assert data["reference"]["maxLength"] == payload.MAX_REFERENCE_LEN
     assert data["orderCode"]["maximum"] == payload.MAX_ORDER_CODE
+
+
+async def test_paging_given_with_a_uuid_is_validated_as_documented(
+    aiohttp_client: Callable[..., Awaitable[Client]], settings: Settings, store: Any
+) -> None:
+    """Found by the long fuzz: `?uuid=…&limit=-1` used to answer the status (200)."""
+    app, _ = build("session_api", settings)
+    client = await aiohttp_client(app)
+    uuid = "00000000-0000-4000-8000-000000000000"
+    for query in ({"limit": "-1"}, {"page": "1.5"}, {"limit": "101"}):
+        resp = await client.get("/api/webhooks", params={"uuid": uuid, **query})
+        assert resp.status == 400, query
+    resp = await client.get("/api/webhooks", params={"uuid": uuid, "page": "2", "limit": ""})
+    assert resp.status == 404  # valid paging, no such session

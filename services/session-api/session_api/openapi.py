@@ -15,10 +15,7 @@ from .sessions import (
     MAX_ORDER_CODE,
     MIN_AMOUNT,
 )
-from .views import DEFAULT_PAGE_SIZE, MAX_BODY_BYTES, MAX_PAGE_SIZE
-
-# `_page_arg`'s bound for `page`.
-MAX_PAGE = 1_000_000
+from .views import DEFAULT_PAGE_SIZE, MAX_BODY_BYTES, MAX_PAGE, MAX_PAGE_SIZE
 
 UUID: Doc = {"type": "string", "pattern": UUID_RE.pattern, "description": "A lowercase uuid4."}
 ACCOUNT: Doc = {

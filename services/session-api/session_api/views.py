@@ -38,6 +38,7 @@ log = structlog.get_logger(__name__)
 MAX_BODY_BYTES = 16 * 1024
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
+MAX_PAGE = 1_000_000
 # `{"success":true,` + the cached event JSON without its `{`: `{success: true, **event}`.
 _OK_PREFIX = b'{"success":true,'
 
@@ -118,6 +119,13 @@ async def create_session(request: web.Request) -> web.Response:
 async def status_or_list(request: web.Request) -> web.Response:
     """`GET /api/webhooks?uuid=` (status, for polling) or `?page=&limit=` (admins' list)."""
     if "uuid" in request.query:
+        if "page" in request.query or "limit" in request.query:
+            # Paging given with a uuid is validated all the same (and then unused).
+            try:
+                _page_arg(request, "page", 1, MAX_PAGE)
+                _page_arg(request, "limit", DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+            except InvalidRequest as exc:
+                return json_error(400, str(exc))
         return await _status(request)
     return await _list(request)
 
@@ -172,7 +180,7 @@ async def _list(request: web.Request) -> web.Response:
     if not _authorized(request, request.app[SETTINGS].admin_token):
         return _unauthorized()
     try:
-        page = _page_arg(request, "page", 1, 1_000_000)
+        page = _page_arg(request, "page", 1, MAX_PAGE)
         limit = _page_arg(request, "limit", DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
     except InvalidRequest as exc:
         return json_error(400, str(exc))
