@@ -70,7 +70,8 @@ class Ingestor:
         elif changed:
             completed = doc["status"] == SessionStatus.COMPLETED
             outcome = Outcome.COMPLETED if completed else Outcome.PARTIAL
-        elif not fresh:
+        elif not fresh or webhook.reference in doc.get("references", ()):
+            # Received before, or counted by a concurrent copy of this very delivery.
             outcome = Outcome.DUPLICATE
         elif not webhook.paid:
             outcome = Outcome.NOT_PAID
