@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 import segno
 from aiohttp import web
+from pymongo.errors import PyMongoError
 
 from shared.appkeys import SETTINGS, STORE
 from shared.model import is_valid_uuid
@@ -44,7 +45,10 @@ async def qr_svg(request: web.Request) -> web.Response:
     uuid = request.match_info["uuid"]
     if not is_valid_uuid(uuid):
         return json_error(400, "`uuid` must be a uuid4")
-    doc = await request.app[STORE].find_session(uuid)
+    try:
+        doc = await request.app[STORE].find_session(uuid)
+    except PyMongoError:
+        return json_error(503, "storage unavailable, try again later", retryable=True)
     if doc is None or not doc.get("qrCode"):
         return json_error(404, "no payment session with this uuid")
     out = io.BytesIO()
