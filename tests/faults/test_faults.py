@@ -25,6 +25,7 @@ import asyncio
 import random
 import time
 
+import aiohttp
 import httpx
 import pytest
 
@@ -284,6 +285,9 @@ async def test_ingest_restart_with_a_deferred_publish_leaves_no_browser_waiting(
     ingest.env = {**healthy_env, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
     await start(ingest)
     ledger.faults.append("webhook-ingest cut off from Redis")
+    # Until its unique indexes are confirmed the ingest refuses deliveries (503, redelivered
+    # later); this test wants the first delivery acknowledged, so it waits for MongoDB.
+    await mongodb_ready(f"http://127.0.0.1:{ingest.port}/readyz")
     for p in victims:
         body = await driver.pay(p)
         assert body["delivered"], "stored and acknowledged, the publish deferred"
@@ -293,3 +297,13 @@ async def test_ingest_restart_with_a_deferred_publish_leaves_no_browser_waiting(
     await start(ingest)
     # Within a few sweeps (every 5 s) even if the first one finds MongoDB not yet reachable.
     await audit(driver, store, ledger, timeout=20)
+
+
+async def mongodb_ready(readyz: str, timeout: float = 20.0) -> None:
+    """Wait until a service's /readyz says MongoDB is ready (whatever it says of Redis)."""
+    async with asyncio.timeout(timeout), aiohttp.ClientSession() as http:
+        while True:
+            async with http.get(readyz) as resp:
+                if (await resp.json())["checks"].get("mongodb") == "ok":
+                    return
+            await asyncio.sleep(0.05)
