@@ -1,15 +1,39 @@
-"""What the benchmarks share: their own servers, percentiles, and a printed table."""
+"""What the benchmarks share: their own servers, sessions and payments, /proc readings,
+percentiles, and a printed table."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
+import os
+import resource
+import secrets
 import statistics
+import subprocess
+import sys
 import tempfile
+import time
+import uuid as uuidlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import aiohttp
+
+from devstack.payos_simulator.state import Transaction, vn_now
+from devstack.payos_simulator.webhooks import webhook_body
 from devstack.servers import Process, free_port, mongo_standin, redis_server
+from shared import keys
+from shared.cache import StatusCache
+from shared.model import StatusEvent, StreamStatus, new_session, utcnow
+from shared.mongo import Store
+
+CHECKSUM_KEY = "bench-checksum-key"
+AMOUNT = 50_000
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -66,3 +90,154 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# -- processes, from /proc -------------------------------------------------------------
+
+
+def rss_kib(pid: int, missing: int | None = None) -> int:
+    """A process's resident memory (VmRSS) in KiB; `missing` (or an error) when it has none."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    if missing is None:
+        raise RuntimeError("no VmRSS")
+    return missing
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # utime and stime are fields 14 and 15 of the line (1-based), in clock ticks.
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def raise_nofile() -> int:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+# -- sessions and payments -------------------------------------------------------------
+
+
+async def make_sessions(store: Store, n: int) -> list[dict[str, Any]]:
+    """`n` new pending sessions of AMOUNT, stored in batches of 1,000."""
+    now = utcnow()
+    docs = [
+        new_session(
+            uuid=str(uuidlib.uuid4()),
+            order_code=secrets.randbelow(10**12) + 1,
+            account_number="0001112223",
+            amount=AMOUNT,
+            description="NAPTIEN",
+            now=now,
+            ttl_seconds=keys.SESSION_TTL_SECONDS,
+        )
+        for _ in range(n)
+    ]
+    for i in range(0, n, 1000):
+        await store.sessions.insert_many([dict(d) for d in docs[i : i + 1000]])
+    return docs
+
+
+def signed_body(order_code: int) -> bytes:
+    """A signed webhook body paying a session of AMOUNT in full, as PayOS sends it."""
+    tx = Transaction("FT" + secrets.token_hex(6), AMOUNT, "NAPTIEN", vn_now())
+    body = webhook_body(
+        order_code=order_code,
+        link_id=secrets.token_hex(16),
+        description="NAPTIEN",
+        tx=tx,
+        checksum_key=CHECKSUM_KEY,
+    )
+    return json.dumps(body).encode()
+
+
+async def post_webhook(http: aiohttp.ClientSession, url: str, body: bytes) -> bool:
+    """POST one webhook body; whether it was acknowledged (200)."""
+    headers = {"Content-Type": "application/json"}
+    async with http.post(url, data=body, headers=headers) as resp:
+        await resp.read()
+        return resp.status == 200
+
+
+async def pay_directly(cache: StatusCache, doc: dict[str, Any]) -> bool:
+    """What the ingest does last for a full payment: the `done` status into the cache and feed."""
+    event = StatusEvent(
+        uuid=doc["uuid"],
+        order_code=doc["orderCode"],
+        status=StreamStatus.DONE,
+        amount=AMOUNT,
+        amount_paid=AMOUNT,
+        updated_at=datetime.now(UTC),
+        version=3,
+    )
+    return await cache.put(event)
+
+
+@dataclass
+class Paid:
+    uuid: str
+    sent: float
+    acked: float
+
+
+async def paced(
+    items: list[dict[str, Any]], rate: float, in_flight: int, act: Any
+) -> tuple[list[Paid], float]:
+    """Run `act(doc)` for each item at `rate` per second (at most `in_flight` at once)."""
+    paid: list[Paid] = []
+    gate = asyncio.Semaphore(in_flight)
+    start = time.monotonic()
+
+    async def one(i: int, doc: dict[str, Any]) -> None:
+        delay = start + i / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        async with gate:
+            sent = time.monotonic()
+            if await act(doc):
+                paid.append(Paid(doc["uuid"], sent, time.monotonic()))
+
+    await asyncio.gather(*(one(i, d) for i, d in enumerate(items)))
+    return paid, time.monotonic() - start
+
+
+# -- client processes ------------------------------------------------------------------
+
+
+def spawn_client(argv: Sequence[str], uuids: list[str]) -> subprocess.Popen[str]:
+    """`python -m *argv`, given the uuids as one JSON line on its stdin."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *argv],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(uuids) + "\n")
+    proc.stdin.flush()
+    return proc
+
+
+async def stop_clients(clients: Sequence[subprocess.Popen[str]]) -> list[dict[str, Any]]:
+    """Tell every client process the payments are made; each one's final JSON report."""
+    for p in clients:
+        assert p.stdin is not None
+        p.stdin.write("stop\n")
+        p.stdin.flush()
+    reports = []
+    for p in clients:
+        assert p.stdout is not None
+        reports.append(json.loads(await asyncio.to_thread(p.stdout.readline)))
+    return reports
+
+
+def reap(clients: Sequence[subprocess.Popen[str]]) -> None:
+    for p in clients:
+        with contextlib.suppress(ProcessLookupError):
+            p.kill()
+        p.wait()

@@ -12,72 +12,38 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import secrets
 import time
-import uuid as uuidlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 
-from devstack.payos_simulator.state import Transaction, vn_now
-from devstack.payos_simulator.webhooks import webhook_body
 from devstack.servers import Process, free_port, python_service
-from shared import keys
 from shared.cache import StatusCache
 from shared.clients import redis_client
-from shared.model import new_session, utcnow
 from shared.mongo import Store, mongo_client
 from shared.settings import Settings
 from webhook_ingest.ingest import Ingestor
 from webhook_ingest.payload import parse_webhook
 from webhook_ingest.resync import Resync
 
-from ._common import Backends, backends, percentile, summary_ms, table
+from ._common import (
+    CHECKSUM_KEY,
+    Backends,
+    backends,
+    cpu_seconds,
+    make_sessions,
+    percentile,
+    signed_body,
+    summary_ms,
+    table,
+)
 
-CHECKSUM_KEY = "bench-checksum-key"
-AMOUNT = 50_000
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-async def make_sessions(store: Store, n: int) -> list[bytes]:
+async def sessions_to_pay(store: Store, n: int) -> list[bytes]:
     """`n` pending sessions, and a signed webhook body paying each in full."""
-    now = utcnow()
-    docs, bodies = [], []
-    for _ in range(n):
-        order_code = secrets.randbelow(10**12) + 1
-        docs.append(
-            new_session(
-                uuid=str(uuidlib.uuid4()),
-                order_code=order_code,
-                account_number="0001112223",
-                amount=AMOUNT,
-                description="NAPTIEN",
-                now=now,
-                ttl_seconds=keys.SESSION_TTL_SECONDS,
-            )
-        )
-        tx = Transaction("FT" + secrets.token_hex(6), AMOUNT, "NAPTIEN", vn_now())
-        body = webhook_body(
-            order_code=order_code,
-            link_id=secrets.token_hex(16),
-            description="NAPTIEN",
-            tx=tx,
-            checksum_key=CHECKSUM_KEY,
-        )
-        bodies.append(json.dumps(body).encode())
-    for i in range(0, n, 1000):
-        await store.sessions.insert_many(docs[i : i + 1000])
-    return bodies
+    return [signed_body(doc["orderCode"]) for doc in await make_sessions(store, n)]
 
 
 async def fire(
@@ -112,7 +78,7 @@ async def steps_alone(settings: Settings, n: int, concurrency: int) -> list[list
     cache = StatusCache(redis)
     ingestor = Ingestor(store, cache, Resync(store, cache))
     await store.ensure_indexes()
-    bodies = await make_sessions(store, n)
+    bodies = await sessions_to_pay(store, n)
     webhooks = []
     t0 = time.perf_counter()
     for body in bodies:
@@ -188,7 +154,7 @@ async def run(args: argparse.Namespace, env: Backends) -> None:
     cpu_rows: list[list[object]] = []
     try:
         for concurrency in args.concurrency:
-            bodies = await make_sessions(store, args.per_level)
+            bodies = await sessions_to_pay(store, args.per_level)
             await fire(url, bodies[: min(200, len(bodies))], concurrency)  # warm-up
             rest = bodies[min(200, len(bodies)) :]
             pids = {

@@ -28,7 +28,6 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +38,27 @@ from devstack.replicas import ReplicaSystem, running
 from devstack.servers import Process
 from devstack.sse import EventSourceClient
 from shared.cache import StatusCache
-from shared.model import StatusEvent, StreamStatus
+from shared.model import StatusEvent
 from shared.mongo import Store, mongo_client
 from shared.settings import Settings
 
-from ._common import percentile, table
-from .stream import AMOUNT, CHECKSUM_KEY, Paid, make_sessions, paced, raise_nofile, signed_body
+from ._common import (
+    CHECKSUM_KEY,
+    Paid,
+    cpu_seconds,
+    make_sessions,
+    paced,
+    pay_directly,
+    percentile,
+    post_webhook,
+    raise_nofile,
+    reap,
+    rss_kib,
+    signed_body,
+    spawn_client,
+    stop_clients,
+    table,
+)
 
 CLIENT_PROCESSES = 2
 STREAM_PATH = "/api/webhooks/stream"
@@ -89,19 +103,6 @@ async def client_main(base_url: str) -> None:
     print(json.dumps({"done_at": done_at}), flush=True)
 
 
-def spawn_client(base_url: str, uuids: list[str]) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.replicas", "--client", base_url],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdin is not None
-    proc.stdin.write(json.dumps(uuids) + "\n")
-    proc.stdin.flush()
-    return proc
-
-
 # -- the parent ----------------------------------------------------------------------------
 
 
@@ -122,21 +123,6 @@ class Run:
     @property
     def latencies(self) -> list[float]:
         return self.ingest + self.direct
-
-
-def proc_rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # utime and stime are fields 14 and 15 of the line (1-based), in clock ticks.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def held_streams(http: aiohttp.ClientSession, system: ReplicaSystem) -> list[int]:
@@ -169,7 +155,8 @@ async def measure(args: argparse.Namespace, system: ReplicaSystem) -> Run:
             t0 = time.monotonic()
             for i in range(CLIENT_PROCESSES):
                 share = [d["uuid"] for d in docs[i::CLIENT_PROCESSES]]
-                clients.append(await asyncio.to_thread(spawn_client, system.url, share))
+                argv = ["bench.replicas", "--client", system.url]
+                clients.append(await asyncio.to_thread(spawn_client, argv, share))
             failures = 0
             for p in clients:
                 assert p.stdout is not None
@@ -177,49 +164,29 @@ async def measure(args: argparse.Namespace, system: ReplicaSystem) -> Run:
             open_seconds = time.monotonic() - t0
             await asyncio.sleep(1.0)
             held = await held_streams(http, system)
-            rss = [proc_rss_kib(g.pid) for g in gateways]
-            cpu_before = [proc_cpu_seconds(g.pid) for g in gateways]
+            rss = [rss_kib(g.pid) for g in gateways]
+            cpu_before = [cpu_seconds(g.pid) for g in gateways]
 
             ingest_docs, direct_docs = docs[: args.ingest_payments], docs[args.ingest_payments :]
             url = f"{system.url}/api/webhooks"
-            headers = {"Content-Type": "application/json"}
             bodies = {d["uuid"]: signed_body(d["orderCode"]) for d in ingest_docs}
 
             async def via_ingest(doc: dict[str, Any]) -> bool:
-                async with http.post(url, data=bodies[doc["uuid"]], headers=headers) as resp:
-                    await resp.read()
-                    return resp.status == 200
+                return await post_webhook(http, url, bodies[doc["uuid"]])
 
             async def direct(doc: dict[str, Any]) -> bool:
-                event = StatusEvent(
-                    uuid=doc["uuid"],
-                    order_code=doc["orderCode"],
-                    status=StreamStatus.DONE,
-                    amount=AMOUNT,
-                    amount_paid=AMOUNT,
-                    updated_at=datetime.now(UTC),
-                    version=3,
-                )
-                return await cache.put(event)
+                return await pay_directly(cache, doc)
 
             paid_ingest, _ = await paced(ingest_docs, args.ingest_rate, 64, via_ingest)
             paid_direct, direct_s = await paced(direct_docs, args.rate, 64, direct)
             await asyncio.sleep(1.0)
-            cpu = [proc_cpu_seconds(g.pid) - c for g, c in zip(gateways, cpu_before, strict=True)]
+            cpu = [cpu_seconds(g.pid) - c for g, c in zip(gateways, cpu_before, strict=True)]
 
         results: dict[str, float] = {}
-        for p in clients:
-            assert p.stdin is not None
-            p.stdin.write("stop\n")
-            p.stdin.flush()
-        for p in clients:
-            assert p.stdout is not None
-            results.update(json.loads(await asyncio.to_thread(p.stdout.readline))["done_at"])
+        for report in await stop_clients(clients):
+            results.update(report["done_at"])
     finally:
-        for p in clients:
-            with contextlib.suppress(ProcessLookupError):
-                p.kill()
-            p.wait()
+        reap(clients)
         await redis.aclose()
         await store.client.close()
 

@@ -32,7 +32,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from redis.asyncio import Redis
 
@@ -49,7 +48,7 @@ from tests.faults.harness import (
     settle,
 )
 
-from ._common import backends, table
+from ._common import backends, rss_kib, table
 
 # Judged on their memory and descriptors; the others hold the run's data by design.
 JUDGED = ("webhook-ingest", "stream-gateway-0", "session-api")
@@ -88,13 +87,6 @@ class Load:
     cleanup_errors: int = 0
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -118,7 +110,7 @@ async def sample(
     for name, proc in processes.items():
         with contextlib.suppress(OSError):
             curves.by_process.setdefault(name, []).append(
-                Sample(t, rss_kib(proc.pid), fd_count(proc.pid))
+                Sample(t, rss_kib(proc.pid, missing=0), fd_count(proc.pid))
             )
     with contextlib.suppress(Exception):
         info = await redis.info("clients")

@@ -28,7 +28,8 @@ import aiohttp
 from devstack.servers import Process, free_port, mongo_standin, python_service, redis_server
 from shared.settings import Settings
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+from ._common import cpu_seconds, percentile
+
 DB_QUERIES = re.compile(r"^paypush_status_db_queries_total ([0-9.e+]+)$", re.M)
 
 
@@ -38,20 +39,6 @@ class ClientResult:
     errors: int
     latencies: list[float]
     elapsed: float  # the client's own polling window, without process start-up
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def percentile(values: list[float], pct: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1))))]
 
 
 async def _poll(base: str, uuids: list[str], pollers: int, duration: float) -> ClientResult:

@@ -18,35 +18,41 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib.util
 import json
-import resource
-import secrets
 import subprocess
 import sys
 import time
-import uuid as uuidlib
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 from redis.asyncio import Redis
 
-from devstack.payos_simulator.state import Transaction, vn_now
-from devstack.payos_simulator.webhooks import webhook_body
 from devstack.servers import Process, free_port, python_service
-from shared import keys
 from shared.cache import StatusCache
-from shared.model import StatusEvent, StreamStatus, new_session, utcnow
+from shared.model import StatusEvent
 from shared.mongo import Store, mongo_client
 from shared.settings import Settings
 
-from ._common import Backends, backends, percentile, table
+from ._common import (
+    CHECKSUM_KEY,
+    Backends,
+    Paid,
+    backends,
+    make_sessions,
+    paced,
+    pay_directly,
+    percentile,
+    post_webhook,
+    raise_nofile,
+    reap,
+    rss_kib,
+    signed_body,
+    spawn_client,
+    stop_clients,
+    table,
+)
 
-CHECKSUM_KEY = "bench-checksum-key"
-AMOUNT = 50_000
 CLIENT_PROCESSES = 2
 STREAM_PATH = "/api/webhooks/stream"
 # What a browser's EventSource sends (Chromium, trimmed of cookies): counted as wire bytes.
@@ -126,92 +132,6 @@ async def client_main(port: int, deadline: float, connect_concurrency: int) -> N
 
 
 # -- the parent: servers, sessions, payments, figures -------------------------------------
-
-
-@dataclass
-class Paid:
-    uuid: str
-    sent: float
-    acked: float
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
-def raise_nofile() -> int:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
-
-
-def spawn_client(port: int, deadline: float, uuids: list[str]) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.stream", "--client", str(port), "--deadline", str(deadline)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdin is not None
-    proc.stdin.write(json.dumps(uuids) + "\n")
-    proc.stdin.flush()
-    return proc
-
-
-async def make_sessions(store: Store, n: int) -> list[dict[str, Any]]:
-    now = utcnow()
-    docs = [
-        new_session(
-            uuid=str(uuidlib.uuid4()),
-            order_code=secrets.randbelow(10**12) + 1,
-            account_number="0001112223",
-            amount=AMOUNT,
-            description="NAPTIEN",
-            now=now,
-            ttl_seconds=keys.SESSION_TTL_SECONDS,
-        )
-        for _ in range(n)
-    ]
-    for i in range(0, n, 1000):
-        await store.sessions.insert_many([dict(d) for d in docs[i : i + 1000]])
-    return docs
-
-
-def signed_body(order_code: int) -> bytes:
-    tx = Transaction("FT" + secrets.token_hex(6), AMOUNT, "NAPTIEN", vn_now())
-    body = webhook_body(
-        order_code=order_code,
-        link_id=secrets.token_hex(16),
-        description="NAPTIEN",
-        tx=tx,
-        checksum_key=CHECKSUM_KEY,
-    )
-    return json.dumps(body).encode()
-
-
-async def paced(
-    items: list[dict[str, Any]], rate: float, in_flight: int, act: Any
-) -> tuple[list[Paid], float]:
-    """Run `act(doc)` for each item at `rate` per second (at most `in_flight` at once)."""
-    paid: list[Paid] = []
-    gate = asyncio.Semaphore(in_flight)
-    start = time.monotonic()
-
-    async def one(i: int, doc: dict[str, Any]) -> None:
-        delay = start + i / rate - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        async with gate:
-            sent = time.monotonic()
-            if await act(doc):
-                paid.append(Paid(doc["uuid"], sent, time.monotonic()))
-
-    await asyncio.gather(*(one(i, d) for i, d in enumerate(items)))
-    return paid, time.monotonic() - start
 
 
 async def metric(http: aiohttp.ClientSession, url: str, name: str) -> float:
@@ -347,7 +267,8 @@ async def run(args: argparse.Namespace, env: Backends) -> None:
             ]
             t0 = time.monotonic()
             for share in shares:
-                clients.append(await asyncio.to_thread(spawn_client, gw_port, deadline, share))
+                argv = ["bench.stream", "--client", str(gw_port), "--deadline", str(deadline)]
+                clients.append(await asyncio.to_thread(spawn_client, argv, share))
             opened = failures = 0
             for p in clients:
                 assert p.stdout is not None
@@ -373,41 +294,22 @@ async def run(args: argparse.Namespace, env: Backends) -> None:
             ingest_docs = docs[: args.ingest_payments]
             direct_docs = docs[args.ingest_payments : args.ingest_payments + args.direct_payments]
             url = f"http://127.0.0.1:{ingest_port}/api/webhooks"
-            hdrs = {"Content-Type": "application/json"}
             bodies = {d["uuid"]: signed_body(d["orderCode"]) for d in ingest_docs}
 
             async def via_ingest(doc: dict[str, Any]) -> bool:
-                async with http.post(url, data=bodies[doc["uuid"]], headers=hdrs) as resp:
-                    await resp.read()
-                    return resp.status == 200
+                return await post_webhook(http, url, bodies[doc["uuid"]])
 
             cache = StatusCache(redis)
 
             async def direct(doc: dict[str, Any]) -> bool:
-                event = StatusEvent(
-                    uuid=doc["uuid"],
-                    order_code=doc["orderCode"],
-                    status=StreamStatus.DONE,
-                    amount=AMOUNT,
-                    amount_paid=AMOUNT,
-                    updated_at=datetime.now(UTC),
-                    version=3,
-                )
-                return await cache.put(event)
+                return await pay_directly(cache, doc)
 
             paid_ingest, ingest_s = await paced(ingest_docs, args.ingest_rate, 256, via_ingest)
             paid_direct, direct_s = await paced(direct_docs, args.rate, 256, direct)
 
             results: dict[str, float] = {}
             opening_bytes: list[int] = []
-            for p in clients:
-                assert p.stdin is not None
-                p.stdin.write("stop\n")
-                p.stdin.flush()
-            for p in clients:
-                assert p.stdout is not None
-                line = await asyncio.to_thread(p.stdout.readline)
-                report = json.loads(line)
+            for report in await stop_clients(clients):
                 results.update(report["done_at"])
                 opening_bytes.extend(report["opening_bytes"].values())
             api_ok = api is not None and api.running
@@ -426,10 +328,7 @@ async def run(args: argparse.Namespace, env: Backends) -> None:
                     f"http://127.0.0.1:{api_port}/metrics",
                 )
     finally:
-        for p in clients:
-            with contextlib.suppress(ProcessLookupError):
-                p.kill()
-            p.wait()
+        reap(clients)
         await redis.aclose()
         await store.client.close()
         for proc in reversed(procs):
