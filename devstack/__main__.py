@@ -7,14 +7,20 @@ MONGODB_URL is set, the PayOS simulator unless PAYOS_BASE_URL is set, then every
 from __future__ import annotations
 
 import dataclasses
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from shared.settings import Settings, is_set
 
-from .servers import Process, mongo_standin, port_open, redis_server, service_processes
+from .servers import (
+    Process,
+    mongo_standin,
+    port_open,
+    redis_server,
+    serve_until_stopped,
+    service_processes,
+    stop_on_sigterm,
+)
 
 RUN_DIR = Path(".run")
 # Our own Redis stays off 6379, where a machine-wide Redis often runs.
@@ -46,37 +52,30 @@ def main() -> int:
         names = ", ".join(f"{p.name} (port {p.port})" for p in busy)
         print(f"already in use: {names}. Is another `make run` running? Stop it first.")
         return 1
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = stop_on_sigterm()
     started: list[Process] = []
-    try:
+
+    def start() -> None:
         for proc in processes:
             print(f"starting {proc.name} on port {proc.port} (log: {proc.log_path})", flush=True)
             proc.start()
             started.append(proc)
-        print("\nall up:")
-        print(f"  deposit page    http://127.0.0.1:{settings.session_api_port}/")
-        print(f"  webhooks        http://127.0.0.1:{settings.webhook_ingest_port}/api/webhooks")
-        print(
-            f"  streams         http://127.0.0.1:{settings.stream_gateway_port}/api/webhooks/stream?uuid="
-        )
-        print(f"  PayOS simulator {settings.payos_base_url}")
-        print("Ctrl-C stops everything.", flush=True)
-        while not stop.wait(0.5):
-            dead = [p for p in started if not p.running]
-            if dead:
-                print(f"{dead[0].name} exited; see {dead[0].log_path}. Stopping.")
-                return 1
-    except KeyboardInterrupt:
-        pass
-    except (RuntimeError, TimeoutError) as exc:
-        print(f"could not start: {exc}")
-        return 1
-    finally:
-        print("\nstopping…", flush=True)
+
+    def all_up() -> list[str]:
+        return [
+            f"  deposit page    http://127.0.0.1:{settings.session_api_port}/",
+            f"  webhooks        http://127.0.0.1:{settings.webhook_ingest_port}/api/webhooks",
+            f"  streams         http://127.0.0.1:{settings.stream_gateway_port}/api/webhooks/stream?uuid=",
+            f"  PayOS simulator {settings.payos_base_url}",
+        ]
+
+    def stop_started() -> None:
         for proc in reversed(started):
             proc.stop()
-    return 0
+
+    return serve_until_stopped(
+        stop, start, all_up, lambda: [p for p in started if not p.running], stop_started
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import dataclasses
 import shutil
 import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +33,8 @@ from .servers import (
     mongo_standin,
     python_service,
     redis_server,
+    serve_until_stopped,
+    stop_on_sigterm,
 )
 
 RUN_DIR = Path(".run") / "replicas"
@@ -201,38 +202,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cluster", action="store_true", help="a 3-primary Redis Cluster")
     args = parser.parse_args(argv)
     shutil.rmtree(RUN_DIR, ignore_errors=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = stop_on_sigterm()
     system = plan(Settings.from_env(), RUN_DIR, replicas=args.replicas, cluster=args.cluster)
     print(
         f"starting {args.replicas} replicas of each service behind nginx (logs: {RUN_DIR})",
         flush=True,
     )
-    try:
-        system.start()
-        print("\nall up:")
-        print(f"  nginx (deposit page, API, streams)  {system.url}/")
+
+    def all_up() -> list[str]:
+        lines = [f"  nginx (deposit page, API, streams)  {system.url}/"]
         for name, group in system.replicas.items():
             ports = ", ".join(str(p.port) for p in group)
-            print(f"  {name:<36} ports {ports}")
-        print(f"  PayOS simulator                     {system.settings.payos_base_url}")
+            lines.append(f"  {name:<36} ports {ports}")
+        lines.append(f"  PayOS simulator                     {system.settings.payos_base_url}")
         redis = "Redis Cluster" if args.cluster else "Redis"
-        print(f"  {redis:<36}{system.settings.redis_url}")
-        print("Ctrl-C stops everything.", flush=True)
-        while not stop.wait(0.5):
-            dead = system.dead()
-            if dead:
-                print(f"{dead[0].name} exited; see {dead[0].log_path}. Stopping.")
-                return 1
-    except KeyboardInterrupt:
-        pass
-    except (RuntimeError, TimeoutError) as exc:
-        print(f"could not start: {exc}")
-        return 1
-    finally:
-        print("\nstopping…", flush=True)
-        system.stop()
-    return 0
+        lines.append(f"  {redis:<36}{system.settings.redis_url}")
+        return lines
+
+    return serve_until_stopped(stop, system.start, all_up, system.dead, system.stop)
 
 
 if __name__ == "__main__":

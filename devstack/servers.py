@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -120,6 +121,47 @@ class Process:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+def stop_on_sigterm() -> threading.Event:
+    """An event SIGTERM sets, for `serve_until_stopped`."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    return stop
+
+
+def serve_until_stopped(
+    stop: threading.Event,
+    start: Callable[[], None],
+    all_up: Callable[[], Sequence[str]],
+    dead: Callable[[], Sequence[Process]],
+    stop_all: Callable[[], None],
+) -> int:
+    """Start, print the `all up` lines, then run until Ctrl-C, `stop` or a process exits.
+
+    Whatever happens, `stop_all()` runs last. Returns the exit code: 1 if it could not start
+    or a process exited, 0 otherwise.
+    """
+    try:
+        start()
+        print("\nall up:")
+        for line in all_up():
+            print(line)
+        print("Ctrl-C stops everything.", flush=True)
+        while not stop.wait(0.5):
+            exited = dead()
+            if exited:
+                print(f"{exited[0].name} exited; see {exited[0].log_path}. Stopping.")
+                return 1
+    except KeyboardInterrupt:
+        pass
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"could not start: {exc}")
+        return 1
+    finally:
+        print("\nstopping…", flush=True)
+        stop_all()
+    return 0
 
 
 def redis_server(
