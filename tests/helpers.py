@@ -1,4 +1,5 @@
-"""Small builders shared by the tests: sessions in MongoDB, signed webhooks, a subscriber."""
+"""Small builders shared by the tests: sessions in MongoDB, signed webhooks, a subscriber,
+the PayOS simulator delivering to a real ingest."""
 
 from __future__ import annotations
 
@@ -9,13 +10,18 @@ import uuid as uuidlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
+from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
+from devstack.payos_simulator import create_app as create_simulator
 from devstack.payos_simulator.state import Transaction, new_reference, vn_now
 from devstack.payos_simulator.webhooks import webhook_body
 from shared import keys
 from shared.model import StatusEvent, new_session, utcnow
 from shared.mongo import Store
+from shared.settings import Settings
+from webhook_ingest import create_app as create_ingest
 
 TEST_CHECKSUM_KEY = "test-checksum-key"
 
@@ -101,3 +107,31 @@ async def subscribed(redis_url: str, uuid: str) -> AsyncIterator[Subscriber]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await redis.aclose()
+
+
+@contextlib.asynccontextmanager
+async def simulator_to_ingest(
+    settings: Settings,
+) -> AsyncIterator[tuple[str, str, aiohttp.ClientSession]]:
+    """A real webhook-ingest and the PayOS simulator (quick redeliveries) delivering to it,
+    as test servers; yields (simulator URL, ingest webhook URL, an HTTP client session) once
+    the ingest is ready."""
+    ingest = TestServer(create_ingest(settings))
+    await ingest.start_server()
+    ingest_url = str(ingest.make_url("/api/webhooks"))
+    sim_server = TestServer(
+        create_simulator(
+            Settings.from_env(
+                {}, payos_checksum_key=settings.payos_checksum_key, payos_webhook_url=ingest_url
+            ),
+            retry_delays=(0.05, 0.1, 0.2),
+        )
+    )
+    await sim_server.start_server()
+    async with aiohttp.ClientSession() as http:
+        async with asyncio.timeout(5):
+            while not (await http.get(str(ingest.make_url("/readyz")))).ok:
+                await asyncio.sleep(0.02)
+        yield str(sim_server.make_url("")).rstrip("/"), ingest_url, http
+    await sim_server.close()
+    await ingest.close()

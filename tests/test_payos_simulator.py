@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -10,16 +9,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 from payos import APIError, AsyncPayOS, WebhookError
 from payos.types import CreatePaymentLinkRequest
 
-from devstack.payos_simulator import create_app as create_simulator
 from shared.mongo import Store
 from shared.payos_client import payos_client
 from shared.settings import Settings
-from tests.helpers import add_session
-from webhook_ingest import create_app as create_ingest
+from tests.helpers import add_session, simulator_to_ingest
 
 
 @dataclass
@@ -38,30 +34,14 @@ class Sim:
 
 @pytest.fixture
 async def sim(settings: Settings, store: Store) -> AsyncIterator[Sim]:
-    ingest = TestServer(create_ingest(settings))
-    await ingest.start_server()
-    ingest_url = str(ingest.make_url("/api/webhooks"))
-    sim_server = TestServer(
-        create_simulator(
+    async with simulator_to_ingest(settings) as (url, ingest_url, http):
+        client = payos_client(
             Settings.from_env(
-                {}, payos_checksum_key=settings.payos_checksum_key, payos_webhook_url=ingest_url
-            ),
-            retry_delays=(0.05, 0.1, 0.2),
+                {}, payos_checksum_key=settings.payos_checksum_key, payos_base_url=url
+            )
         )
-    )
-    await sim_server.start_server()
-    url = str(sim_server.make_url("")).rstrip("/")
-    client = payos_client(
-        Settings.from_env({}, payos_checksum_key=settings.payos_checksum_key, payos_base_url=url)
-    )
-    async with aiohttp.ClientSession() as http:
-        async with asyncio.timeout(5):
-            while not (await http.get(str(ingest.make_url("/readyz")))).ok:
-                await asyncio.sleep(0.02)
         yield Sim(url, ingest_url, client, http)
-    await client.aclose()
-    await sim_server.close()
-    await ingest.close()
+        await client.aclose()
 
 
 def _request(order_code: int, amount: int = 15_000) -> CreatePaymentLinkRequest:

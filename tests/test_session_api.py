@@ -17,16 +17,14 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from devstack.payos_simulator import create_app as create_simulator
 from session_api import create_app
 from shared.appkeys import CACHE, METRICS
 from shared.model import StreamStatus, utcnow
 from shared.mongo import Store
 from shared.settings import Settings
-from tests.helpers import add_session, subscribed
-from webhook_ingest import create_app as create_ingest
+from tests.helpers import add_session, simulator_to_ingest, subscribed
 
 Client = TestClient[Any, Any]
 ACCOUNT = "0001112223"
@@ -55,26 +53,8 @@ class Sim:
 
 @pytest.fixture
 async def sim(settings: Settings, store: Store) -> AsyncIterator[Sim]:
-    ingest = TestServer(create_ingest(settings))
-    await ingest.start_server()
-    sim_server = TestServer(
-        create_simulator(
-            Settings.from_env(
-                {},
-                payos_checksum_key=settings.payos_checksum_key,
-                payos_webhook_url=str(ingest.make_url("/api/webhooks")),
-            ),
-            retry_delays=(0.05, 0.1, 0.2),
-        )
-    )
-    await sim_server.start_server()
-    async with aiohttp.ClientSession() as http:
-        async with asyncio.timeout(5):
-            while not (await http.get(str(ingest.make_url("/readyz")))).ok:
-                await asyncio.sleep(0.02)
-        yield Sim(str(sim_server.make_url("")).rstrip("/"), http)
-    await sim_server.close()
-    await ingest.close()
+    async with simulator_to_ingest(settings) as (url, _ingest_url, http):
+        yield Sim(url, http)
 
 
 @pytest.fixture
