@@ -54,6 +54,8 @@ from ._common import backends, rss_kib, table
 JUDGED = ("webhook-ingest", "stream-gateway-0", "session-api")
 HOLD_SECONDS = (5.0, 60.0)
 ABANDON_EVERY = 6
+# How long the end of the run may take to finish what is in flight.
+SETTLE_SECONDS = 120.0
 POLLS_PER_SECOND = 10
 CLEANUP_EVERY_SECONDS = 30.0
 TABLE_ROWS = 15
@@ -227,8 +229,13 @@ async def run(args: argparse.Namespace) -> int:
                     await asyncio.sleep(rng.expovariate(args.rate))
                 await sample(processes, redis, driver, curves, time.monotonic() - t0)
                 print("soak: load stopped; settling the payments in flight", flush=True)
-                await asyncio.gather(*background)
-                results = await asyncio.gather(*sessions, return_exceptions=True)
+                # Bounded: a stuck browser or request is a finding to report, not a hang.
+                done, stuck = await asyncio.wait([*background, *sessions], timeout=SETTLE_SECONDS)
+                results = [t.exception() for t in done if not t.cancelled()]
+                if stuck:
+                    results.append(
+                        TimeoutError(f"{len(stuck)} tasks still running after {SETTLE_SECONDS:g} s")
+                    )
                 errors = [r for r in results if isinstance(r, BaseException)]
                 await settle(driver, timeout=90)
                 await driver.close()
