@@ -40,8 +40,13 @@ class StatusCache:
         self._put = redis.register_script(_PUT_IF_NEWER)
 
     async def get(self, uuid: str) -> StatusEvent | None:
-        raw = await self._redis.get(keys.status_key(uuid))
+        raw = await self.get_json(uuid)
         return StatusEvent.from_json(raw) if raw is not None else None
+
+    async def get_json(self, uuid: str) -> bytes | None:
+        """The cached event exactly as stored (JSON bytes), for answering without re-encoding."""
+        raw: bytes | str | None = await self._redis.get(keys.status_key(uuid))
+        return raw.encode() if isinstance(raw, str) else raw
 
     async def put(self, event: StatusEvent) -> bool:
         """Cache `event` and publish it if it is newer than the cached one; True if published."""

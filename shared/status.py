@@ -34,12 +34,20 @@ class StatusReader:
         """The current status of `uuid`, or None if no live session has it."""
         try:
             cached = await self._cache.get(uuid)
-            if cached is not None:
-                return cached
+        except RedisError as exc:
+            # Redis down: MongoDB is the source of truth, keep answering from it.
+            log.warning("status_cache_unavailable", uuid=uuid, error=str(exc))
+            return await self.read_from_store(uuid)
+        if cached is not None:
+            return cached
+        return await self.read_uncached(uuid)
+
+    async def read_uncached(self, uuid: str) -> StatusEvent | None:
+        """After a cache miss: the negative cache, then MongoDB."""
+        try:
             if await self._cache.is_unknown(uuid):
                 return None
         except RedisError as exc:
-            # Redis down: MongoDB is the source of truth, keep answering from it.
             log.warning("status_cache_unavailable", uuid=uuid, error=str(exc))
         return await self.read_from_store(uuid)
 

@@ -140,15 +140,15 @@ async def _status(request: web.Request) -> web.Response:
     # Hot path (pollers of cached sessions): the cached event is already the JSON we answer
     # with, so it is passed through rather than decoded and encoded again.
     try:
-        raw = await request.app[REDIS].get(keys.status_key(uuid))
+        body = await request.app[CACHE].get_json(uuid)
     except RedisError:
-        raw = None  # the reader falls back to MongoDB
-    if raw is not None:
+        body = None  # the reader falls back to MongoDB
+    if body is not None:
         metrics.reads_found.inc()
-        body = raw.encode() if isinstance(raw, str) else raw
         return web.Response(body=_OK_PREFIX + body[1:], content_type="application/json")
     try:
-        event = await request.app[STATUS_READER].read(uuid)
+        # The cache was just read: go on from the miss rather than read it again.
+        event = await request.app[STATUS_READER].read_uncached(uuid)
     except PyMongoError as exc:
         metrics.reads_store_unavailable.inc()
         return _store_down(exc)
