@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid as uuidlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,10 +25,8 @@ import aiohttp
 from devstack.payos_simulator.state import Transaction, vn_now
 from devstack.payos_simulator.webhooks import webhook_body
 from devstack.servers import Process, free_port, mongo_standin, redis_server
-from shared import keys
 from shared.cache import StatusCache
-from shared.model import StatusEvent, StreamStatus, new_session, utcnow
-from shared.mongo import Store
+from shared.model import StatusEvent, StreamStatus
 
 CHECKSUM_KEY = "bench-checksum-key"
 AMOUNT = 50_000
@@ -121,26 +118,6 @@ def raise_nofile() -> int:
 
 
 # -- sessions and payments -------------------------------------------------------------
-
-
-async def make_sessions(store: Store, n: int) -> list[dict[str, Any]]:
-    """`n` new pending sessions of AMOUNT, stored in batches of 1,000."""
-    now = utcnow()
-    docs = [
-        new_session(
-            uuid=str(uuidlib.uuid4()),
-            order_code=secrets.randbelow(10**12) + 1,
-            account_number="0001112223",
-            amount=AMOUNT,
-            description="NAPTIEN",
-            now=now,
-            ttl_seconds=keys.SESSION_TTL_SECONDS,
-        )
-        for _ in range(n)
-    ]
-    for i in range(0, n, 1000):
-        await store.sessions.insert_many([dict(d) for d in docs[i : i + 1000]])
-    return docs
 
 
 def signed_body(order_code: int) -> bytes:

@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 
+from devstack.seed import store_pending_sessions
 from devstack.servers import Process, free_port, python_service
 from shared.cache import StatusCache
 from shared.clients import redis_client
@@ -29,11 +30,11 @@ from webhook_ingest.payload import parse_webhook
 from webhook_ingest.resync import Resync
 
 from ._common import (
+    AMOUNT,
     CHECKSUM_KEY,
     Backends,
     backends,
     cpu_seconds,
-    make_sessions,
     percentile,
     signed_body,
     summary_ms,
@@ -43,7 +44,10 @@ from ._common import (
 
 async def sessions_to_pay(store: Store, n: int) -> list[bytes]:
     """`n` pending sessions, and a signed webhook body paying each in full."""
-    return [signed_body(doc["orderCode"]) for doc in await make_sessions(store, n)]
+    return [
+        signed_body(doc["orderCode"])
+        for doc in await store_pending_sessions(store, n, amount=AMOUNT)
+    ]
 
 
 async def fire(

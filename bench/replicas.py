@@ -35,6 +35,7 @@ import aiohttp
 from redis.asyncio import Redis
 
 from devstack.replicas import ReplicaSystem, running
+from devstack.seed import store_pending_sessions
 from devstack.servers import Process
 from devstack.sse import EventSourceClient
 from shared.cache import StatusCache
@@ -43,10 +44,10 @@ from shared.mongo import Store, mongo_client
 from shared.settings import Settings
 
 from ._common import (
+    AMOUNT,
     CHECKSUM_KEY,
     Paid,
     cpu_seconds,
-    make_sessions,
     paced,
     pay_directly,
     percentile,
@@ -147,7 +148,7 @@ async def measure(args: argparse.Namespace, system: ReplicaSystem) -> Run:
     clients: list[subprocess.Popen[str]] = []
     gateways: list[Process] = system.gateways
     try:
-        docs = await make_sessions(store, n)
+        docs = await store_pending_sessions(store, n, amount=AMOUNT)
         for doc in docs:
             await cache.put(StatusEvent.from_session(doc))
 

@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 from redis.asyncio import Redis
 
+from devstack.seed import store_pending_sessions
 from devstack.servers import Process, free_port, python_service
 from shared.cache import StatusCache
 from shared.model import StatusEvent
@@ -35,11 +36,11 @@ from shared.mongo import Store, mongo_client
 from shared.settings import Settings
 
 from ._common import (
+    AMOUNT,
     CHECKSUM_KEY,
     Backends,
     Paid,
     backends,
-    make_sessions,
     paced,
     pay_directly,
     percentile,
@@ -246,7 +247,7 @@ async def run(args: argparse.Namespace, env: Backends) -> None:
             proc.start()
         await store.ensure_indexes()
         t0 = time.monotonic()
-        docs = await make_sessions(store, n)
+        docs = await store_pending_sessions(store, n, amount=AMOUNT)
         print(f"{n:,} pending sessions stored in {time.monotonic() - t0:.1f} s")
         if not args.cold_cache:
             # What session-api does when it creates a session: cache its status.

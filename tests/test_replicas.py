@@ -14,9 +14,7 @@ import asyncio
 import contextlib
 import os
 import random
-import secrets
 import signal
-import uuid as uuidlib
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,10 +26,10 @@ from redis.asyncio import Redis
 
 from devstack.balancer import find_nginx
 from devstack.replicas import ReplicaSystem, running
+from devstack.seed import store_pending_sessions
 from devstack.sse import EventSourceClient
-from shared import keys
 from shared.cache import StatusCache
-from shared.model import StatusEvent, StreamStatus, new_session, utcnow
+from shared.model import StatusEvent, StreamStatus
 from shared.mongo import Store, mongo_client
 from shared.settings import Settings
 from tests.helpers import signed_webhook
@@ -146,28 +144,6 @@ async def all_final(clients: list[EventSourceClient], timeout: float) -> None:
         await wait_for(check, timeout, "every stream to end")
 
 
-async def stored_sessions(store: Store, n: int) -> list[dict[str, Any]]:
-    """`n` pending sessions, stored in bulk (the MongoDB stand-in is slow per operation)."""
-    now = utcnow()
-    docs = [
-        new_session(
-            uuid=str(uuidlib.uuid4()),
-            order_code=secrets.randbelow(10**12) + 1,
-            account_number="0001112223",
-            amount=50_000,
-            description="NAPTIEN",
-            now=now,
-            ttl_seconds=keys.SESSION_TTL_SECONDS,
-        )
-        for _ in range(n)
-    ]
-    for i in range(0, n, 500):
-        await store.sessions.insert_many([dict(d) for d in docs[i : i + 500]])
-    for doc in docs:
-        doc.pop("_id", None)
-    return docs
-
-
 def done_event(doc: dict[str, Any]) -> StatusEvent:
     """What the ingest writes last for a paid session: the cache entry and its event."""
     return StatusEvent(
@@ -225,7 +201,7 @@ async def test_gateway_killed_while_streams_wait_every_browser_reconnects_and_ge
     cache: StatusCache,
 ) -> None:
     streams = STREAMS
-    docs = await stored_sessions(store, streams)
+    docs = await store_pending_sessions(store, streams, amount=50_000)
     # What session-api does on create: the status is cached.
     for doc in docs:
         await cache.put(StatusEvent.from_session(doc))
