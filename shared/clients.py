@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
@@ -16,7 +15,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .appkeys import CACHE, REDIS, SETTINGS, STORE
+from .appkeys import CACHE, REDIS, SETTINGS, STORE, SUPERVISOR
 from .cache import StatusCache
 from .mongo import Store, mongo_client
 from .settings import Settings
@@ -31,6 +30,12 @@ CLUSTER_MIN_CONNECTIONS_PER_NODE = 32
 SHARDED_PUBSUB_COUNTS = ("PUBSUB SHARDCHANNELS", "PUBSUB SHARDNUMSUB")
 
 CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
+
+
+async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
+    """First of every service's cleanup contexts: whatever task is left is stopped last."""
+    yield
+    await app[SUPERVISOR].stop()
 
 
 def redis_client(
@@ -104,11 +109,9 @@ async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
     """
     store = Store(mongo_client(app[SETTINGS]))
     app[STORE] = store
-    task = asyncio.create_task(_ensure_indexes(store))
+    task = app[SUPERVISOR].spawn("mongo-indexes", lambda: _ensure_indexes(store), forever=False)
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await task.stop()
     await store.client.close()
 
 

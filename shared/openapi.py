@@ -93,21 +93,30 @@ def ops_paths(readiness_checks: Iterable[str]) -> Doc:
             },
         },
     }
+    liveness = {
+        "type": "object",
+        "required": ["status", "tasks"],
+        "properties": {
+            "status": {"enum": ["ok", "unhealthy"]},
+            "tasks": {
+                "type": "object",
+                "additionalProperties": {"enum": ["running", "restarting", "finished"]},
+            },
+        },
+    }
     return {
         "/healthz": {
             "get": {
                 "operationId": "healthz",
                 "tags": ["ops"],
-                "summary": "The process is alive.",
+                "summary": "The process is alive: every background task is running.",
                 "responses": {
-                    "200": ok(
-                        "Alive.",
-                        {
-                            "type": "object",
-                            "required": ["status"],
-                            "properties": {"status": {"const": "ok"}},
-                        },
-                    )
+                    "200": ok("Alive.", liveness),
+                    "500": ok(
+                        "A background task died and waits for its restart (a pod whose "
+                        "tasks keep dying fails this probe and is restarted).",
+                        liveness,
+                    ),
                 },
             }
         },

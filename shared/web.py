@@ -12,7 +12,8 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from .appkeys import METRICS, REDIS, STORE
+from .appkeys import METRICS, REDIS, STORE, SUPERVISOR
+from .tasks import Supervisor
 
 log = structlog.get_logger(__name__)
 
@@ -119,11 +120,18 @@ def add_ops_routes(
     app: web.Application,
     checks: dict[str, ReadinessCheck] | None = None,
 ) -> None:
-    """`/healthz` (alive), `/readyz` (dependencies reachable) and `/metrics` (Prometheus)."""
+    """`/healthz` (alive: every supervised task running), `/readyz` (dependencies
+    reachable) and `/metrics` (Prometheus)."""
     readiness = checks if checks is not None else {"redis": redis_ready, "mongodb": mongo_ready}
 
     async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        supervisor = request.app.get(SUPERVISOR)
+        tasks = supervisor.states() if supervisor is not None else {}
+        healthy = supervisor is None or supervisor.healthy
+        return web.json_response(
+            {"status": "ok" if healthy else "unhealthy", "tasks": tasks},
+            status=200 if healthy else 500,
+        )
 
     async def readyz(request: web.Request) -> web.Response:
         results: dict[str, str] = {}
@@ -153,7 +161,9 @@ def add_ops_routes(
 
 
 def new_registry(app: web.Application) -> CollectorRegistry:
-    """A metrics registry of this app's own (several apps may live in one test process)."""
+    """A metrics registry of this app's own (several apps may live in one test process),
+    and the supervisor of its background tasks, whose restarts it counts."""
     registry = CollectorRegistry()
     app[METRICS] = registry
+    app[SUPERVISOR] = Supervisor(registry)
     return registry

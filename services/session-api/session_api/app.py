@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from shared.appkeys import CACHE, REDIS, SETTINGS, STORE
-from shared.clients import mongo_ctx, redis_ctx
+from shared.clients import mongo_ctx, redis_ctx, supervisor_ctx
 from shared.payos_client import payos_client
 from shared.settings import Settings
 from shared.status import StatusReader
@@ -67,7 +67,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[TRUSTED_PROXIES] = parse_networks(settings.trusted_proxies)
     app[SESSION_METRICS] = SessionMetrics.create(new_registry(app))
-    app.cleanup_ctx.extend([redis_ctx, mongo_ctx, _payos_ctx, _sessions_ctx])
+    app.cleanup_ctx.extend([supervisor_ctx, redis_ctx, mongo_ctx, _payos_ctx, _sessions_ctx])
     app.on_response_prepare.append(security_headers)
     setup_routes(app)
     return app

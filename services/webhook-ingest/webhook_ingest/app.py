@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from shared.appkeys import CACHE, SETTINGS, STORE
-from shared.clients import mongo_ctx, redis_ctx
+from shared.appkeys import CACHE, SETTINGS, STORE, SUPERVISOR
+from shared.clients import mongo_ctx, redis_ctx, supervisor_ctx
 from shared.settings import Settings
 from shared.web import new_registry, request_context_middleware
 
@@ -23,7 +23,7 @@ async def _ingest_ctx(app: web.Application) -> AsyncIterator[None]:
     app[RESYNC] = resync
     app[INGESTOR] = Ingestor(app[STORE], app[CACHE], resync)
     app[INGEST_METRICS].resync_backlog.set_function(lambda: resync.backlog)
-    resync.start()
+    resync.start(app[SUPERVISOR])
     yield
     await resync.stop()
 
@@ -36,6 +36,6 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[INGEST_METRICS] = IngestMetrics.create(new_registry(app))
-    app.cleanup_ctx.extend([redis_ctx, mongo_ctx, _ingest_ctx])
+    app.cleanup_ctx.extend([supervisor_ctx, redis_ctx, mongo_ctx, _ingest_ctx])
     setup_routes(app)
     return app

@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 from shared.cache import StatusCache
 from shared.model import StatusEvent
 from shared.mongo import PUBLISH_PENDING, Store
+from shared.tasks import Supervised, Supervisor
 
 log = structlog.get_logger(__name__)
 
@@ -42,7 +43,7 @@ class Resync:
         self._sweep_seconds = sweep_seconds
         self._pending: set[str] = set()
         self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._task: Supervised | None = None
 
     @property
     def backlog(self) -> int:
@@ -56,20 +57,20 @@ class Resync:
         self._pending.add(event.uuid)
         self._wakeup.set()
 
-    def start(self) -> None:
+    def start(self, supervisor: Supervisor) -> None:
         self._wakeup.set()  # sweep at once: marks left by a replica that died
-        self._task = asyncio.create_task(self._run(), name="resync")
+        self._task = supervisor.spawn("ingest-resync", self._run)
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._task.stop()
         if self._pending:
             log.info("resync_left_marked", sessions=len(self._pending))
 
     async def _run(self) -> None:
         delay = 0.05
+        # A restart (after an unforeseen failure) sweeps again: nothing marked is skipped.
+        self._wakeup.set()
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), self._sweep_seconds)
