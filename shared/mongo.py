@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -85,3 +86,10 @@ class Store:
         if doc is None or doc["expiresAt"] <= (now or utcnow()):
             return None
         return doc
+
+    async def find_sessions(self, uuids: Sequence[str], now: datetime | None = None) -> list[Doc]:
+        """The live sessions among `uuids`, in one query (the gateway's re-read after a
+        reconnect asks for hundreds at once)."""
+        now = now or utcnow()
+        cursor = self.sessions.find({"uuid": {"$in": list(uuids)}}, {"_id": 0})
+        return [doc async for doc in cursor if doc["expiresAt"] > now]

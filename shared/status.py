@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
+from pymongo.errors import PyMongoError
 from redis.exceptions import RedisError
 
 from .cache import StatusCache
@@ -70,6 +71,36 @@ class StatusReader:
             return event
         finally:
             del self._inflight[uuid]
+
+    async def read_fresh(self, uuids: Sequence[str]) -> dict[str, StatusEvent]:
+        """The latest state of each live session among `uuids`, from MongoDB in one query,
+        repairing the cache where it is behind (which publishes the repair).
+
+        For the gateway after a pub/sub reconnect: the cache may have lost the very write
+        whose publish the gateway missed (a Redis failover), so reading it again would
+        leave the browser on `pending`. Sessions MongoDB does not have (deleted by TTL) or
+        a MongoDB outage fall back to the cache.
+        """
+        try:
+            if self._on_db_query is not None:
+                self._on_db_query()
+            docs = await self._store.find_sessions(uuids)
+        except PyMongoError as exc:
+            log.warning("status_store_unavailable", sessions=len(uuids), error=str(exc))
+            docs = []
+        found = {doc["uuid"]: StatusEvent.from_session(doc) for doc in docs}
+        if found:
+            await _best_effort(self._cache.put_many(found.values()), f"{len(found)} sessions")
+        for uuid in uuids:
+            if uuid not in found:
+                try:
+                    cached = await self._cache.get(uuid)
+                except RedisError as exc:
+                    log.warning("status_cache_unavailable", uuid=uuid, error=str(exc))
+                    continue
+                if cached is not None:
+                    found[uuid] = cached
+        return found
 
     async def _load(self, uuid: str) -> StatusEvent | None:
         if self._on_db_query is not None:

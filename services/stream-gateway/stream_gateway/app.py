@@ -10,14 +10,15 @@ from weakref import WeakSet
 import structlog
 from aiohttp import web
 
-from shared.appkeys import CACHE, SETTINGS, STORE
-from shared.clients import bounded_redis_ctx, mongo_ctx
+from shared.appkeys import CACHE, SETTINGS, STORE, SUPERVISOR
+from shared.clients import bounded_redis_ctx, mongo_ctx, supervisor_ctx
 from shared.settings import Settings
 from shared.status import StatusReader
 from shared.web import cors_middleware, new_registry, request_context_middleware
 
 from .appkeys import GATEWAY_METRICS, HUB, STATUS_READER, STREAMS
-from .hub import Hub, pubsub_client
+from .hub import Hub
+from .links import open_link, pubsub_client
 from .metrics import GatewayMetrics
 from .routes import setup_routes
 
@@ -37,7 +38,7 @@ async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
     reader = StatusReader(app[CACHE], app[STORE], on_db_query=metrics.db_queries.inc)
     app[STATUS_READER] = reader
     redis = pubsub_client(app[SETTINGS], _client_name("pubsub"))
-    hub = Hub(redis, reader, metrics)
+    hub = Hub(lambda: open_link(redis), reader, metrics, app[SUPERVISOR])
     app[HUB] = hub
     metrics.subscriptions.set_function(lambda: hub.subscription_count)
     metrics.pubsub_connected.set_function(lambda: 1 if hub.connected else 0)
@@ -71,7 +72,12 @@ def create_app(settings: Settings) -> web.Application:
     app[STREAMS] = WeakSet()
     metrics.open_streams.set_function(lambda: len(app[STREAMS]))
     app.cleanup_ctx.extend(
-        [bounded_redis_ctx(COMMAND_CONNECTIONS, _client_name("commands")), mongo_ctx, _hub_ctx]
+        [
+            supervisor_ctx,
+            bounded_redis_ctx(COMMAND_CONNECTIONS, _client_name("commands")),
+            mongo_ctx,
+            _hub_ctx,
+        ]
     )
     app.on_shutdown.append(_close_streams)
     setup_routes(app)

@@ -10,25 +10,29 @@ whatever was published meanwhile is gone for good.
 
 The link is one connection to a single Redis, or on a Redis Cluster one connection per
 primary with sharded pub/sub (`links.py`); the hub sees no difference.
+
+Each link has a `_Connection` of its own holding what was sent on it and what it confirmed,
+so a coroutine still holding an old link (a flusher suspended mid-batch during a reconnect)
+can only touch the old link's state, never mark a channel as told on the new one. Any
+failure of a link ends it, whatever its type; the reader, the flusher and the re-reader run
+under the app's supervisor, which restarts whichever ends unexpectedly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Protocol
 
 import structlog
-from redis.asyncio import Redis, RedisCluster
-from redis.exceptions import RedisError
 
 from shared.model import StatusEvent
-from shared.status import StatusReader
+from shared.tasks import Supervised, Supervisor
 
-from .links import CONFIRM_TIMEOUT, DEAD_AFTER_SECONDS, IDLE_PING_SECONDS, Link, open_link
-from .links import pubsub_client as pubsub_client
+from .links import CONFIRM_TIMEOUT, DEAD_AFTER_SECONDS, IDLE_PING_SECONDS, Link
 from .metrics import GatewayMetrics
 
 log = structlog.get_logger(__name__)
@@ -38,15 +42,28 @@ log = structlog.get_logger(__name__)
 QUEUE_SIZE = 8
 # Channels per SUBSCRIBE/UNSUBSCRIBE command when many change at once (a reconnect).
 COMMAND_BATCH = 500
-# Reconnect backoff (with full jitter) and the parallelism of the re-read after a reconnect.
+# Reconnect backoff (with full jitter); it starts over once a link has lived STABLE_LINK.
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 5.0
-RESYNC_WORKERS = 32
+STABLE_LINK_SECONDS = 10.0
+# The re-read after a reconnect goes to MongoDB (the cache may have lost what the link
+# lost): sessions per query, and queries in flight at once, so 10,000 open streams cost
+# 20 queries, at most 4 at a time, per reconnect.
+REREAD_BATCH = 500
+REREAD_WORKERS = 4
+REREAD_RETRY_SECONDS = 1.0
 # How long stopping waits for the hub's tasks to end.
 STOP_TIMEOUT = 1.0
 
 
 Sender = Callable[[StatusEvent, bool], Awaitable[bool]]
+
+
+class StatusSource(Protocol):
+    """Where the hub reads statuses after a (re)connect (`shared.status.StatusReader`)."""
+
+    async def read_fresh(self, uuids: Sequence[str]) -> dict[str, StatusEvent]:
+        """The latest state of each session that exists, from the source of truth."""
 
 
 class Listener:
@@ -114,26 +131,64 @@ class Listener:
             self._drain = None
 
 
+class _Connection:
+    """One link and what was said on it: a new link starts with all of this empty."""
+
+    __slots__ = ("confirmed", "failure", "inflight", "late", "link", "told", "waiters")
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self.told: set[str] = set()  # SUBSCRIBE sent (and no UNSUBSCRIBE since)
+        self.inflight: dict[str, int] = {}  # commands sent, confirmation not yet read
+        self.confirmed: set[str] = set()
+        self.waiters: dict[str, list[asyncio.Future[bool]]] = {}
+        # Joins that stopped waiting for their confirmation: read again once it arrives.
+        self.late: set[str] = set()
+        # A command failed: the reader ends the link at its next turn.
+        self.failure: BaseException | None = None
+
+    def mark(self, uuids: list[str], *, subscribed: bool) -> None:
+        # Before the command is sent: its confirmation may be read before `send` returns.
+        for uuid in uuids:
+            self.inflight[uuid] = self.inflight.get(uuid, 0) + 1
+            if subscribed:
+                self.told.add(uuid)
+            else:
+                self.told.discard(uuid)
+
+    def is_confirmed(self, uuid: str) -> bool:
+        return uuid in self.confirmed and uuid not in self.inflight
+
+    def release_waiters(self) -> None:
+        """The link is over: nobody waits for it (the next link re-reads every stream)."""
+        for waiters in self.waiters.values():
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(True)
+        self.waiters.clear()
+
+
 class Hub:
     """Every stream of this process, grouped by session, over one pub/sub connection."""
 
     def __init__(
-        self, redis: Redis | RedisCluster, reader: StatusReader, metrics: GatewayMetrics
+        self,
+        open_link: Callable[[], Link],
+        reader: StatusSource,
+        metrics: GatewayMetrics,
+        supervisor: Supervisor | None = None,
     ) -> None:
-        self._redis = redis
+        self._open_link = open_link
         self._reader = reader
         self._metrics = metrics
+        self._supervisor = supervisor if supervisor is not None else Supervisor()
         self._listeners: dict[str, set[Listener]] = {}
-        # State of the current connection; reset by every reconnect.
-        self._link: Link | None = None
-        self._told: set[str] = set()  # SUBSCRIBE sent (and no UNSUBSCRIBE since)
-        self._inflight: dict[str, int] = {}  # commands sent, confirmation not yet read
-        self._confirmed: set[str] = set()
-        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._conn: _Connection | None = None
         self._changed: set[str] = set()  # sessions whose first/last stream came or went
         self._dirty = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._resync_task: asyncio.Task[None] | None = None
+        self._reread: dict[str, None] = {}  # sessions to read again, in order
+        self._reread_wake = asyncio.Event()
+        self._tasks: list[Supervised] = []
         self.connected = False
         self.closing = False
 
@@ -144,8 +199,16 @@ class Hub:
         """Sessions with at least one open stream (each one channel subscription)."""
         return len(self._listeners)
 
+    def holds(self, listener: Listener) -> bool:
+        """Whether `listener` is registered (for tests and leak checks)."""
+        return listener in self._listeners.get(listener.uuid, ())
+
     async def join(self, listener: Listener) -> None:
-        """Add a stream; returns once its channel is subscribed (or Redis is unreachable)."""
+        """Add a stream; returns once its channel is subscribed (or Redis is unreachable).
+
+        If the caller is cancelled meanwhile (the browser left), the stream is removed again
+        before the cancellation goes on: nothing is left subscribed for nobody.
+        """
         uuid = listener.uuid
         group = self._listeners.get(uuid)
         if group is None:
@@ -153,13 +216,20 @@ class Hub:
             self._changed.add(uuid)
             self._dirty.set()
         group.add(listener)
-        if self.connected:
-            await self._wait_confirmed(uuid)
+        conn = self._conn
+        if conn is None:
+            return  # the next link re-reads every stream
+        try:
+            unconfirmed = await self._wait_confirmed(conn, [uuid])
+        except BaseException:
+            self.leave(listener)
+            raise
+        self._note_late(conn, unconfirmed)
 
     def leave(self, listener: Listener) -> None:
         """Remove a stream; the channel is unsubscribed once its last stream left."""
         group = self._listeners.get(listener.uuid)
-        if group is None:
+        if group is None or listener not in group:
             return
         group.discard(listener)
         if not group:
@@ -171,83 +241,81 @@ class Hub:
 
     def start(self) -> None:
         self._tasks = [
-            asyncio.create_task(self._run(), name="hub-reader"),
-            asyncio.create_task(self._flush_loop(), name="hub-flusher"),
+            self._supervisor.spawn("hub-reader", self._run),
+            self._supervisor.spawn("hub-flusher", self._flush_loop),
+            self._supervisor.spawn("hub-reread", self._reread_loop),
         ]
 
     async def stop(self) -> None:
         self.closing = True
         self._dirty.set()
-        tasks = [*self._tasks, *([self._resync_task] if self._resync_task else [])]
-        for task in tasks:
-            task.cancel()
         # Bounded: a cancellation caught inside the Redis client must not hold up shutdown.
-        await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
+        await asyncio.gather(*(task.stop() for task in self._tasks))
 
     # -- the reader: connect, read, fan out, reconnect -------------------------------------
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         delay = BACKOFF_MIN
         while not self.closing:
-            link = open_link(self._redis)
+            link = self._open_link()
             try:
                 async with asyncio.timeout(CONFIRM_TIMEOUT):
                     await link.open()
-            except (RedisError, OSError, TimeoutError) as exc:
+            except Exception as exc:
+                # Any failure, not only RedisError: a cluster with no reachable node raises
+                # RedisClusterException, and a reader that ended on it would push nothing again.
                 await link.close()
-                log.warning("pubsub_connect_failed", error=str(exc) or type(exc).__name__)
+                log.warning("pubsub_connect_failed", error=_describe(exc))
                 await asyncio.sleep(random.uniform(0, delay))
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue
-            delay = BACKOFF_MIN
-            self._begin(link)
+            opened = loop.time()
+            conn = self._begin(link)
             try:
-                await self._read(link)
-            except (RedisError, OSError, TimeoutError) as exc:
-                log.warning("pubsub_lost", error=str(exc) or type(exc).__name__)
+                await self._read(conn)
+            except Exception as exc:
+                log.warning("pubsub_lost", error=_describe(exc))
             finally:
-                self._end()
+                self._end(conn)
                 await link.close()
+            if loop.time() - opened > STABLE_LINK_SECONDS:
+                delay = BACKOFF_MIN
             await asyncio.sleep(random.uniform(0, delay))
+            delay = min(delay * 2, BACKOFF_MAX)
 
-    def _begin(self, link: Link) -> None:
-        self._link = link
-        self._told.clear()
-        self._inflight.clear()
-        self._confirmed.clear()
+    def _begin(self, link: Link) -> _Connection:
+        conn = self._conn = _Connection(link)
         self._changed.update(self._listeners)
         self.connected = True
         self._metrics.pubsub_connects.inc()
         log.info("pubsub_connected", sessions=len(self._listeners))
         self._dirty.set()
         # Whatever was published while this process was not subscribed is lost: read again.
-        if self._listeners:
-            if self._resync_task is not None:
-                self._resync_task.cancel()
-            self._resync_task = asyncio.create_task(self._resync(), name="hub-resync")
+        self._queue_reread(self._listeners)
+        return conn
 
-    def _end(self) -> None:
-        self.connected = False
-        self._link = None
+    def _end(self, conn: _Connection) -> None:
+        if self._conn is conn:
+            self._conn = None
+            self.connected = False
         # Streams waiting for a confirmation go on; the next connection's re-read covers them.
-        for waiters in self._waiters.values():
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
-        self._waiters.clear()
+        conn.release_waiters()
 
-    async def _read(self, link: Link) -> None:
+    async def _read(self, conn: _Connection) -> None:
         loop = asyncio.get_running_loop()
         last_heard = loop.time()
         pinged = False
         while True:
-            msg = await link.read(idle=IDLE_PING_SECONDS)
+            if conn.failure is not None:
+                raise conn.failure
+            msg = await conn.link.read(idle=IDLE_PING_SECONDS)
             now = loop.time()
             if msg is None:
                 if now - last_heard > DEAD_AFTER_SECONDS:
                     raise TimeoutError("pub/sub connection silent, even to PING")
                 if not pinged:
-                    await link.ping()
+                    await conn.link.ping()
                     pinged = True
                 continue
             last_heard, pinged = now, False
@@ -256,7 +324,7 @@ class Hub:
             if msg.kind == "message":
                 self._dispatch(msg.uuid, msg.data)
             elif msg.kind in ("subscribe", "unsubscribe"):
-                self._confirm(msg.uuid, subscribed=msg.kind == "subscribe")
+                self._confirm(conn, msg.uuid, subscribed=msg.kind == "subscribe")
 
     def _dispatch(self, uuid: str, data: bytes) -> None:
         group = self._listeners.get(uuid)
@@ -270,36 +338,56 @@ class Hub:
         for listener in group:
             listener.offer(event, pushed=True)
 
-    def _confirm(self, uuid: str, *, subscribed: bool) -> None:
-        left = self._inflight.get(uuid, 0) - 1
+    def _confirm(self, conn: _Connection, uuid: str, *, subscribed: bool) -> None:
+        left = conn.inflight.get(uuid, 0) - 1
         if left > 0:
-            self._inflight[uuid] = left
+            conn.inflight[uuid] = left
             return
-        self._inflight.pop(uuid, None)
-        if subscribed and uuid in self._told:
-            self._confirmed.add(uuid)
-            for fut in self._waiters.pop(uuid, ()):
+        conn.inflight.pop(uuid, None)
+        if subscribed and uuid in conn.told:
+            conn.confirmed.add(uuid)
+            for fut in conn.waiters.pop(uuid, ()):
                 if not fut.done():
-                    fut.set_result(None)
+                    fut.set_result(True)
+            if uuid in conn.late:
+                # Its stream read the status without waiting for this: anything published in
+                # between reached nobody, so read once more.
+                conn.late.discard(uuid)
+                self._queue_reread([uuid])
         else:
-            self._confirmed.discard(uuid)
+            conn.confirmed.discard(uuid)
 
-    async def _wait_confirmed(self, uuid: str) -> None:
-        if uuid in self._confirmed and uuid not in self._inflight:
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(uuid, []).append(fut)
+    async def _wait_confirmed(self, conn: _Connection, uuids: Sequence[str]) -> list[str]:
+        """Wait (bounded) until each channel is confirmed on `conn`; those that were not."""
+        futures: dict[str, asyncio.Future[bool]] = {}
+        loop = asyncio.get_running_loop()
+        for uuid in uuids:
+            if not conn.is_confirmed(uuid):
+                fut = futures[uuid] = loop.create_future()
+                conn.waiters.setdefault(uuid, []).append(fut)
+        if not futures:
+            return []
         try:
-            async with asyncio.timeout(CONFIRM_TIMEOUT):
-                await fut
-        except TimeoutError:
-            log.warning("subscribe_unconfirmed", uuid=uuid)
+            await asyncio.wait(futures.values(), timeout=CONFIRM_TIMEOUT)
         finally:
-            waiters = self._waiters.get(uuid)
-            if waiters is not None and fut in waiters:
-                waiters.remove(fut)
-                if not waiters:
-                    del self._waiters[uuid]
+            for uuid, fut in futures.items():
+                waiters = conn.waiters.get(uuid)
+                if waiters is not None and fut in waiters:
+                    waiters.remove(fut)
+                    if not waiters:
+                        del conn.waiters[uuid]
+        late = [uuid for uuid, fut in futures.items() if not fut.done()]
+        if late:
+            log.warning("subscribe_unconfirmed", sessions=len(late), uuid=late[0])
+        return late
+
+    def _note_late(self, conn: _Connection, uuids: list[str]) -> None:
+        """Streams that go on without a confirmation are read again when it comes."""
+        for uuid in uuids:
+            if conn.is_confirmed(uuid):
+                self._queue_reread([uuid])
+            elif conn is self._conn:
+                conn.late.add(uuid)
 
     # -- the flusher: SUBSCRIBE / UNSUBSCRIBE what changed, in batches ----------------------
 
@@ -307,56 +395,76 @@ class Hub:
         while not self.closing:
             await self._dirty.wait()
             self._dirty.clear()
-            link = self._link
-            if link is None or not self._changed or self.closing:
+            conn = self._conn
+            if conn is None or not self._changed or self.closing:
                 continue
             changed, self._changed = self._changed, set()
-            subscribe = [u for u in changed if u in self._listeners and u not in self._told]
-            unsubscribe = [u for u in changed if u not in self._listeners and u in self._told]
+            subscribe = [u for u in changed if u in self._listeners and u not in conn.told]
+            unsubscribe = [u for u in changed if u not in self._listeners and u in conn.told]
             try:
-                for batch in _batches(subscribe):
-                    self._mark(batch, subscribed=True)
-                    await link.subscribe(batch)
-                for batch in _batches(unsubscribe):
-                    self._mark(batch, subscribed=False)
-                    await link.unsubscribe(batch)
-            except (RedisError, OSError) as exc:
-                # The reader sees the same broken connection and starts over.
-                log.warning("pubsub_command_failed", error=str(exc) or type(exc).__name__)
+                await self._send(conn, subscribe, subscribed=True)
+                await self._send(conn, unsubscribe, subscribed=False)
+            except Exception as exc:
+                # Whatever the failure, the link cannot be trusted: the reader starts over.
+                log.warning("pubsub_command_failed", error=_describe(exc))
+                if conn.failure is None:
+                    conn.failure = exc
 
-    def _mark(self, uuids: list[str], *, subscribed: bool) -> None:
-        # Before the command is sent: its confirmation may be read before `send` returns.
-        for uuid in uuids:
-            self._inflight[uuid] = self._inflight.get(uuid, 0) + 1
+    async def _send(self, conn: _Connection, uuids: list[str], *, subscribed: bool) -> None:
+        for batch in _batches(uuids):
+            if conn is not self._conn:
+                # Reconnected while a command was on its way: the new link starts from
+                # every live stream, and this one is closed.
+                return
+            conn.mark(batch, subscribed=subscribed)
             if subscribed:
-                self._told.add(uuid)
+                await conn.link.subscribe(batch)
             else:
-                self._told.discard(uuid)
+                await conn.link.unsubscribe(batch)
 
-    # -- the re-read after a (re)connect ---------------------------------------------------
+    # -- the re-read after a (re)connect or a late confirmation ---------------------------
 
-    async def _resync(self) -> None:
-        pending = deque(self._listeners)
-        log.info("resync_started", sessions=len(pending))
+    def _queue_reread(self, uuids: Iterable[str]) -> None:
+        for uuid in uuids:
+            self._reread[uuid] = None
+        if self._reread:
+            self._reread_wake.set()
 
+    async def _reread_loop(self) -> None:
         async def worker() -> None:
-            while pending:
-                uuid = pending.popleft()
-                if uuid not in self._listeners:
-                    continue
-                await self._wait_confirmed(uuid)
-                try:
-                    event = await self._reader.read(uuid)
-                except Exception as exc:
-                    log.warning("resync_read_failed", uuid=uuid, error=str(exc))
-                    continue
-                self._metrics.resync_reads.inc()
-                if event is not None:
-                    for listener in self._listeners.get(uuid, ()):
-                        listener.offer(event)
+            while True:
+                while not self._reread:
+                    self._reread_wake.clear()
+                    await self._reread_wake.wait()
+                taken = list(itertools.islice(self._reread, REREAD_BATCH))
+                for uuid in taken:
+                    del self._reread[uuid]
+                batch = [u for u in taken if u in self._listeners]
+                if batch:
+                    await self._reread_batch(batch)
 
-        await asyncio.gather(*(worker() for _ in range(RESYNC_WORKERS)))
-        log.info("resync_finished")
+        await asyncio.gather(*(worker() for _ in range(REREAD_WORKERS)))
+
+    async def _reread_batch(self, batch: list[str]) -> None:
+        conn = self._conn
+        if conn is not None:
+            # Read after the SUBSCRIBE is confirmed, so a change in between is not missed.
+            self._note_late(conn, await self._wait_confirmed(conn, batch))
+        try:
+            events = await self._reader.read_fresh(batch)
+        except Exception as exc:
+            log.warning("resync_read_failed", sessions=len(batch), error=_describe(exc))
+            await asyncio.sleep(REREAD_RETRY_SECONDS)
+            self._queue_reread(batch)
+            return
+        self._metrics.resync_reads.inc(len(batch))
+        for uuid, event in events.items():
+            for listener in self._listeners.get(uuid, ()):
+                listener.offer(event)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _batches(items: list[str]) -> Iterable[list[str]]:

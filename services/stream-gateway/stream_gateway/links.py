@@ -66,8 +66,16 @@ class Message:
     data: bytes = b""
 
 
+class LinkClosedError(RedisConnectionError):
+    """A command given to a link after it was closed (redis-py would silently reconnect)."""
+
+
 class Link(Protocol):
-    """What the hub needs of a pub/sub connection (read by one coroutine only)."""
+    """What the hub needs of a pub/sub connection (read by one coroutine only).
+
+    A closed link refuses every command with `LinkClosedError`: redis-py's `PubSub` would
+    open a new connection for a SUBSCRIBE after `aclose()`, subscribed and read by nobody.
+    """
 
     async def open(self) -> None:
         """Connect and subscribe the keep-alive channel(s); returns once Redis confirmed."""
@@ -130,8 +138,14 @@ class PubSubLink:
 
     def __init__(self, redis: Redis) -> None:
         self._pubsub = redis.pubsub()
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LinkClosedError("pub/sub link closed")
 
     async def open(self) -> None:
+        self._check_open()
         await self._pubsub.subscribe(keys.GATEWAY_CHANNEL)
         while True:
             msg = await self.read(idle=CONFIRM_TIMEOUT)
@@ -139,19 +153,24 @@ class PubSubLink:
                 return
 
     async def subscribe(self, uuids: Iterable[str]) -> None:
+        self._check_open()
         await self._pubsub.subscribe(*(keys.status_channel(u) for u in uuids))
 
     async def unsubscribe(self, uuids: Iterable[str]) -> None:
+        self._check_open()
         await self._pubsub.unsubscribe(*(keys.status_channel(u) for u in uuids))
 
     async def ping(self) -> None:
+        self._check_open()
         await self._pubsub.ping()
 
     async def read(self, *, idle: float) -> Message | None:
+        self._check_open()
         raw = await self._pubsub.get_message(timeout=idle)
         return None if raw is None else _message(raw)
 
     async def close(self) -> None:
+        self._closed = True
         with contextlib.suppress(RedisError, OSError):
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
@@ -208,12 +227,18 @@ class ShardedPubSubLink:
         # SUNSUBSCRIBEs sent per channel whose confirmation is not read yet: any other
         # SUNSUBSCRIBE is the cluster's, after moving the slot.
         self._leaving: Counter[bytes] = Counter()
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LinkClosedError("sharded pub/sub link closed")
 
     @property
     def shard_count(self) -> int:
         return len(self._shards)
 
     async def open(self) -> None:
+        self._check_open()
         # A fresh topology on every (re)connect: a failover or resharding is why we are here.
         await self._cluster.aclose()
         await self._cluster.initialize()
@@ -232,18 +257,34 @@ class ShardedPubSubLink:
         log.info("sharded_pubsub_open", shards=sorted(self._shards))
 
     async def subscribe(self, uuids: Iterable[str]) -> None:
-        for shard, channels in self._route(uuids):
-            await shard.pubsub.ssubscribe(*channels)
+        self._check_open()
+        try:
+            for shard, channels in self._route(uuids):
+                await shard.pubsub.ssubscribe(*channels)
+        except Exception as exc:
+            self._fail(exc)
+            raise
 
     async def unsubscribe(self, uuids: Iterable[str]) -> None:
-        for shard, channels in self._route(uuids):
-            self._leaving.update(c.encode() for c in channels)
-            await shard.pubsub.sunsubscribe(*channels)
+        self._check_open()
+        try:
+            for shard, channels in self._route(uuids):
+                self._leaving.update(c.encode() for c in channels)
+                await shard.pubsub.sunsubscribe(*channels)
+        except Exception as exc:
+            self._fail(exc)
+            raise
 
     async def ping(self) -> None:
         """Nothing to do: each shard's reader pings its own quiet connection."""
+        self._check_open()
+
+    def _fail(self, exc: Exception) -> None:
+        """A failed command fails the link: the hub's next read raises it and reconnects."""
+        self._inbox.put_nowait(exc)
 
     async def read(self, *, idle: float) -> Message | None:
+        self._check_open()
         try:
             async with asyncio.timeout(idle):
                 item = await self._inbox.get()
@@ -254,6 +295,7 @@ class ShardedPubSubLink:
         return item
 
     async def close(self) -> None:
+        self._closed = True
         shards, self._shards = list(self._shards.values()), {}
         for shard in shards:
             await shard.close()
@@ -270,9 +312,7 @@ class ShardedPubSubLink:
             shard = self._shards.get(node.name)
             if shard is None:
                 # A primary this link did not connect to: the topology changed, start over.
-                error = SlotMovedError(f"no connection to {node.name}, the owner of a channel")
-                self._inbox.put_nowait(error)
-                raise error
+                raise SlotMovedError(f"no connection to {node.name}, the owner of a channel")
             yield shard, channels
 
     async def _read_shard(self, shard: _Shard) -> None:
@@ -300,5 +340,6 @@ class ShardedPubSubLink:
                     if not self._leaving[channel]:
                         del self._leaving[channel]
                 self._inbox.put_nowait(_message(raw))
-        except (RedisError, OSError, TimeoutError) as exc:
+        except Exception as exc:
+            # Any failure (RedisClusterException is not a RedisError) fails the whole link.
             self._inbox.put_nowait(exc)

@@ -39,9 +39,10 @@ async def stream_status(request: web.Request) -> web.StreamResponse:
         return json_error(503, "shutting down, connect again", retryable=True)
     after = _last_event_id(request)
     listener = Listener(uuid, after_version=after or 0)
-    # Subscribe first, then read: a change landing in between is queued, never lost.
-    await hub.join(listener)
     try:
+        # Subscribe first, then read: a change landing in between is queued, never lost.
+        # Inside the `try`: a browser that leaves during the join leaves nothing behind.
+        await hub.join(listener)
         try:
             status = await app[STATUS_READER].read(uuid)
         except PyMongoError as exc:
@@ -80,6 +81,12 @@ async def _stream(request: web.Request, listener: Listener) -> EventSourceRespon
             )
         except (ConnectionResetError, TimeoutError):
             # aiohttp-sse has stopped the stream already; the handler's wait() returns.
+            return True
+        except Exception:
+            # Unforeseen: end the stream (the browser reconnects and reads the status)
+            # rather than leave it open with nobody writing to it.
+            log.exception("stream_write_failed", uuid=listener.uuid)
+            stream.stop_streaming()
             return True
         _delivered(metrics, event, pushed)
         if event.status.terminal:
