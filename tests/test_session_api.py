@@ -24,7 +24,9 @@ from shared.appkeys import CACHE, METRICS
 from shared.model import StreamStatus, utcnow
 from shared.mongo import Store
 from shared.settings import Settings
+from tests.conftest import Servers
 from tests.helpers import add_session, simulator_to_ingest, subscribed
+from webhook_ingest import create_app as create_ingest
 
 Client = TestClient[Any, Any]
 ACCOUNT = "0001112223"
@@ -560,6 +562,45 @@ async def test_cleanup_publishes_expired_to_a_waiting_subscriber(
     assert (event.uuid, event.status, event.version) == (stale["uuid"], StreamStatus.EXPIRED, 2)
     status, body = await get_json(api, f"/api/webhooks?uuid={stale['uuid']}")
     assert (status, body["status"]) == (200, "expired")
+
+
+async def test_cleanup_leaves_no_publish_mark_once_redis_took_expired(
+    api: Client, store: Store
+) -> None:
+    stale = await add_session(store, createdAt=utcnow() - timedelta(hours=25))
+    assert (await api.post("/api/webhooks/cleanup", headers=CRON)).status == 200
+    stored = await store.sessions.find_one({"uuid": stale["uuid"]})
+    assert stored is not None and stored["status"] == "expired"
+    assert "publishPending" not in stored
+
+
+async def test_expired_that_redis_missed_during_cleanup_is_published_by_the_ingest_sweep(
+    aiohttp_client: Callable[..., Awaitable[Client]],
+    settings: Settings,
+    store: Store,
+    servers: Servers,
+) -> None:
+    # No PayOS simulator (and so no ingest) here: the ingest below starts only once the
+    # subscriber listens, and its start-up sweep is the one that must publish.
+    api = await _ready(
+        await aiohttp_client(
+            create_app(dataclasses.replace(settings, cron_secret="test-cron-secret"))
+        )
+    )
+    stale = await add_session(store, createdAt=utcnow() - timedelta(hours=25))
+    servers.redis.stop()
+    try:
+        status, body = await _post_json(api, "/api/webhooks/cleanup", headers=CRON)
+        assert status == 200 and (body["expired"], body["publishFailed"]) == (1, 1)
+    finally:
+        servers.redis.start()
+    async with subscribed(settings.redis_url, stale["uuid"]) as sub:
+        await _ready(await aiohttp_client(create_ingest(settings)))
+        [event] = await sub.wait_for(1, timeout=10)
+    assert (event.uuid, event.status, event.version) == (stale["uuid"], StreamStatus.EXPIRED, 2)
+    async with asyncio.timeout(5):
+        while "publishPending" in (await store.sessions.find_one({"uuid": stale["uuid"]}) or {}):
+            await asyncio.sleep(0.05)
 
 
 async def test_cleanup_twice_in_a_row_changes_nothing_the_second_time(
