@@ -78,6 +78,13 @@ class Store:
     async def ping(self) -> None:
         await self.client.admin.command("ping")
 
+    async def clear_publish_pending(self, uuid: str, version: int) -> None:
+        """Drop the session's `publishPending` mark once `version` reached Redis; a newer
+        change still waiting keeps its mark."""
+        await self.sessions.update_one(
+            {"uuid": uuid, "version": version}, {"$unset": {PUBLISH_PENDING: ""}}
+        )
+
     async def find_session(self, uuid: str, now: datetime | None = None) -> Doc | None:
         """The live session with this uuid; one past its `expiresAt` is gone (TTL may lag)."""
         # Expiry checked here rather than in the filter: an equality lookup is what every

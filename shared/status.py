@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 from .cache import StatusCache
 from .model import StatusEvent
 from .mongo import Store
+from .singleflight import SingleFlight
 
 log = structlog.get_logger(__name__)
 
@@ -28,7 +29,7 @@ class StatusReader:
     ) -> None:
         self._cache = cache
         self._store = store
-        self._inflight: dict[str, asyncio.Future[StatusEvent | None]] = {}
+        self._loads: SingleFlight[str, StatusEvent | None] = SingleFlight("status-load")
         self._on_db_query = on_db_query
 
     async def read(self, uuid: str) -> StatusEvent | None:
@@ -54,23 +55,7 @@ class StatusReader:
 
     async def read_from_store(self, uuid: str) -> StatusEvent | None:
         """Read MongoDB (once for all concurrent callers) and refill the cache."""
-        pending = self._inflight.get(uuid)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        fut: asyncio.Future[StatusEvent | None] = asyncio.get_running_loop().create_future()
-        self._inflight[uuid] = fut
-        try:
-            event = await self._load(uuid)
-        except BaseException as exc:
-            fut.set_exception(exc)
-            # Mark retrieved so a failure nobody else awaited does not warn at GC.
-            fut.exception()
-            raise
-        else:
-            fut.set_result(event)
-            return event
-        finally:
-            del self._inflight[uuid]
+        return await self._loads.run(uuid, functools.partial(self._load, uuid))
 
     async def read_fresh(self, uuids: Sequence[str]) -> dict[str, StatusEvent]:
         """The latest state of each live session among `uuids`, from MongoDB in one query,

@@ -12,19 +12,22 @@ import time
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import aiohttp
 import pytest
+import redis
 from aiohttp.test_utils import TestClient
 
 from session_api import create_app
 from shared.appkeys import CACHE, METRICS
-from shared.model import StreamStatus, utcnow
+from shared.model import StatusEvent, StreamStatus, utcnow
 from shared.mongo import Store
 from shared.settings import Settings
+from tests.conftest import Servers
 from tests.helpers import add_session, simulator_to_ingest, subscribed
+from webhook_ingest import create_app as create_ingest
 
 Client = TestClient[Any, Any]
 ACCOUNT = "0001112223"
@@ -562,6 +565,45 @@ async def test_cleanup_publishes_expired_to_a_waiting_subscriber(
     assert (status, body["status"]) == (200, "expired")
 
 
+async def test_cleanup_leaves_no_publish_mark_once_redis_took_expired(
+    api: Client, store: Store
+) -> None:
+    stale = await add_session(store, createdAt=utcnow() - timedelta(hours=25))
+    assert (await api.post("/api/webhooks/cleanup", headers=CRON)).status == 200
+    stored = await store.sessions.find_one({"uuid": stale["uuid"]})
+    assert stored is not None and stored["status"] == "expired"
+    assert "publishPending" not in stored
+
+
+async def test_expired_that_redis_missed_during_cleanup_is_published_by_the_ingest_sweep(
+    aiohttp_client: Callable[..., Awaitable[Client]],
+    settings: Settings,
+    store: Store,
+    servers: Servers,
+) -> None:
+    # No PayOS simulator (and so no ingest) here: the ingest below starts only once the
+    # subscriber listens, and its start-up sweep is the one that must publish.
+    api = await _ready(
+        await aiohttp_client(
+            create_app(dataclasses.replace(settings, cron_secret="test-cron-secret"))
+        )
+    )
+    stale = await add_session(store, createdAt=utcnow() - timedelta(hours=25))
+    servers.redis.stop()
+    try:
+        status, body = await _post_json(api, "/api/webhooks/cleanup", headers=CRON)
+        assert status == 200 and (body["expired"], body["publishFailed"]) == (1, 1)
+    finally:
+        servers.redis.start()
+    async with subscribed(settings.redis_url, stale["uuid"]) as sub:
+        await _ready(await aiohttp_client(create_ingest(settings)))
+        [event] = await sub.wait_for(1, timeout=10)
+    assert (event.uuid, event.status, event.version) == (stale["uuid"], StreamStatus.EXPIRED, 2)
+    async with asyncio.timeout(5):
+        while "publishPending" in (await store.sessions.find_one({"uuid": stale["uuid"]}) or {}):
+            await asyncio.sleep(0.05)
+
+
 async def test_cleanup_twice_in_a_row_changes_nothing_the_second_time(
     api: Client, store: Store, settings: Settings
 ) -> None:
@@ -647,6 +689,85 @@ async def test_stats_count_cached_orders_subscriptions_and_pending_sessions(
         2,
         2,
     )
+
+
+def redis_calls(redis_url: str, *commands: str) -> int:
+    """Calls of these commands the real redis-server has served so far (INFO commandstats)."""
+    stats = redis.Redis.from_url(redis_url).info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in commands)
+
+
+async def test_concurrent_stats_calls_cost_one_counting_round(
+    api: Client, settings: Settings
+) -> None:
+    for _ in range(3):
+        await create(api, {"accountNumber": ACCOUNT, "amount": 10_000})
+    scans = redis_calls(settings.redis_url, "scan")
+    channels = redis_calls(settings.redis_url, "pubsub|channels")
+    answers = await asyncio.gather(*(get_json(api, "/api/stats") for _ in range(50)))
+    assert {(status, body["cachedOrders"]) for status, body in answers} == {(200, 3)}
+    # Three keys fit one SCAN reply: one counting round is one SCAN and one PUBSUB CHANNELS.
+    assert redis_calls(settings.redis_url, "scan") - scans == 1
+    assert redis_calls(settings.redis_url, "pubsub|channels") - channels == 1
+
+
+async def test_stats_lag_the_truth_by_at_most_a_second(
+    api: Client, store: Store, settings: Settings
+) -> None:
+    session = await add_session(store)
+    assert (await get_json(api, "/api/stats"))[1]["cachedOrders"] == 0
+    await api.app[CACHE].put(StatusEvent.from_session(session))
+    scans = redis_calls(settings.redis_url, "scan")
+    # Within the second: the snapshot, without asking Redis again.
+    assert (await get_json(api, "/api/stats"))[1]["cachedOrders"] == 0
+    assert redis_calls(settings.redis_url, "scan") == scans
+    await asyncio.sleep(1.1)
+    assert (await get_json(api, "/api/stats"))[1]["cachedOrders"] == 1
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({}, id="anonymous"),
+        pytest.param({"Authorization": "Bearer wrong"}, id="wrong-token"),
+        pytest.param(CRON, id="cron-secret"),
+    ],
+)
+async def test_public_stats_answer_counts_only_even_when_redis_is_down(
+    api: Client, servers: Servers, headers: dict[str, str]
+) -> None:
+    servers.redis.stop()
+    try:
+        status, body = await get_json(api, "/api/stats", headers=headers)
+    finally:
+        servers.redis.start()
+    assert status == 200
+    # Which backend failed, and how (its address), is for admins.
+    assert body == {
+        "success": True,
+        "cachedOrders": None,
+        "activeSubscriptions": None,
+        "pendingSessions": 0,
+    }
+
+
+async def test_admin_stats_also_tell_when_they_were_counted_and_what_failed(
+    api: Client, servers: Servers
+) -> None:
+    servers.redis.stop()
+    try:
+        before = utcnow()
+        status, body = await get_json(api, "/api/stats", headers=ADMIN)
+    finally:
+        servers.redis.start()
+    assert status == 200
+    assert (body["cachedOrders"], body["activeSubscriptions"], body["pendingSessions"]) == (
+        None,
+        None,
+        0,
+    )
+    assert set(body["errors"]) == {"redis"} and body["errors"]["redis"]
+    assert datetime.fromisoformat(body["takenAt"]) >= before - timedelta(seconds=1)
 
 
 async def test_health_readiness_and_metrics(api: Client) -> None:

@@ -215,6 +215,46 @@ async def test_failed_transaction_is_recorded_and_session_stays_pending(
     assert stored is not None and (stored["status"], stored["amountPaid"]) == ("pending", 0)
 
 
+async def test_signed_success_is_paid_whatever_the_unsigned_envelope_says(
+    ingest: Client, store: Store
+) -> None:
+    session = await add_session(store, amount=9_000)
+    webhook = signed_webhook(session["orderCode"], 9_000)
+    # Outside `data`, so the signature still holds: anyone on the path could write these.
+    webhook.update(code="01", success=False, desc="failed")
+    status, body = await post(ingest, webhook)
+    assert (status, body["outcome"]) == (200, "completed")
+    stored = await store.sessions.find_one({"uuid": session["uuid"]})
+    assert stored is not None and (stored["status"], stored["amountPaid"]) == ("completed", 9_000)
+
+
+async def test_signed_failure_is_not_paid_whatever_the_unsigned_envelope_says(
+    ingest: Client, store: Store
+) -> None:
+    session = await add_session(store, amount=9_000)
+    webhook = signed_webhook(session["orderCode"], 9_000, code="01")
+    webhook.update(code="00", success=True, desc="success")
+    status, body = await post(ingest, webhook)
+    assert (status, body["outcome"]) == (200, "not_paid")
+    stored = await store.sessions.find_one({"uuid": session["uuid"]})
+    assert stored is not None and (stored["status"], stored["amountPaid"]) == ("pending", 0)
+
+
+async def test_signed_data_without_a_code_is_not_paid_whatever_the_envelope_says(
+    ingest: Client, store: Store
+) -> None:
+    session = await add_session(store, amount=9_000)
+    webhook = signed_webhook(session["orderCode"], 9_000)
+    del webhook["data"]["code"]
+    webhook["signature"] = sign_data(webhook["data"], TEST_CHECKSUM_KEY)
+    # Only the unsigned envelope would say "paid" here.
+    webhook.update(code="00", success=True, desc="success")
+    status, body = await post(ingest, webhook)
+    assert (status, body["outcome"]) == (200, "not_paid")
+    stored = await store.sessions.find_one({"uuid": session["uuid"]})
+    assert stored is not None and (stored["status"], stored["amountPaid"]) == ("pending", 0)
+
+
 async def test_partial_payments_add_up_then_complete(
     ingest: Client, store: Store, settings: Settings
 ) -> None:

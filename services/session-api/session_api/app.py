@@ -18,6 +18,7 @@ from .appkeys import (
     RATE_LIMITER,
     SESSION_METRICS,
     SESSIONS,
+    STATS,
     STATUS_READER,
     TRUSTED_PROXIES,
 )
@@ -26,6 +27,7 @@ from .metrics import SessionMetrics
 from .page import security_headers
 from .routes import setup_routes
 from .sessions import LinkUrls, Sessions
+from .stats import StatsSnapshot
 from .views import MAX_BODY_BYTES
 
 
@@ -51,6 +53,7 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     app[STATUS_READER] = StatusReader(
         app[CACHE], app[STORE], on_db_query=app[SESSION_METRICS].status_db_queries.inc
     )
+    app[STATS] = StatsSnapshot(app[REDIS], app[CACHE], app[STORE], cluster=settings.redis_cluster)
     yield
 
 

@@ -9,7 +9,10 @@ Rules, in this order, all against one `now`:
    more than 24 h ago, is set `expired` (with `version` incremented) by a conditional update
    whose filter holds `status: pending`; of concurrent runs exactly one wins each session,
    and only the winner publishes `expired` through the status cache, so waiting browsers
-   stop.
+   stop. The same update marks the session `publishPending` (the ingest's durable mark,
+   `webhook_ingest.resync`), cleared once Redis took the event: when Redis is down the
+   mark stays, and every ingest replica's sweep publishes the session's latest state once
+   Redis is back, whatever became of this run.
 2. **Delete.** Sessions whose `expiresAt` has passed and that are no longer pending, and
    webhook records whose `expiresAt` has passed, are deleted: the backup for MongoDB's TTL
    monitor, which runs about once a minute and may lag. A pending session is never deleted
@@ -40,7 +43,7 @@ from shared.clients import redis_client
 from shared.keys import SESSION_TTL_SECONDS
 from shared.logs import configure_logging
 from shared.model import SessionStatus, StatusEvent, utcnow
-from shared.mongo import Doc, Store, mongo_client
+from shared.mongo import PUBLISH_PENDING, Doc, Store, mongo_client
 from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -53,7 +56,7 @@ BATCH = 500
 class CleanupResult:
     expired: int  # sessions this run moved pending → expired
     published: int  # of those, `expired` events that reached Redis
-    publish_failed: int  # of those, events Redis could not take (kept for a later run)
+    publish_failed: int  # of those, events Redis could not take (left to the ingest's sweep)
     sessions_deleted: int
     webhooks_deleted: int
     duration_ms: float
@@ -92,13 +95,16 @@ async def run_cleanup(
                 if doc is None:
                     continue  # a concurrent run (or a payment) got there first
                 changed += 1
+                event = StatusEvent.from_session(doc)
                 try:
-                    await cache.put(StatusEvent.from_session(doc))
+                    await cache.put(event)
                 except RedisError as exc:
-                    log.warning("cleanup_publish_failed", uuid=doc["uuid"], error=str(exc))
-                    unpublished.append(doc["uuid"])
+                    # Left marked: an ingest sweep publishes it once Redis is back.
+                    log.warning("cleanup_publish_failed", uuid=event.uuid, error=str(exc))
+                    unpublished.append(event.uuid)
                 else:
                     published += 1
+                    await store.clear_publish_pending(event.uuid, event.version)
             expired += changed
             # A round that changed nothing means what is left is another run's to finish
             # (and guarantees an end whatever the database answers).
@@ -126,11 +132,13 @@ async def run_cleanup(
 
 
 async def _expire(store: Store, _id: object) -> Doc | None:
-    """Move one session pending → expired; None if it was no longer pending."""
+    """Move one session pending → expired, marked for publication; None if it was no
+    longer pending."""
     return await store.sessions.find_one_and_update(
         {"_id": _id, "status": SessionStatus.PENDING.value},
         {
-            "$set": {"status": SessionStatus.EXPIRED.value},
+            # Marked before Redis is written, so a failed publish outlives this run.
+            "$set": {"status": SessionStatus.EXPIRED.value, PUBLISH_PENDING: True},
             "$inc": {"version": 1},
             # The database's clock, and no `$set` of a datetime (the stand-in stores a string).
             "$currentDate": {"updatedAt": True, "expiredAt": True},

@@ -15,6 +15,7 @@ from .sessions import (
     MAX_ORDER_CODE,
     MIN_AMOUNT,
 )
+from .stats import MAX_AGE_SECONDS
 from .views import DEFAULT_PAGE_SIZE, MAX_BODY_BYTES, MAX_PAGE, MAX_PAGE_SIZE
 
 UUID: Doc = {"type": "string", "pattern": UUID_RE.pattern, "description": "A lowercase uuid4."}
@@ -132,11 +133,18 @@ CLEANUP: Doc = openapi.success_object(
     required=["expired", "published", "publishFailed", "sessionsDeleted", "webhooksDeleted"],
 )
 
+_COUNT: Doc = {"type": ["integer", "null"], "minimum": 0}
 STATS: Doc = openapi.success_object(
     {
-        "cachedOrders": {"type": ["integer", "null"]},
-        "activeSubscriptions": {"type": ["integer", "null"]},
-        "pendingSessions": {"type": ["integer", "null"]},
+        "cachedOrders": _COUNT,
+        "activeSubscriptions": _COUNT,
+        "pendingSessions": _COUNT,
+        "takenAt": TIMESTAMP | {"description": "When the counts were taken; admins only."},
+        "errors": {
+            "type": "object",
+            "additionalProperties": {"type": "string"},
+            "description": "Why a backend (`redis`, `mongodb`) could not count; admins only.",
+        },
     },
     required=["cachedOrders", "activeSubscriptions", "pendingSessions"],
 )
@@ -276,7 +284,11 @@ def document(settings: Settings) -> Doc:
                 "get": {
                     "operationId": "stats",
                     "summary": "Cached orders, active subscriptions, pending sessions "
-                    "(null when Redis or MongoDB cannot tell).",
+                    f"(null when Redis or MongoDB cannot tell), at most {MAX_AGE_SECONDS:g} s "
+                    "old: each process counts once for every caller in that time.",
+                    "description": "Counts only, for anyone; with the admin token also "
+                    "`takenAt` and `errors`. Any other credential gets the counts.",
+                    "security": [{}, {"adminToken": []}],
                     "responses": {"200": openapi.ok("The counts.", {"$ref": _REF + "Stats"})},
                 }
             },

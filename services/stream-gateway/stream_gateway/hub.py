@@ -94,7 +94,11 @@ class Listener:
 
         `pushed` marks an event that came from pub/sub (its delivery latency is measured).
         """
-        if self._closed or event.version <= self._last:
+        if self._closed:
+            return False
+        if event.version <= self._last:
+            if not pushed:
+                self._learnt_by_reading(event.version)
             return False
         self._last = event.version
         if len(self._queue) >= QUEUE_SIZE:
@@ -102,6 +106,13 @@ class Listener:
         self._queue.append((event, pushed))
         self._kick()
         return True
+
+    def _learnt_by_reading(self, version: int) -> None:
+        # The same state pushed first and not yet written (a read's own cache refill
+        # publishes it, and may arrive before the read returns): it was learnt by reading,
+        # so its delivery is not timed as a push.
+        if self._queue and self._queue[-1][0].version == version:
+            self._queue[-1] = (self._queue[-1][0], False)
 
     def attach(self, send: Sender) -> None:
         """Start writing: `send(event, pushed)` writes one event, True once the stream ends."""

@@ -29,7 +29,11 @@ WEBHOOK: Doc = {
     "type": "object",
     "required": ["data", "signature"],
     "properties": {
-        "code": {"type": "string", "description": '"00" for a successful transfer.'},
+        "code": {
+            "type": "string",
+            "description": "Unsigned, like `desc` and `success`: recorded, decides nothing "
+            '(a transfer succeeded when the signed `data.code` is "00").',
+        },
         "desc": {"type": "string"},
         "success": {"type": ["boolean", "null"]},
         "data": WEBHOOK_DATA,

@@ -34,7 +34,10 @@ MAX_AMOUNT = 9_007_199_254_740_991
 
 @dataclass(frozen=True, slots=True)
 class Webhook:
-    """An authenticated webhook: the fields we use plus the signed `data` as received."""
+    """An authenticated webhook: the fields we use plus the signed `data` as received.
+
+    `code`, `desc` and `success` are the unsigned envelope: kept for the record only.
+    """
 
     code: str
     desc: str
@@ -46,8 +49,9 @@ class Webhook:
 
     @property
     def paid(self) -> bool:
-        """PayOS reports a successful transfer with code "00" at both levels."""
-        return self.code == "00" and self.data.get("code", "00") == "00"
+        """The signed `data.code` is "00"; the envelope (`code`, `success`) is unsigned, so
+        it is stored as received and decides nothing, and a missing signed code is no success."""
+        return self.data.get("code") == "00"
 
 
 def parse_webhook(body: bytes, checksum_key: str) -> Webhook:

@@ -3,7 +3,8 @@
 A deferred publish is marked on the session in MongoDB (`publishPending`) before the
 delivery is acknowledged, so it outlives this process: every ingest replica sweeps the
 marks at start-up and then periodically, publishes the session's latest state, and clears
-the mark only for the version it published.
+the mark only for the version it published. session-api's cleanup sets the same mark on the
+sessions it expires, so their `expired` is published here when Redis missed it.
 """
 
 from __future__ import annotations
@@ -103,8 +104,5 @@ class Resync:
             return
         event = StatusEvent.from_session(doc)
         await self._cache.put(event)
-        # Cleared for this version only: a newer deferred change keeps its mark.
-        await self._store.sessions.update_one(
-            {"uuid": uuid, "version": event.version}, {"$unset": {PUBLISH_PENDING: ""}}
-        )
+        await self._store.clear_publish_pending(uuid, event.version)
         log.info("resync_published", uuid=uuid, version=event.version)
