@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 
 from devstack.servers import Process, free_port, python_service
 from shared import keys
+from shared.appkeys import SUPERVISOR
 from shared.cache import StatusCache
 from shared.model import StatusEvent
 from shared.mongo import Store
@@ -56,7 +57,8 @@ async def wait_ready(http: httpx.AsyncClient, timeout: float = 10) -> None:
 @contextlib.asynccontextmanager
 async def running_gateway(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     """The gateway in this process on a real port, and an HTTP client pointed at it."""
-    server = TestServer(create_app(settings))
+    # As `python -m stream_gateway` runs it: a browser that leaves cancels its handler.
+    server = TestServer(create_app(settings), handler_cancellation=True)
     await server.start_server()
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=0)
     timeout = httpx.Timeout(10, read=None)
@@ -442,6 +444,92 @@ async def test_stream_opened_while_redis_is_down_gets_done_after_it_returns(
         await pay(ingest, session)
         servers.redis.start()
         assert await stream.status(timeout=20) == "done"
+
+
+async def test_a_browser_leaving_before_its_subscribe_is_confirmed_leaves_no_subscription(
+    gateway: httpx.AsyncClient, store: Store, redis: Redis
+) -> None:
+    session = await add_session(store)
+    uuid = session["uuid"]
+    # Redis stalls (a busy or failing-over server): the SUBSCRIBE waits unconfirmed.
+    await redis.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+    _, writer = await asyncio.open_connection(gateway.base_url.host, gateway.base_url.port)
+    writer.write(f"GET {STREAM}?uuid={uuid} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    assert (await stats(gateway))["activeSubscriptions"] == 1  # joined, waiting
+    writer.transport.abort()  # the browser goes while the join waits
+    await wait_for_stats(gateway, 0, 0)
+    # Once Redis answers again, the late SUBSCRIBE is undone: nobody is subscribed.
+    await wait_numsub(redis, uuid, 0)
+    await asyncio.sleep(1.5)  # past the pause: the confirmation, then the UNSUBSCRIBE
+    await wait_numsub(redis, uuid, 0)
+    assert (await stats(gateway))["activeSubscriptions"] == 0
+
+
+async def test_a_reconnect_repairs_a_done_the_redis_failover_lost(
+    gateway: httpx.AsyncClient, store: Store, redis: Redis
+) -> None:
+    """A failover lost the `done` write and its publish; the ingest saw success, so nothing
+    is marked for re-publication. The gateway's re-read after reconnecting goes to MongoDB,
+    tells the browser, and repairs the cache for pollers and other gateways."""
+    session = await add_session(store)
+    uuid = session["uuid"]
+    async with open_stream(gateway, uuid) as stream:
+        assert await stream.status() == "pending"  # the cache now holds pending, v1
+        await store.sessions.update_one(
+            {"uuid": uuid},
+            {"$set": {"status": "completed", "amountPaid": session["amount"], "version": 2}},
+        )
+        # The failover: the gateway's pub/sub connection is cut, the cache still says pending.
+        await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        assert await stream.status(timeout=10) == "done"
+    cached = await StatusCache(redis).get(uuid)
+    assert cached is not None and (cached.status, cached.version) == ("done", 2)
+
+
+async def test_a_hub_task_that_dies_is_restarted_and_pushes_flow_again(
+    gateway_settings: Settings, store: Store, ingest: Client
+) -> None:
+    app = create_app(gateway_settings)
+    server = TestServer(app, handler_cancellation=True)
+    await server.start_server()
+    try:
+        async with httpx.AsyncClient(
+            base_url=str(server.make_url("")), timeout=httpx.Timeout(10, read=None)
+        ) as http:
+            await wait_ready(http)
+            supervisor = app[SUPERVISOR]
+            reader = supervisor.states()
+            assert reader["hub-reader"] == "running"
+            [task] = [t for t in asyncio.all_tasks() if t.get_name() == "hub-reader"]
+            task.cancel()  # dies, as by an exception nobody foresaw
+            async with asyncio.timeout(5):
+                while (await http.get("/readyz")).status_code != 200 or not any(
+                    t.get_name() == "hub-reader" and not t.done() for t in asyncio.all_tasks()
+                ):
+                    await asyncio.sleep(0.02)
+            health = (await http.get("/healthz")).json()
+            assert health == {
+                "status": "ok",
+                "tasks": {
+                    "mongo-indexes": "finished",
+                    "hub-reader": "running",
+                    "hub-flusher": "running",
+                    "hub-reread": "running",
+                },
+            }
+            assert (
+                'paypush_task_restarts_total{task="hub-reader"} 1.0'
+                in (await http.get("/metrics")).text
+            )
+            session = await add_session(store)
+            async with open_stream(http, session["uuid"]) as stream:
+                assert await stream.status() == "pending"
+                await pay(ingest, session)
+                assert await stream.status() == "done"
+    finally:
+        await server.close()
 
 
 @contextlib.asynccontextmanager

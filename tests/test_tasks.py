@@ -1,0 +1,182 @@
+"""Background tasks cannot die silently: the supervisor restarts them, `/healthz` tells.
+
+Also the pub/sub link's refusal of commands once closed, on a real Redis: redis-py's `PubSub`
+would otherwise open a new subscribed connection that nobody reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
+
+from shared import tasks
+from shared.appkeys import SUPERVISOR
+from shared.settings import Settings
+from shared.tasks import Supervisor
+from stream_gateway.links import LinkClosedError, PubSubLink
+from webhook_ingest import create_app as create_ingest_app
+
+Client = TestClient[Any, Any]
+
+
+@pytest.fixture(autouse=True)
+def quick_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tasks, "RESTART_MIN_SECONDS", 0.01)
+    monkeypatch.setattr(tasks, "RESTART_MAX_SECONDS", 0.04)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+async def test_a_task_that_raises_is_restarted_and_counted() -> None:
+    registry = CollectorRegistry()
+    supervisor = Supervisor(registry)
+    runs = 0
+
+    async def flaky() -> None:
+        nonlocal runs
+        runs += 1
+        if runs < 3:
+            raise RuntimeError("nobody foresaw this")
+        await asyncio.Event().wait()
+
+    task = supervisor.spawn("flaky", flaky)
+    await until(lambda: runs == 3)
+    await asyncio.sleep(0)
+    assert supervisor.states() == {"flaky": "running"}
+    assert supervisor.healthy
+    assert task.restarts == 2
+    assert registry.get_sample_value("paypush_task_restarts_total", {"task": "flaky"}) == 2
+    await supervisor.stop()
+
+
+async def test_a_task_cancelled_by_someone_else_comes_back() -> None:
+    supervisor = Supervisor()
+    started = asyncio.Event()
+
+    async def loop_forever() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    supervised = supervisor.spawn("loop", loop_forever)
+    await started.wait()
+    first = supervised.task
+    assert first is not None
+    started.clear()
+    first.cancel()
+    await started.wait()
+    assert supervised.task is not first and supervised.restarts == 1
+    await supervisor.stop()
+
+
+async def test_a_loop_that_returns_is_restarted_but_a_one_shot_is_finished() -> None:
+    supervisor = Supervisor()
+    loops = 0
+
+    async def loop() -> None:
+        nonlocal loops
+        loops += 1
+
+    async def one_shot() -> None:
+        return None
+
+    supervisor.spawn("loop", loop)
+    supervisor.spawn("once", one_shot, forever=False)
+    await until(lambda: loops >= 2)
+    await until(lambda: supervisor.states()["once"] == "finished")
+    await supervisor.stop()
+
+
+async def test_a_task_that_keeps_dying_makes_the_supervisor_unhealthy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tasks, "RESTART_MAX_SECONDS", 10.0)
+    supervisor = Supervisor()
+
+    async def doomed() -> None:
+        raise RuntimeError("broken for good")
+
+    supervised = supervisor.spawn("doomed", doomed)
+    # The backoff grows, so the task spends ever longer down: /healthz fails meanwhile.
+    await until(lambda: supervised.restarts >= 4 and not supervisor.healthy)
+    assert supervisor.states() == {"doomed": "restarting"}
+    await supervisor.stop()
+    assert supervisor.states() == {}
+
+
+async def test_stop_ends_a_task_that_swallows_its_cancellation_within_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tasks, "STOP_TIMEOUT_SECONDS", 0.1)
+    supervisor = Supervisor()
+    release = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not release.is_set():
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                await release.wait()
+
+    supervisor.spawn("stubborn", stubborn)
+    await asyncio.sleep(0.01)
+    async with asyncio.timeout(1):
+        await supervisor.stop()
+    release.set()
+    await asyncio.sleep(0.01)
+
+
+async def test_healthz_is_500_while_a_background_task_is_down(
+    aiohttp_client: Callable[..., Awaitable[Client]],
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tasks, "RESTART_MIN_SECONDS", 60.0)
+    app = create_ingest_app(settings)
+    client = await aiohttp_client(app)
+    await until(lambda: app[SUPERVISOR].states().get("mongo-indexes") == "finished")
+    healthy = await client.get("/healthz")
+    assert healthy.status == 200
+    assert (await healthy.json())["tasks"] == {
+        "mongo-indexes": "finished",
+        "ingest-resync": "running",
+    }
+    [resync] = [t for t in asyncio.all_tasks() if t.get_name() == "ingest-resync"]
+    resync.cancel()
+    await until(lambda: not app[SUPERVISOR].healthy)
+    sick = await client.get("/healthz")
+    assert sick.status == 500
+    assert await sick.json() == {
+        "status": "unhealthy",
+        "tasks": {"mongo-indexes": "finished", "ingest-resync": "restarting"},
+    }
+
+
+async def test_a_closed_link_refuses_commands_and_opens_no_connection(
+    settings: Settings,
+) -> None:
+    redis = Redis.from_url(settings.redis_url, client_name="closed-link-test")
+    admin = Redis.from_url(settings.redis_url)
+    try:
+        link = PubSubLink(redis)
+        await link.open()
+        await link.close()
+        for command in (link.subscribe(["a"]), link.unsubscribe(["a"]), link.ping()):
+            with pytest.raises(LinkClosedError):
+                await command
+        with pytest.raises(LinkClosedError):
+            await link.read(idle=0.1)
+        clients = await admin.client_list()
+        assert [c for c in clients if c["name"] == "closed-link-test"] == []
+    finally:
+        await redis.aclose()
+        await admin.aclose()
