@@ -452,7 +452,7 @@ async def test_a_browser_leaving_before_its_subscribe_is_confirmed_leaves_no_sub
     session = await add_session(store)
     uuid = session["uuid"]
     # Redis stalls (a busy or failing-over server): the SUBSCRIBE waits unconfirmed.
-    await redis.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+    await redis.client_pause(1500)
     _, writer = await asyncio.open_connection(gateway.base_url.host, gateway.base_url.port)
     writer.write(f"GET {STREAM}?uuid={uuid} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     await writer.drain()
@@ -482,7 +482,7 @@ async def test_a_reconnect_repairs_a_done_the_redis_failover_lost(
             {"$set": {"status": "completed", "amountPaid": session["amount"], "version": 2}},
         )
         # The failover: the gateway's pub/sub connection is cut, the cache still says pending.
-        await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        await redis.client_kill_filter(_type="pubsub")
         assert await stream.status(timeout=10) == "done"
     cached = await StatusCache(redis).get(uuid)
     assert cached is not None and (cached.status, cached.version) == ("done", 2)
