@@ -15,6 +15,8 @@ each quiescence the invariants the gateway promises must hold:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -265,16 +267,20 @@ class HubMachine(RuleBasedStateMachine):
             assert not link.used_after_close, f"closed link used: {link.used_after_close}"
 
 
-@pytest.fixture(autouse=True)
-def short_timers(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hub_module, "CONFIRM_TIMEOUT", CONFIRM_TIMEOUT)
-    monkeypatch.setattr(hub_module, "BACKOFF_MIN", 0.0)
-    monkeypatch.setattr(hub_module, "BACKOFF_MAX", 0.0)
-    monkeypatch.setattr(hub_module, "COMMAND_BATCH", 1)
+@contextlib.contextmanager
+def short_timers() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hub_module, "CONFIRM_TIMEOUT", CONFIRM_TIMEOUT)
+        patch.setattr(hub_module, "BACKOFF_MIN", 0.0)
+        patch.setattr(hub_module, "BACKOFF_MAX", 0.0)
+        # One channel per command, so a burst of joins is several commands in one flush.
+        patch.setattr(hub_module, "COMMAND_BATCH", 1)
+        yield
 
 
 def run_machine(max_examples: int, steps: int) -> None:
-    with capture_logs():
+    """Explore `max_examples` runs of up to `steps` rules each."""
+    with short_timers(), capture_logs():
         run_state_machine_as_test(
             HubMachine,
             settings=settings(
@@ -287,6 +293,7 @@ def run_machine(max_examples: int, steps: int) -> None:
 
 
 def test_hub_state_machine_keeps_its_invariants() -> None:
+    # Bounded here; `make faults` explores far more (tests/faults/test_hub_machine_long.py).
     run_machine(max_examples=200, steps=30)
 
 
@@ -295,14 +302,15 @@ def test_hub_state_machine_keeps_its_invariants() -> None:
 
 def replay(*steps: tuple[str, dict[str, Any]]) -> None:
     """Run `steps` (rule name, arguments) on a fresh machine, then heal and check it."""
-    machine = HubMachine()
-    try:
-        for name, args in steps:
-            getattr(machine, name)(**args)
-            machine.no_listener_survives_its_stream()
-            machine.nothing_used_after_close()
-    finally:
-        machine.teardown()
+    with short_timers(), capture_logs():
+        machine = HubMachine()
+        try:
+            for name, args in steps:
+                getattr(machine, name)(**args)
+                machine.no_listener_survives_its_stream()
+                machine.nothing_used_after_close()
+        finally:
+            machine.teardown()
 
 
 def test_a_stream_cancelled_during_its_join_leaves_no_listener() -> None:
