@@ -12,12 +12,21 @@ from .model import StatusEvent
 # Set the cached status and publish it, only when it is newer than what is cached. Atomic,
 # so concurrent duplicate deliveries, background retries and cache refills publish one event
 # per version; the channel is a key (KEYS[2]) so Redis Cluster checks both share a slot.
+# "Newer" is (orderCode, version) compared in that order: a version counts the changes of one
+# session, and order codes only grow (one counter), so a cached status of an older session
+# under the same uuid can never hide a newer session, nor an older one's event replace it.
+# Order codes stay below 2^53, exact in Lua's numbers.
 _PUT_IF_NEWER = """
 local cur = redis.call('GET', KEYS[1])
 if cur then
   local ok, old = pcall(cjson.decode, cur)
-  if ok and type(old) == 'table' and tonumber(old['version'] or 0) >= tonumber(ARGV[2]) then
-    return 0
+  if ok and type(old) == 'table' then
+    local old_code = tonumber(old['orderCode']) or 0
+    local new_code = tonumber(ARGV[5])
+    if old_code > new_code
+      or (old_code == new_code and (tonumber(old['version']) or 0) >= tonumber(ARGV[2])) then
+      return 0
+    end
   end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[3]))
@@ -49,7 +58,8 @@ class StatusCache:
         return raw.encode() if isinstance(raw, str) else raw
 
     async def put(self, event: StatusEvent) -> bool:
-        """Cache `event` and publish it if it is newer than the cached one; True if published."""
+        """Cache `event` and publish it if it is newer (orderCode, then version) than the cached
+        one; True if published."""
         result: Any = await self._put(
             keys=[
                 keys.status_key(event.uuid),
@@ -61,6 +71,7 @@ class StatusCache:
                 event.version,
                 keys.STATUS_TTL_SECONDS,
                 "1" if self._sharded else "0",
+                event.order_code,
             ],
         )
         return bool(result)
