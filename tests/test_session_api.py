@@ -20,6 +20,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from session_api import create_app
+from session_api.cleanup import run_cleanup
 from shared.appkeys import CACHE, METRICS
 from shared.model import StreamStatus, utcnow
 from shared.mongo import Store
@@ -207,6 +208,42 @@ async def test_another_accounts_uuid_is_refused_without_leaking_it(
     assert await store.sessions.count_documents({}) == 1
 
 
+async def test_a_used_uuid_whose_session_expired_and_was_deleted_is_409_not_a_new_session(
+    api: Client, store: Store
+) -> None:
+    uuid = new_uuid()
+    status, first = await create(api, {"accountNumber": ACCOUNT, "amount": 10_000, "uuid": uuid})
+    assert status == 201
+    # A day later the cron job expires the session (`expired` cached for 15 min) and deletes it.
+    later = utcnow() + timedelta(days=1, seconds=1)
+    cleaned = await run_cleanup(store, api.app[CACHE], now=later)
+    assert (cleaned.expired, cleaned.sessions_deleted) == (1, 1)
+    status, body = await create(api, {"accountNumber": ACCOUNT, "amount": 10_000, "uuid": uuid})
+    assert status == 409, body
+    assert (body["success"], body["retryable"]) == (False, False)
+    assert "already used" in body["error"]
+    assert await store.sessions.count_documents({}) == 0
+    _, read = await get_json(api, f"/api/webhooks?uuid={uuid}")
+    assert (read["orderCode"], read["status"]) == (first["orderCode"], "expired")
+
+
+async def test_a_used_uuid_whose_expired_document_still_exists_is_409_not_503(
+    api: Client, store: Store
+) -> None:
+    # MongoDB's TTL monitor has not run yet (dropped by its keys: the stand-in names indexes
+    # its own way): the document is past its expiresAt but still there.
+    await store.sessions.drop_index([("expiresAt", 1)])
+    old = await add_session(store, account=ACCOUNT, expiresAt=utcnow() - timedelta(seconds=1))
+    assert await store.sessions.count_documents({"uuid": old["uuid"]}) == 1
+    status, body = await create(
+        api, {"accountNumber": ACCOUNT, "amount": 10_000, "uuid": old["uuid"]}
+    )
+    assert status == 409, body
+    assert (body["success"], body["retryable"]) == (False, False)
+    assert "already used" in body["error"]
+    assert await store.sessions.count_documents({}) == 1
+
+
 async def test_limit_frees_when_a_session_is_paid(api: Client, sim: Sim, store: Store) -> None:
     created = [await create(api, {"accountNumber": ACCOUNT, "amount": 10_000}) for _ in range(5)]
     assert (await create(api, {"accountNumber": ACCOUNT, "amount": 10_000}))[0] == 429
@@ -342,6 +379,19 @@ async def test_payos_error_code_is_502_and_nothing_counted(
     status, body = await create(api, {"accountNumber": ACCOUNT, "amount": 10_000})
     assert status == 502 and body["payosCode"] == "20" and "refused" in body["error"]
     assert await store.sessions.count_documents({}) == 0
+
+
+async def test_a_uuid_whose_creation_failed_at_payos_can_be_used_again(
+    api: Client, sim: Sim
+) -> None:
+    # A failed creation gives its uuid back: retrying the same request may succeed.
+    uuid = new_uuid()
+    body = {"accountNumber": ACCOUNT, "amount": 10_000, "uuid": uuid}
+    await sim.faults("error")
+    assert (await create(api, body))[0] == 502
+    await sim.faults("none")
+    status, created = await create(api, body)
+    assert (status, created["uuid"]) == (201, uuid)
 
 
 async def test_failed_payos_calls_never_fill_the_limit(api: Client, sim: Sim) -> None:

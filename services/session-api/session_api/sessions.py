@@ -5,6 +5,13 @@ replicas, so it is enforced in MongoDB: a short per-account lock (a `locks` docu
 `_id` is the account) is held only while counting the account's live pending sessions and
 inserting the new one as a reservation. PayOS is called after the lock is released; if it
 fails, the reservation is deleted, so a failed attempt never counts against the limit.
+
+A uuid names one session, ever: a session's uuid is also recorded in `usedUuids` (inserted
+first, under the lock: the insert is the claim) and kept for USED_UUID_RETENTION, long after
+the session document (deleted by TTL after `expiresAt`) and its cached status are gone. A
+request with a used uuid resumes the session if it is this account's and still pending, and
+is otherwise refused (409, UuidUsed), so status reads, streams and the cache never have to
+tell two sessions of one uuid apart. Only a creation that fails gives its uuid back.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import time
 import uuid as uuidlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -42,6 +49,7 @@ from .errors import (
     PayOSTimeout,
     StoreUnavailable,
     UuidConflict,
+    UuidUsed,
 )
 
 log = structlog.get_logger(__name__)
@@ -68,6 +76,10 @@ LOCK_WAIT_SECONDS = 5.0
 ORDER_CODE_COUNTER = "orderCode"
 # PayOS order codes are positive and JavaScript-safe.
 MAX_ORDER_CODE = 9_007_199_254_740_991
+# How long a used uuid is remembered after its session's expiry: far beyond everything else
+# that remembers the session (its document until the TTL monitor runs, its cached status for
+# 15 min after the last change, a browser's saved session for resuming).
+USED_UUID_RETENTION = timedelta(days=30)
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,13 +364,13 @@ class Sessions:
         return await self._store.find_session(uuid)
 
     async def _resumable(self, uuid: str, account: str) -> Doc | None:
-        """The session to resume for `uuid`, None if the uuid is free, else UuidConflict."""
+        """The session to resume for `uuid`, None if no live session has it, else UuidConflict."""
         doc = await self._store.find_session(uuid)
         if doc is None:
             return None
         # Never another account's session, and never a hint of whose it is.
         if doc["accountNumber"] != account or doc["status"] != SessionStatus.PENDING:
-            raise UuidConflict("this uuid cannot be used for a new session; make a new one")
+            raise UuidUsed()
         if not doc.get("checkoutUrl"):
             raise UuidConflict(
                 "this session is still being created; try again in a moment", retryable=True
@@ -381,20 +393,52 @@ class Sessions:
                 now=now,
                 ttl_seconds=SESSION_TTL_SECONDS,
             )
+            if not await self._claim_uuid(doc):
+                # Used before: by this account's pending session (a repeated request: the
+                # lock ordered us after it), or by a session that is over or gone.
+                return await self._resume_used(uuid, req.account_number)
             try:
                 await self._store.sessions.insert_one(doc)
             except DuplicateKeyError:
-                # The same uuid arrived twice at once: the other request created it.
-                existing = await self._resumable(uuid, req.account_number)
-                if existing is None:
+                if await self._store.sessions.find_one({"uuid": uuid}, {"_id": 1}) is None:
+                    # Not the uuid but the orderCode (issued outside the counter): retryable.
+                    await self._release_uuid(doc)
                     raise
-                return SessionView(existing, resumed=True)
+                # A session recorded before used uuids were: the uuid stays used.
+                return await self._resume_used(uuid, req.account_number)
             if not await self._locks.still_held(req.account_number, token):
                 # Our lease ran out (a stall longer than LOCK_LEASE_MS) and another request
                 # may have counted without us: give the place back rather than risk N + 1.
                 await self._store.sessions.delete_one({"_id": doc["_id"]})
+                await self._release_uuid(doc)
                 raise AccountBusy("this account is busy; try again in a moment")
             return doc
+
+    async def _claim_uuid(self, doc: Doc) -> bool:
+        """Record `doc`'s uuid as used; False if it was used before."""
+        try:
+            await self._store.used_uuids.insert_one(
+                {
+                    "_id": doc["uuid"],
+                    "orderCode": doc["orderCode"],
+                    "createdAt": doc["createdAt"],
+                    "forgetAt": doc["expiresAt"] + USED_UUID_RETENTION,
+                }
+            )
+        except DuplicateKeyError:
+            return False
+        return True
+
+    async def _release_uuid(self, doc: Doc) -> None:
+        """Give back a uuid claimed by a creation that failed (only if the claim is ours)."""
+        await self._store.used_uuids.delete_one({"_id": doc["uuid"], "orderCode": doc["orderCode"]})
+
+    async def _resume_used(self, uuid: str, account: str) -> SessionView:
+        """A used uuid: its live pending session of this account, else UuidConflict."""
+        existing = await self._resumable(uuid, account)
+        if existing is None:
+            raise UuidUsed()
+        return SessionView(existing, resumed=True)
 
     async def _create_link(self, doc: Doc) -> Any:
         request = CreatePaymentLinkRequest(
@@ -433,9 +477,11 @@ class Sessions:
 
     async def _rollback(self, doc: Doc) -> None:
         try:
-            await self._store.sessions.delete_one(
-                {"_id": doc["_id"], "status": SessionStatus.PENDING.value}
-            )
+            sessions = self._store.sessions
+            await sessions.delete_one({"_id": doc["_id"], "status": SessionStatus.PENDING.value})
+            # Kept if the session outlived the rollback (paid meanwhile): its uuid is used.
+            if await sessions.find_one({"_id": doc["_id"]}, {"_id": 1}) is None:
+                await self._release_uuid(doc)
         except PyMongoError as exc:
             # It still counts until it expires; say so loudly.
             log.error("session_rollback_failed", uuid=doc["uuid"], error=str(exc))
