@@ -52,6 +52,9 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
         app[CACHE], app[STORE], on_db_query=app[SESSION_METRICS].status_db_queries.inc
     )
     yield
+    # Before the PayOS and MongoDB clients close (contexts end in reverse order): a creation
+    # cancelled by shutdown may still be rolling back.
+    await app[SESSIONS].aclose()
 
 
 def create_app(settings: Settings) -> web.Application:

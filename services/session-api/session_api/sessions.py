@@ -3,8 +3,14 @@
 The limit ("at most N pending sessions per account in 24 h") must hold across any number of
 replicas, so it is enforced in MongoDB: a short per-account lock (a `locks` document whose
 `_id` is the account) is held only while counting the account's live pending sessions and
-inserting the new one as a reservation. PayOS is called after the lock is released; if it
-fails, the reservation is deleted, so a failed attempt never counts against the limit.
+inserting the new one as a reservation. PayOS is called after the lock is released.
+
+Whatever stops a creation once its reservation may exist — PayOS failing or timing out,
+MongoDB or a cancellation (shutdown cancels handlers) at any step up to the answer — one
+rollback undoes it: the reservation is deleted (unless a payment completed it meanwhile),
+its uuid given back, and the PayOS link cancelled, since a timed-out or interrupted call may
+have created it. The rollback runs in a task of its own that the caller's cancellation does
+not stop and that shutdown waits for, so a failed attempt never counts against the limit.
 
 A uuid names one session, ever: a session's uuid is also recorded in `usedUuids` (inserted
 first, under the lock: the insert is the claim) and kept for USED_UUID_RETENTION, long after
@@ -23,12 +29,13 @@ import re
 import secrets
 import time
 import uuid as uuidlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
+from bson import ObjectId
 from payos import APIError, AsyncPayOS, ConnectionTimeoutError, PayOSError
 from payos.types import CreatePaymentLinkRequest
 from pymongo import ReturnDocument
@@ -284,6 +291,21 @@ class LinkUrls:
     cancel_url: str
 
 
+# PayOS's answer to a cancel (or get) of an order it has no payment link for.
+PAYOS_LINK_NOT_FOUND = "101"
+CANCELLATION_REASON = "session creation failed"
+
+
+@dataclass
+class _Attempt:
+    """What one creation may have left behind, for its rollback."""
+
+    # Set before the first write: from then on the uuid claim and the reservation may exist.
+    doc: Doc | None = None
+    # PayOS was asked for a link and did not clearly refuse: the link may exist.
+    link_requested: bool = False
+
+
 class Sessions:
     """Creating, resuming and counting payment sessions."""
 
@@ -306,6 +328,8 @@ class Sessions:
         self._payos_timeout = payos_timeout
         self._locks = locks or AccountLocks(store.db[LOCKS])
         self._codes = OrderCodes(store.db[COUNTERS])
+        # Rollbacks and link cancellations still running; shutdown waits for them.
+        self._background: set[asyncio.Task[None]] = set()
 
     async def create(self, req: CreateRequest) -> SessionView:
         """Resume `req.uuid`'s pending session, or create a new one within the limit."""
@@ -314,28 +338,39 @@ class Sessions:
                 existing = await self._resumable(req.uuid, req.account_number)
                 if existing is not None:
                     return SessionView(existing, resumed=True)
-            doc = await self._reserve(req, req.uuid or str(uuidlib.uuid4()))
         except PyMongoError as exc:
             raise StoreUnavailable(str(exc)) from exc
-        if isinstance(doc, SessionView):
-            return doc
+        attempt = _Attempt()
         try:
-            link = await self._create_link(doc)
-        except BaseException:
-            # Shielded: whatever stopped us, the reservation must not keep counting.
-            await asyncio.shield(self._rollback(doc))
+            reserved = await self._reserve(req, req.uuid or str(uuidlib.uuid4()), attempt)
+            if isinstance(reserved, SessionView):
+                return reserved
+            return await self._complete(reserved, attempt)
+        except BaseException as exc:
+            # BaseException: a cancellation must not leave a reservation counting either.
+            if attempt.doc is not None:
+                await self._roll_back(attempt, exc)
+            if isinstance(exc, PyMongoError):
+                raise StoreUnavailable(str(exc)) from exc
             raise
+
+    async def aclose(self) -> None:
+        """Wait for rollbacks and link cancellations still running (at shutdown, before the
+        clients they use are closed)."""
+        while running := [task for task in self._background if not task.done()]:
+            await asyncio.gather(*running, return_exceptions=True)
+
+    async def _complete(self, doc: Doc, attempt: _Attempt) -> SessionView:
+        """Give the reserved session its PayOS link, store it, cache its status."""
+        attempt.link_requested = True
+        link = await self._create_link(doc, attempt)
         fields = {
             "checkoutUrl": link.checkout_url,
             "qrCode": link.qr_code,
             "paymentLinkId": link.payment_link_id,
         }
         doc.update(fields)
-        try:
-            await self._store.sessions.update_one({"_id": doc["_id"]}, {"$set": fields})
-        except PyMongoError as exc:
-            await asyncio.shield(self._rollback(doc))
-            raise StoreUnavailable(str(exc)) from exc
+        await self._store.sessions.update_one({"_id": doc["_id"]}, {"$set": fields})
         try:
             await self._cache.put(StatusEvent.from_session(doc))
         except RedisError as exc:
@@ -345,8 +380,8 @@ class Sessions:
             "session_created",
             uuid=doc["uuid"],
             order_code=doc["orderCode"],
-            account=req.account_number,
-            amount=req.amount,
+            account=doc["accountNumber"],
+            amount=doc["amount"],
         )
         return SessionView(doc, resumed=False)
 
@@ -377,8 +412,12 @@ class Sessions:
             )
         return doc
 
-    async def _reserve(self, req: CreateRequest, uuid: str) -> Doc | SessionView:
-        """Count and insert under the account's lock: the reservation that holds a place."""
+    async def _reserve(self, req: CreateRequest, uuid: str, attempt: _Attempt) -> Doc | SessionView:
+        """Count and insert under the account's lock: the reservation that holds a place.
+
+        `attempt.doc` is set before the first write and cleared when nothing written is ours
+        to undo; the caller rolls back whatever stops us in between.
+        """
         async with self._locks.hold(req.account_number) as token:
             now = utcnow()
             count = await self.pending_count(req.account_number, now)
@@ -393,24 +432,29 @@ class Sessions:
                 now=now,
                 ttl_seconds=SESSION_TTL_SECONDS,
             )
+            # Our own id, so a rollback can find the reservation even if the insert was
+            # interrupted before its answer came back.
+            doc["_id"] = ObjectId()
+            attempt.doc = doc
             if not await self._claim_uuid(doc):
                 # Used before: by this account's pending session (a repeated request: the
                 # lock ordered us after it), or by a session that is over or gone.
+                attempt.doc = None
                 return await self._resume_used(uuid, req.account_number)
             try:
                 await self._store.sessions.insert_one(doc)
             except DuplicateKeyError:
                 if await self._store.sessions.find_one({"uuid": uuid}, {"_id": 1}) is None:
-                    # Not the uuid but the orderCode (issued outside the counter): retryable.
-                    await self._release_uuid(doc)
+                    # Not the uuid but the orderCode (issued outside the counter): retryable,
+                    # and the rollback gives the uuid back.
                     raise
                 # A session recorded before used uuids were: the uuid stays used.
+                attempt.doc = None
                 return await self._resume_used(uuid, req.account_number)
             if not await self._locks.still_held(req.account_number, token):
                 # Our lease ran out (a stall longer than LOCK_LEASE_MS) and another request
-                # may have counted without us: give the place back rather than risk N + 1.
-                await self._store.sessions.delete_one({"_id": doc["_id"]})
-                await self._release_uuid(doc)
+                # may have counted without us: give the place back (the rollback) rather
+                # than risk N + 1.
                 raise AccountBusy("this account is busy; try again in a moment")
             return doc
 
@@ -440,7 +484,7 @@ class Sessions:
             raise UuidUsed()
         return SessionView(existing, resumed=True)
 
-    async def _create_link(self, doc: Doc) -> Any:
+    async def _create_link(self, doc: Doc, attempt: _Attempt) -> Any:
         request = CreatePaymentLinkRequest(
             order_code=doc["orderCode"],
             amount=doc["amount"],
@@ -459,6 +503,8 @@ class Sessions:
                 f"PayOS did not answer within {self._payos_timeout:g} s; nothing was created"
             ) from None
         except APIError as exc:
+            # A clear refusal: no link was made, none to cancel.
+            attempt.link_requested = False
             log.warning(
                 "payos_error",
                 order_code=doc["orderCode"],
@@ -475,13 +521,71 @@ class Sessions:
             log.warning("payos_unreachable", order_code=doc["orderCode"], error=str(exc))
             raise PayOSFailed(f"PayOS could not be reached: {exc}") from None
 
-    async def _rollback(self, doc: Doc) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Run `work` in a task of its own, kept (and waited for at shutdown) until it ends."""
+        task = asyncio.create_task(work, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _roll_back(self, attempt: _Attempt, cause: BaseException) -> None:
+        """Undo `attempt` to the end, in a task of its own: shielded, a cancellation of the
+        caller (shutdown) does not stop it, and `aclose` waits for it if the caller stops
+        waiting (cancelled once more)."""
+        await asyncio.shield(self._spawn(self._undo(attempt, cause), "session-rollback"))
+
+    async def _undo(self, attempt: _Attempt, cause: BaseException) -> None:
+        """Delete the reservation and give its uuid back, then cancel the PayOS link that may
+        exist. Never raises: it runs while the caller's own error is on its way out."""
+        doc = attempt.doc
+        assert doc is not None
+        rlog = log.bind(uuid=doc["uuid"], order_code=doc["orderCode"], cause=type(cause).__name__)
         try:
-            sessions = self._store.sessions
-            await sessions.delete_one({"_id": doc["_id"], "status": SessionStatus.PENDING.value})
-            # Kept if the session outlived the rollback (paid meanwhile): its uuid is used.
-            if await sessions.find_one({"_id": doc["_id"]}, {"_id": 1}) is None:
-                await self._release_uuid(doc)
+            kept = await self._delete_reservation(doc)
         except PyMongoError as exc:
             # It still counts until it expires; say so loudly.
-            log.error("session_rollback_failed", uuid=doc["uuid"], error=str(exc))
+            rlog.error("session_rollback_failed", error=str(exc))
+            kept = False
+        except Exception:
+            rlog.exception("session_rollback_failed")
+            kept = False
+        if kept:
+            # Paid while we failed: the session, its uuid and its link stand.
+            rlog.warning("session_rollback_kept_completed")
+            return
+        rlog.info("session_rolled_back", link_requested=attempt.link_requested)
+        if attempt.link_requested:
+            # Not awaited: the answer (a 504 after a slow PayOS, say) need not wait for a
+            # PayOS that may be as slow to cancel.
+            self._spawn(self._cancel_link(doc, rlog), "payos-link-cancel")
+
+    async def _delete_reservation(self, doc: Doc) -> bool:
+        """Delete the reservation if still pending and give its uuid back; True if the session
+        outlived it (a payment completed it meanwhile)."""
+        sessions = self._store.sessions
+        await sessions.delete_one({"_id": doc["_id"], "status": SessionStatus.PENDING.value})
+        if await sessions.find_one({"_id": doc["_id"]}, {"_id": 1}) is not None:
+            return True
+        await self._release_uuid(doc)
+        return False
+
+    async def _cancel_link(self, doc: Doc, rlog: structlog.typing.FilteringBoundLogger) -> None:
+        """Best effort: cancel the order's PayOS link, which a late or interrupted create may
+        have made although we never got (or never used) its answer. Its checkout URL never
+        reached the caller; if this fails, the link expires at the session's `expiresAt`
+        (its `expiredAt` at PayOS)."""
+        try:
+            async with asyncio.timeout(self._payos_timeout + 1):
+                await self._payos.payment_requests.cancel(doc["orderCode"], CANCELLATION_REASON)
+        except APIError as exc:
+            if exc.error_code == PAYOS_LINK_NOT_FOUND:
+                rlog.info("payos_link_absent")
+            else:
+                rlog.warning("payos_cancel_failed", code=exc.error_code, desc=exc.error_desc)
+        except (PayOSError, TimeoutError) as exc:
+            rlog.warning("payos_cancel_failed", error=str(exc) or type(exc).__name__)
+        except Exception:
+            # Whatever else (a client closed under us): logged, never raised from a rollback.
+            rlog.exception("payos_cancel_failed")
+        else:
+            rlog.info("payos_link_cancelled")
