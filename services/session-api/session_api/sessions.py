@@ -500,7 +500,8 @@ class Sessions:
         except (ConnectionTimeoutError, TimeoutError):
             log.warning("payos_timeout", order_code=doc["orderCode"])
             raise PayOSTimeout(
-                f"PayOS did not answer within {self._payos_timeout:g} s; nothing was created"
+                f"PayOS did not answer within {self._payos_timeout:g} s; nothing was counted "
+                "and the payment link is being cancelled; try again"
             ) from None
         except APIError as exc:
             # A clear refusal: no link was made, none to cancel.
