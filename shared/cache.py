@@ -13,12 +13,21 @@ from .model import StatusEvent
 # Set the cached status and publish it, only when it is newer than what is cached. Atomic,
 # so concurrent duplicate deliveries, background retries and cache refills publish one event
 # per version; the channel is a key (KEYS[2]) so Redis Cluster checks both share a slot.
+# "Newer" is (orderCode, version) compared in that order: a version counts the changes of one
+# session, and order codes only grow (one counter), so a cached status of an older session
+# under the same uuid can never hide a newer session, nor an older one's event replace it.
+# Order codes stay below 2^53, exact in Lua's numbers.
 _PUT_IF_NEWER = """
 local cur = redis.call('GET', KEYS[1])
 if cur then
   local ok, old = pcall(cjson.decode, cur)
-  if ok and type(old) == 'table' and tonumber(old['version'] or 0) >= tonumber(ARGV[2]) then
-    return 0
+  if ok and type(old) == 'table' then
+    local old_code = tonumber(old['orderCode']) or 0
+    local new_code = tonumber(ARGV[5])
+    if old_code > new_code
+      or (old_code == new_code and (tonumber(old['version']) or 0) >= tonumber(ARGV[2])) then
+      return 0
+    end
   end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[3]))
@@ -50,7 +59,8 @@ class StatusCache:
         return raw.encode() if isinstance(raw, str) else raw
 
     async def put(self, event: StatusEvent) -> bool:
-        """Cache `event` and publish it if it is newer than the cached one; True if published."""
+        """Cache `event` and publish it if it is newer (orderCode, then version) than the cached
+        one; True if published."""
         result: Any = await self._put(keys=self._keys(event), args=self._args(event))
         return bool(result)
 
@@ -72,7 +82,13 @@ class StatusCache:
 
     def _args(self, event: StatusEvent) -> list[str | int]:
         sharded = "1" if self._sharded else "0"
-        return [event.to_json(), event.version, keys.STATUS_TTL_SECONDS, sharded]
+        return [
+            event.to_json(),
+            event.version,
+            keys.STATUS_TTL_SECONDS,
+            sharded,
+            event.order_code,
+        ]
 
     async def mark_unknown(self, uuid: str) -> None:
         await self._redis.set(keys.unknown_key(uuid), b"1", ex=keys.UNKNOWN_TTL_SECONDS)

@@ -17,6 +17,9 @@ Doc = dict[str, Any]
 
 SESSIONS = "sessions"
 WEBHOOKS = "webhooks"
+# One document per uuid ever given to a session (`_id` is the uuid), kept long after the
+# session: a uuid names one session only (see session_api.sessions).
+USED_UUIDS = "usedUuids"
 DEFAULT_DB = "paypush"
 # Set on a session whose latest change could not be published yet (Redis was unreachable).
 PUBLISH_PENDING = "publishPending"
@@ -43,6 +46,7 @@ class Store:
         self.db: AsyncDatabase[Doc] = client.get_default_database(DEFAULT_DB)
         self.sessions: AsyncCollection[Doc] = self.db[SESSIONS]
         self.webhooks: AsyncCollection[Doc] = self.db[WEBHOOKS]
+        self.used_uuids: AsyncCollection[Doc] = self.db[USED_UUIDS]
         self.indexes_ready = False
 
     async def ensure_indexes(self) -> None:
@@ -72,6 +76,9 @@ class Store:
         )
         await self.webhooks.create_index(
             [("expiresAt", ASCENDING)], expireAfterSeconds=0, name="expiresAt_ttl"
+        )
+        await self.used_uuids.create_index(
+            [("forgetAt", ASCENDING)], expireAfterSeconds=0, name="forgetAt_ttl"
         )
         self.indexes_ready = True
 

@@ -21,6 +21,8 @@ from tests.conftest import Servers
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 PHONE: ViewportSize = {"width": 390, "height": 844}
+# The uuid of the session the page keeps for resuming after a reload.
+SAVED_UUID = "JSON.parse(localStorage.getItem('paypush.session')).uuid"
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +127,8 @@ async def test_partial_payment_shows_what_is_still_due(page: Page, system: Syste
     await page.wait_for_selector("body[data-state=paid]", timeout=5_000)
 
 
-async def test_expired_session_shows_expired(page: Page, system: System) -> None:
-    await create_deposit(page, system, new_account())
-    uuid = await page.evaluate("JSON.parse(localStorage.getItem('paypush.session')).uuid")
+async def expire_session(system: System, uuid: str) -> None:
+    """Make `uuid`'s session outlive its day, and run the cleanup that expires it."""
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(system.settings.mongodb_url)
     try:
         sessions = client.get_default_database()["sessions"]
@@ -147,9 +148,35 @@ async def test_expired_session_shows_expired(page: Page, system: System) -> None
         ) as resp,
     ):
         assert resp.status == 200, await resp.text()
+
+
+async def test_expired_session_shows_expired(page: Page, system: System) -> None:
+    await create_deposit(page, system, new_account())
+    await expire_session(system, await page.evaluate(SAVED_UUID))
     await page.wait_for_selector("body[data-state=expired]", timeout=5_000)
     assert "expired" in await page.inner_text("#status")
     await page.screenshot(path=DOCS / "deposit-expired.png", full_page=True)
+
+
+async def test_resuming_a_session_that_expired_meanwhile_deposits_again_under_a_fresh_uuid(
+    page: Page, system: System
+) -> None:
+    order_code = await create_deposit(page, system, new_account())
+    old_uuid = await page.evaluate(SAVED_UUID)
+
+    async def expire_first(route: Route) -> None:
+        # The reload found the session pending and resumes it under its uuid; the cron job
+        # expires it just before that request lands (a used uuid: 409, not retryable).
+        if old_uuid in (route.request.post_data or ""):
+            await expire_session(system, old_uuid)
+        await route.continue_()
+
+    await page.route("**/api/sessions", expire_first)
+    await page.reload()
+    await page.wait_for_selector("body[data-state=waiting]", timeout=5_000)
+    assert await page.evaluate(SAVED_UUID) != old_uuid
+    assert await page.inner_text("#pay-order") != order_code
+    assert await page.inner_text("#error") == ""
 
 
 async def test_sixth_pending_deposit_shows_the_limit_message(page: Page, system: System) -> None:

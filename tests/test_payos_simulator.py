@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -71,6 +72,21 @@ async def test_sdk_rejects_a_duplicate_order_code(sim: Sim) -> None:
     with pytest.raises(APIError) as err:
         await sim.payos.payment_requests.create(_request(order_code))
     assert err.value.error_code == "231"
+
+
+async def test_late_mode_creates_the_link_and_answers_after_the_delay(sim: Sim) -> None:
+    order_code = secrets.randbelow(10**9) + 1
+    async with sim.http.post(
+        f"{sim.url}/sim/faults", json={"mode": "late", "delaySeconds": 5}
+    ) as resp:
+        assert resp.status == 200
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.5):
+            await sim.payos.payment_requests.create(_request(order_code))
+    # Only the creation is late: the link is there, and PayOS's other calls answer at once.
+    async with asyncio.timeout(1):
+        fetched = await sim.payos.payment_requests.get(order_code)
+    assert (fetched.order_code, fetched.status) == (order_code, "PENDING")
 
 
 async def test_wrong_api_key_is_refused(sim: Sim, settings: Settings) -> None:

@@ -4,13 +4,16 @@ PayOS simulator, status reads through the cache, listing, cleanup and stats, on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
 import uuid as uuidlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -19,11 +22,17 @@ import aiohttp
 import pytest
 import redis
 from aiohttp.test_utils import TestClient
+from payos import APIError, AsyncPayOS
 
+from devstack.servers import Process
 from session_api import create_app
+from session_api.appkeys import SESSIONS
+from session_api.cleanup import run_cleanup
+from session_api.sessions import CreateRequest, SessionView
 from shared.appkeys import CACHE, METRICS
 from shared.model import StatusEvent, StreamStatus, utcnow
 from shared.mongo import Store
+from shared.payos_client import payos_client
 from shared.settings import Settings
 from tests.conftest import Servers
 from tests.helpers import add_session, simulator_to_ingest, subscribed
@@ -210,6 +219,42 @@ async def test_another_accounts_uuid_is_refused_without_leaking_it(
     assert await store.sessions.count_documents({}) == 1
 
 
+async def test_a_used_uuid_whose_session_expired_and_was_deleted_is_409_not_a_new_session(
+    api: Client, store: Store
+) -> None:
+    uuid = new_uuid()
+    status, first = await create(api, {"accountNumber": ACCOUNT, "amount": 10_000, "uuid": uuid})
+    assert status == 201
+    # A day later the cron job expires the session (`expired` cached for 15 min) and deletes it.
+    later = utcnow() + timedelta(days=1, seconds=1)
+    cleaned = await run_cleanup(store, api.app[CACHE], now=later)
+    assert (cleaned.expired, cleaned.sessions_deleted) == (1, 1)
+    status, body = await create(api, {"accountNumber": ACCOUNT, "amount": 10_000, "uuid": uuid})
+    assert status == 409, body
+    assert (body["success"], body["retryable"]) == (False, False)
+    assert "already used" in body["error"]
+    assert await store.sessions.count_documents({}) == 0
+    _, read = await get_json(api, f"/api/webhooks?uuid={uuid}")
+    assert (read["orderCode"], read["status"]) == (first["orderCode"], "expired")
+
+
+async def test_a_used_uuid_whose_expired_document_still_exists_is_409_not_503(
+    api: Client, store: Store
+) -> None:
+    # MongoDB's TTL monitor has not run yet (dropped by its keys: the stand-in names indexes
+    # its own way): the document is past its expiresAt but still there.
+    await store.sessions.drop_index([("expiresAt", 1)])
+    old = await add_session(store, account=ACCOUNT, expiresAt=utcnow() - timedelta(seconds=1))
+    assert await store.sessions.count_documents({"uuid": old["uuid"]}) == 1
+    status, body = await create(
+        api, {"accountNumber": ACCOUNT, "amount": 10_000, "uuid": old["uuid"]}
+    )
+    assert status == 409, body
+    assert (body["success"], body["retryable"]) == (False, False)
+    assert "already used" in body["error"]
+    assert await store.sessions.count_documents({}) == 1
+
+
 async def test_limit_frees_when_a_session_is_paid(api: Client, sim: Sim, store: Store) -> None:
     created = [await create(api, {"accountNumber": ACCOUNT, "amount": 10_000}) for _ in range(5)]
     assert (await create(api, {"accountNumber": ACCOUNT, "amount": 10_000}))[0] == 429
@@ -347,6 +392,19 @@ async def test_payos_error_code_is_502_and_nothing_counted(
     assert await store.sessions.count_documents({}) == 0
 
 
+async def test_a_uuid_whose_creation_failed_at_payos_can_be_used_again(
+    api: Client, sim: Sim
+) -> None:
+    # A failed creation gives its uuid back: retrying the same request may succeed.
+    uuid = new_uuid()
+    body = {"accountNumber": ACCOUNT, "amount": 10_000, "uuid": uuid}
+    await sim.faults("error")
+    assert (await create(api, body))[0] == 502
+    await sim.faults("none")
+    status, created = await create(api, body)
+    assert (status, created["uuid"]) == (201, uuid)
+
+
 async def test_failed_payos_calls_never_fill_the_limit(api: Client, sim: Sim) -> None:
     await sim.faults("error")
     for _ in range(6):
@@ -354,6 +412,146 @@ async def test_failed_payos_calls_never_fill_the_limit(api: Client, sim: Sim) ->
     await sim.faults("none")
     for _ in range(5):
         assert (await create(api, {"accountNumber": ACCOUNT, "amount": 10_000}))[0] == 201
+
+
+# --- a creation interrupted after its reservation -------------------------------------------
+
+
+@pytest.fixture
+def patient_settings(api_settings: Settings) -> Settings:
+    """PayOS and MongoDB may take 5 s: long enough for a late answer to be interrupted by
+    something else first (PyMongo gives up on a silent server after its timeout)."""
+    return dataclasses.replace(api_settings, payos_timeout_seconds=5, mongodb_timeout_ms=5000)
+
+
+@pytest.fixture
+async def patient_api(
+    aiohttp_client: Callable[..., Awaitable[Client]], patient_settings: Settings
+) -> Client:
+    return await _ready(await aiohttp_client(create_app(patient_settings)))
+
+
+@pytest.fixture
+async def payos(api_settings: Settings) -> AsyncIterator[AsyncPayOS]:
+    """The payos SDK pointed at the simulator, to look at its links as PayOS knows them."""
+    client = payos_client(api_settings)
+    yield client
+    await client.aclose()
+
+
+@contextlib.contextmanager
+def paused(proc: Process) -> Iterator[None]:
+    """SIGSTOP for the block: the process holds its connections and answers nothing."""
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+
+
+async def start_create(
+    client: Client, store: Store, payos: AsyncPayOS, uuid: str
+) -> tuple[asyncio.Task[SessionView], int]:
+    """Start creating a session for `uuid`; return once PayOS holds its link (and its code)."""
+    request = CreateRequest(ACCOUNT, 10_000, "NAPTIEN", uuid)
+    task = asyncio.create_task(client.app[SESSIONS].create(request))
+    async with asyncio.timeout(5):
+        while (doc := await store.sessions.find_one({"uuid": uuid})) is None:
+            await asyncio.sleep(0.01)
+        while await link_status(payos, doc["orderCode"]) is None:
+            await asyncio.sleep(0.01)
+    return task, int(doc["orderCode"])
+
+
+async def eventual_link_status(
+    payos: AsyncPayOS, order_code: int, expected: str, within: float = 3.0
+) -> str | None:
+    """The link's status once it is `expected`, or whatever it is after `within` seconds
+    (the rollback cancels the link in the background)."""
+    deadline = time.monotonic() + within
+    while (status := await link_status(payos, order_code)) != expected:
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.02)
+    return status
+
+
+async def link_status(payos: AsyncPayOS, order_code: int) -> str | None:
+    """The link's status at PayOS, None if PayOS has no link for this order."""
+    try:
+        link = await payos.payment_requests.get(order_code)
+    except APIError:
+        return None
+    status: str = link.status
+    return status
+
+
+async def test_a_create_cancelled_while_payos_answers_late_counts_nothing_and_cancels_the_link(
+    patient_api: Client, sim: Sim, store: Store, payos: AsyncPayOS
+) -> None:
+    await sim.faults("late", delay=3)
+    task, order_code = await start_create(patient_api, store, payos, new_uuid())
+    task.cancel()  # as shutdown cancels a handler
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await store.sessions.count_documents({}) == 0
+    assert await eventual_link_status(payos, order_code, "CANCELLED") == "CANCELLED"
+
+
+async def test_a_create_cancelled_while_storing_its_link_counts_nothing_and_cancels_the_link(
+    patient_api: Client, sim: Sim, store: Store, payos: AsyncPayOS, servers: Servers
+) -> None:
+    if servers.mongo is None:
+        pytest.skip("MongoDB is external; the suite cannot pause it")
+    await sim.faults("late", delay=1)
+    uuid = new_uuid()
+    task, order_code = await start_create(patient_api, store, payos, uuid)
+    with paused(servers.mongo):
+        # PayOS answers within the second; storing its link then waits on MongoDB.
+        await asyncio.sleep(1.5)
+        assert not task.done()
+        task.cancel()
+        await asyncio.sleep(0.1)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await store.sessions.count_documents({}) == 0
+    _, check = await get_json(
+        patient_api, f"/api/webhooks/check-session-limit?accountNumber={ACCOUNT}"
+    )
+    assert check["pendingCount"] == 0
+    assert await eventual_link_status(payos, order_code, "CANCELLED") == "CANCELLED"
+
+
+async def test_a_rollback_outlives_a_second_cancellation_and_shutdown_waits_for_it(
+    patient_api: Client, sim: Sim, store: Store, payos: AsyncPayOS, servers: Servers
+) -> None:
+    if servers.mongo is None:
+        pytest.skip("MongoDB is external; the suite cannot pause it")
+    await sim.faults("late", delay=3)
+    task, order_code = await start_create(patient_api, store, payos, new_uuid())
+    with paused(servers.mongo):
+        task.cancel()  # the rollback starts, and waits on MongoDB
+        await asyncio.sleep(0.2)
+        task.cancel()  # shutdown's second word: the handler stops waiting for it
+        with pytest.raises(asyncio.CancelledError):
+            async with asyncio.timeout(1):
+                await task
+    await patient_api.close()  # the app's cleanup, before its clients close
+    assert await store.sessions.count_documents({}) == 0
+    assert await link_status(payos, order_code) == "CANCELLED"  # done by then, not later
+
+
+async def test_payos_answering_after_the_timeout_counts_nothing_and_cancels_the_link(
+    api: Client, sim: Sim, store: Store, payos: AsyncPayOS
+) -> None:
+    await sim.faults("late", delay=1.5)  # the test's PAYOS_TIMEOUT_SECONDS is 0.5
+    status, body = await create(api, {"accountNumber": ACCOUNT, "amount": 10_000})
+    assert status == 504, body
+    assert await store.sessions.count_documents({}) == 0
+    # The one order code issued so far: the counter's value.
+    counter = await store.db["counters"].find_one({"_id": "orderCode"})
+    assert counter is not None
+    assert await eventual_link_status(payos, int(counter["seq"]), "CANCELLED") == "CANCELLED"
 
 
 # --- status reads ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import structlog
 from aiohttp.test_utils import TestClient
 
 from shared.appkeys import CACHE
-from shared.model import StreamStatus, utcnow
+from shared.model import StatusEvent, StreamStatus, utcnow
 from shared.mongo import Store
 from shared.settings import Settings
 from shared.signing import sign_data
@@ -289,6 +289,24 @@ async def test_expired_session_is_not_completed(ingest: Client, store: Store) ->
     assert status == 200 and body["outcome"] in ("not_pending", "unknown_order")
     assert await store.sessions.count_documents({"status": "completed"}) == 0
     assert await store.webhooks.count_documents({"orderCode": session["orderCode"]}) == 1
+
+
+async def test_payment_of_a_newer_session_replaces_the_cached_status_of_an_older_order(
+    ingest: Client, store: Store, settings: Settings
+) -> None:
+    # An older session under the same uuid left `expired` (version 2) in the cache; the newer
+    # session (a larger orderCode) is paid at its own version 2. What readers see must be it.
+    session = await add_session(store, amount=10_000, orderCode=2_000_000_000_002)
+    older = {**session, "orderCode": 2_000_000_000_001, "status": "expired", "version": 2}
+    assert await ingest.app[CACHE].put(StatusEvent.from_session(older))
+    async with subscribed(settings.redis_url, session["uuid"]) as sub:
+        status, body = await post(ingest, signed_webhook(session["orderCode"], 10_000))
+        assert (status, body["outcome"]) == (200, "completed")
+        [event] = await sub.wait_for(1)
+    assert (event.order_code, event.status) == (session["orderCode"], StreamStatus.DONE)
+    cached = await ingest.app[CACHE].get(session["uuid"])
+    assert cached is not None
+    assert (cached.order_code, cached.status) == (session["orderCode"], StreamStatus.DONE)
 
 
 async def test_mongodb_down_is_503_then_redelivery_is_stored_once(

@@ -107,6 +107,10 @@ async def create_payment_request(request: web.Request) -> web.Response:
         expired_at=body.get("expiredAt") if isinstance(body.get("expiredAt"), int) else None,
     )
     world.add(link)
+    if world.faults.mode == "late":
+        # PayOS created the link, its answer is late: a caller that gives up must not assume
+        # that nothing was created.
+        await asyncio.sleep(world.faults.delay_seconds)
     # Links point back at this simulator, at whatever address the caller reached it on.
     base = str(request.url.origin())
     data = {
@@ -213,7 +217,8 @@ async def pay(request: web.Request) -> web.Response:
 async def set_faults(request: web.Request) -> web.Response:
     """`POST /sim/faults` `{mode, delaySeconds, dropDeliveries, deliveryDelaySeconds}`.
 
-    For fault tests: `mode` and `delaySeconds` make the payment-link API misbehave,
+    For fault tests: `mode` and `delaySeconds` make the payment-link API misbehave (`slow`
+    answers every call late, `late` answers a creation late after creating the link),
     `dropDeliveries` loses that many webhook delivery attempts, `deliveryDelaySeconds` holds
     back every delivery attempt. Each call replaces all of them.
     """

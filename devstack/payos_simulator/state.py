@@ -99,7 +99,9 @@ class Delivery:
 class Faults:
     """How the payment-link API misbehaves, set by tests through `/sim/faults`."""
 
-    mode: str = "none"  # none | error | slow | down
+    # slow: wait, then answer; late: create the payment link, then answer after the wait (the
+    # link exists though the caller may time out first); error, down: refuse.
+    mode: str = "none"  # none | error | slow | late | down
     delay_seconds: float = 0.0
     # Webhook deliveries to drop (answered as if the network lost them) before one goes out.
     drop_deliveries: int = 0

@@ -55,6 +55,9 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[STATS] = StatsSnapshot(app[REDIS], app[CACHE], app[STORE], cluster=settings.redis_cluster)
     yield
+    # Before the PayOS and MongoDB clients close (contexts end in reverse order): a creation
+    # cancelled by shutdown may still be rolling back.
+    await app[SESSIONS].aclose()
 
 
 def create_app(settings: Settings) -> web.Application:

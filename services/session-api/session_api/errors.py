@@ -31,6 +31,17 @@ class UuidConflict(SessionError):
         self.retryable = retryable
 
 
+class UuidUsed(UuidConflict):
+    """The uuid already named a session that cannot be resumed (409, not retryable): paid,
+    expired, another account's, or gone. A uuid names one session only; make a new one."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this uuid is already used by a payment session that can no longer be resumed; "
+            "make a new uuid for a new session"
+        )
+
+
 class AccountBusy(SessionError):
     """The account's lock could not be taken in time (503, retry)."""
 

@@ -42,7 +42,8 @@ CREATE_REQUEST: Doc = {
             "type": ["string", "null"],
             "pattern": UUID_RE.pattern,
             "description": "Resume this session if it is still pending for this account; "
-            "otherwise the new session takes this uuid.",
+            "a uuid never used before names the new session. A uuid names one session "
+            "only: once used, it is refused (409) when its session is over or gone.",
         },
         "description": {
             "type": ["string", "null"],
@@ -215,7 +216,10 @@ def document(settings: Settings) -> Doc:
                         ),
                         "400": openapi.error("Invalid request; nothing stored."),
                         "409": openapi.error(
-                            "The uuid belongs to a session this request may not resume."
+                            "The uuid is already used by a session this request may not "
+                            "resume: paid, expired, another account's, or gone (a uuid names "
+                            "one session only): `retryable: false`, make a new uuid. Or that "
+                            "session is still being created: `retryable: true`, retry."
                         ),
                         "413": TOO_LARGE,
                         "429": openapi.error(

@@ -145,7 +145,7 @@
     clockTimer = setInterval(tick, 1000);
   }
 
-  async function begin(accountNumber, amount, uuid, waitStartedAt) {
+  async function begin(accountNumber, amount, uuid, waitStartedAt, freshUuid) {
     showError("");
     $("create").disabled = true;
     try {
@@ -154,6 +154,13 @@
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify({ accountNumber, amount, uuid }),
       });
+      if (status === 409 && body.retryable === false && !freshUuid) {
+        // The uuid names a session that is over (it expired since we checked, say) and a
+        // uuid never names a second one: deposit again under a fresh uuid, once.
+        forget();
+        await begin(accountNumber, amount, newUuid(), undefined, true);
+        return;
+      }
       if (status === 429) {
         setState("limit");
         showError(`${body.error} (${body.pendingCount} of ${body.maxAllowed} pending deposits).`);
@@ -208,7 +215,7 @@
       amount.focus();
       return;
     }
-    begin(account.value, value, newUuid());
+    begin(account.value, value, newUuid(), undefined, true);
   });
 
   $("new-qr").addEventListener("click", () => {
