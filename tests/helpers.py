@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
+import signal
 import uuid as uuidlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -17,6 +19,7 @@ from redis.asyncio import Redis
 from devstack.payos_simulator import create_app as create_simulator
 from devstack.payos_simulator.state import Transaction, new_reference, vn_now
 from devstack.payos_simulator.webhooks import webhook_body
+from devstack.servers import Process
 from shared import keys
 from shared.model import StatusEvent, new_session, utcnow
 from shared.mongo import Store
@@ -135,3 +138,13 @@ async def simulator_to_ingest(
         yield str(sim_server.make_url("")).rstrip("/"), ingest_url, http
     await sim_server.close()
     await ingest.close()
+
+
+@contextlib.contextmanager
+def paused(proc: Process) -> Iterator[None]:
+    """SIGSTOP for the block: the process holds its connections and answers nothing."""
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)

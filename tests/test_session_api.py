@@ -4,16 +4,13 @@ PayOS simulator, status reads through the cache, listing, cleanup and stats, on 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 import uuid as uuidlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,7 +21,6 @@ import redis
 from aiohttp.test_utils import TestClient
 from payos import APIError, AsyncPayOS
 
-from devstack.servers import Process
 from session_api import create_app
 from session_api.appkeys import SESSIONS
 from session_api.cleanup import run_cleanup
@@ -35,7 +31,7 @@ from shared.mongo import Store
 from shared.payos_client import payos_client
 from shared.settings import Settings
 from tests.conftest import Servers
-from tests.helpers import add_session, simulator_to_ingest, subscribed
+from tests.helpers import add_session, paused, simulator_to_ingest, subscribed
 from webhook_ingest import create_app as create_ingest
 
 Client = TestClient[Any, Any]
@@ -437,16 +433,6 @@ async def payos(api_settings: Settings) -> AsyncIterator[AsyncPayOS]:
     client = payos_client(api_settings)
     yield client
     await client.aclose()
-
-
-@contextlib.contextmanager
-def paused(proc: Process) -> Iterator[None]:
-    """SIGSTOP for the block: the process holds its connections and answers nothing."""
-    os.kill(proc.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
 
 
 async def start_create(

@@ -6,7 +6,6 @@ Tests marked `faults_long` run only when the marker expression names them
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator
@@ -14,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from devstack.servers import Process, local_settings
+from devstack.servers import local_settings
 from shared.mongo import Store
 from shared.settings import Settings
 from tests.conftest import Servers
 from tests.faults.harness import Driver, Report, System, http_client, running_system
+from tests.helpers import paused as paused  # the fault tests pause processes too
 
 LEDGER: list[tuple[str, Report]] = []
 
@@ -95,13 +95,3 @@ async def driver(system: System) -> AsyncIterator[Driver]:
         d = Driver(system, http)
         yield d
         await d.close()
-
-
-@contextlib.contextmanager
-def paused(proc: Process) -> Iterator[None]:
-    """SIGSTOP for the block: the process holds its connections and answers nothing."""
-    os.kill(proc.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
