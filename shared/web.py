@@ -10,7 +10,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
 from .appkeys import METRICS, REDIS, STORE, SUPERVISOR
 from .tasks import Supervisor
@@ -118,11 +118,46 @@ async def mongo_ready(app: web.Application) -> None:
 
 def add_ops_routes(
     app: web.Application,
-    checks: dict[str, ReadinessCheck] | None = None,
+    required: dict[str, ReadinessCheck] | None = None,
+    watched: dict[str, ReadinessCheck] | None = None,
 ) -> None:
-    """`/healthz` (alive: every supervised task running), `/readyz` (dependencies
-    reachable) and `/metrics` (Prometheus)."""
-    readiness = checks if checks is not None else {"redis": redis_ready, "mongodb": mongo_ready}
+    """`/healthz` (alive: every supervised task running), `/readyz` (able to do its job) and
+    `/metrics` (Prometheus).
+
+    `/readyz` answers 503 only when a `required` check fails: what this pod cannot do its job
+    without. A `watched` backend that is down is reported (in the body and as
+    `paypush_dependency_up`) but leaves the pod ready: a cluster-wide outage of a backend the
+    service can work around (Redis for every service) must not take every pod out of its
+    Service, which would turn a degraded system into a dead one (issue 15).
+    """
+    if required is None:
+        required = {"mongodb": mongo_ready}
+    if watched is None:
+        watched = {"redis": redis_ready}
+    everything = {**required, **watched}
+    up = Gauge(
+        "paypush_dependency_up",
+        "1 when the last check of a backend passed (refreshed by /readyz and /metrics)",
+        ["dependency", "required"],
+        registry=app[METRICS],
+    )
+
+    async def run_checks(app: web.Application) -> dict[str, str]:
+        results: dict[str, str] = {}
+
+        async def run(name: str, check: ReadinessCheck) -> None:
+            try:
+                await asyncio.wait_for(check(app), READINESS_TIMEOUT)
+            except Exception as exc:
+                results[name] = f"down: {type(exc).__name__}"
+            else:
+                results[name] = "ok"
+            up.labels(name, "true" if name in required else "false").set(
+                1 if results[name] == "ok" else 0
+            )
+
+        await asyncio.gather(*(run(n, c) for n, c in everything.items()))
+        return {name: results[name] for name in everything}
 
     async def healthz(request: web.Request) -> web.Response:
         supervisor = request.app.get(SUPERVISOR)
@@ -134,24 +169,20 @@ def add_ops_routes(
         )
 
     async def readyz(request: web.Request) -> web.Response:
-        results: dict[str, str] = {}
-
-        async def run(name: str, check: ReadinessCheck) -> None:
-            try:
-                await asyncio.wait_for(check(request.app), READINESS_TIMEOUT)
-            except Exception as exc:
-                results[name] = f"down: {type(exc).__name__}"
-            else:
-                results[name] = "ok"
-
-        await asyncio.gather(*(run(n, c) for n, c in readiness.items()))
-        ready = all(v == "ok" for v in results.values())
+        results = await run_checks(request.app)
+        ready = all(results[name] == "ok" for name in required)
+        degraded = any(results[name] != "ok" for name in watched)
         return web.json_response(
-            {"status": "ready" if ready else "not ready", "checks": results},
+            {
+                "status": ("degraded" if degraded else "ready") if ready else "not ready",
+                "checks": results,
+                "required": list(required),
+            },
             status=200 if ready else 503,
         )
 
     async def metrics(request: web.Request) -> web.Response:
+        await run_checks(request.app)
         body = generate_latest(request.app[METRICS])
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -303,6 +303,30 @@ def test_each_deployment_has_a_pdb_and_an_hpa_of_at_least_two_replicas() -> None
         assert "replicas" not in dep["spec"], "the HPA owns the replica count"
 
 
+def test_pdbs_let_unready_pods_be_evicted() -> None:
+    """A pod stuck NotReady must never block a node drain (issue 15)."""
+    for pdb in of_kind("PodDisruptionBudget"):
+        assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow", pdb["metadata"]
+
+
+# What each service's readiness (the probes' /readyz) may depend on, and nothing more
+# (issue 15): a Redis outage must not take any pod out of its Service.
+READINESS_REQUIRES = {
+    "webhook_ingest": ["mongodb"],
+    "session_api": ["mongodb"],
+    "stream_gateway": ["accepting"],
+}
+
+
+@pytest.mark.parametrize("module", SERVICE_MODULES)
+def test_readiness_depends_only_on_what_the_service_needs(module: str) -> None:
+    doc = importlib.import_module(f"{module}.openapi").document(DEFAULTS)
+    readyz = doc["paths"]["/readyz"]["get"]["responses"]["200"]["content"]["application/json"]
+    required = readyz["schema"]["properties"]["required"]["items"]["enum"]
+    assert required == READINESS_REQUIRES[module]
+    assert "redis" not in required
+
+
 # A replica's own paths, never routed: health, metrics, and its OpenAPI document.
 OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics", OPENAPI_PATH})
 DEPOSIT_PAGE_PATHS = frozenset({("Exact", "/"), ("Prefix", "/static")})

@@ -774,6 +774,7 @@ async def test_health_readiness_and_metrics(api: Client) -> None:
     assert (await api.get("/healthz")).status == 200
     ready = await api.get("/readyz")
     assert (await ready.json())["checks"] == {"redis": "ok", "mongodb": "ok"}
+    assert (await ready.json())["required"] == ["mongodb"]
     await create(api, {"accountNumber": ACCOUNT, "amount": 10_000})
     await create(api, {"accountNumber": ACCOUNT, "amount": 1})
     text = await (await api.get("/metrics")).text()

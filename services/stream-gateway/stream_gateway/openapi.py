@@ -45,7 +45,8 @@ def document(settings: Settings) -> Doc:
     return openapi.document(
         title="stream-gateway",
         description="Server-Sent Events: a session's status now, then every change.",
-        readiness_checks=("redis", "mongodb", "pubsub"),
+        readiness_checks=("accepting", "redis", "mongodb", "pubsub"),
+        required_checks=("accepting",),
         schemas={"StatusEvent": EVENT},
         paths={
             "/api/webhooks/stream": {
