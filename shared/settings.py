@@ -70,6 +70,12 @@ class Settings:
     sse_max_wait_seconds: float = 600.0
     sse_retry_ms: int = 3000
     shutdown_timeout_seconds: float = 10.0
+    # The listen queue of each service's socket (the kernel caps it at net.core.somaxconn):
+    # when a gateway pod goes, thousands of browsers reconnect to the others within seconds.
+    listen_backlog: int = 4096
+    # Streams one gateway process holds at most (also kept below its open file limit); over
+    # it, 503 with Retry-After before any stream starts, so the Ingress tries another pod.
+    max_streams: int = 10_000
     max_pending_per_account: int = 5
     # Session creations per client address and minute (0: no limit): a client cannot burn
     # orderCodes and PayOS links in a loop. Behind NAT many users share an address.
@@ -92,6 +98,10 @@ class Settings:
         for name in ("payos_checksum_key", "cron_secret", "admin_token"):
             if not getattr(self, name):
                 raise SettingsError(f"{name.upper()} must not be empty")
+        if self.listen_backlog < 1:
+            raise SettingsError("LISTEN_BACKLOG must be positive")
+        if self.max_streams < 1:
+            raise SettingsError("MAX_STREAMS must be positive")
         if self.session_rate_limit_per_minute < 0:
             raise SettingsError("SESSION_RATE_LIMIT_PER_MINUTE must not be negative")
         for proxy in self.trusted_proxies:

@@ -502,6 +502,14 @@ def test_compose_stop_grace_outlasts_shutdown_timeout() -> None:
         assert nginx_seconds(svc["stop_grace_period"]) > shutdown, name
 
 
+def test_compose_services_have_the_file_limit_and_backlog_for_their_streams() -> None:
+    for name in ("webhook-ingest", "stream-gateway", "session-api", "cleanup"):
+        service = compose()["services"][name]
+        nofile = service["ulimits"]["nofile"]
+        assert nofile["hard"] >= 65535, name
+        assert int(service["sysctls"]["net.core.somaxconn"]) >= DEFAULTS.listen_backlog, name
+
+
 def test_compose_healthchecks_probe_readyz_on_the_settings_port() -> None:
     for svc in compose_app_services().values():
         if "profiles" in svc:
