@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import ipaddress
 import re
+import shutil
 import subprocess
 import tomllib
 from collections.abc import Iterator
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -378,12 +380,20 @@ def test_ingress_paths_are_routes_of_their_backend_service() -> None:
     assert not any(missing.values()), missing
 
 
+# Routed by no Ingress: the CronJob runs cleanup in the cluster (issue 15).
+IN_CLUSTER_ONLY = frozenset({"/api/webhooks/cleanup"})
+# Routed on the admin host only, which admits an allow-list of source addresses.
+ADMIN_ONLY = frozenset({"/api/stats"})
+ADMIN_INGRESS = "payment-push-admin"
+
+
 @pytest.mark.parametrize("module", SERVICE_MODULES)
 def test_ingress_routes_every_public_route_of_the_service(module: str) -> None:
-    """Each route reaches its service, unless it is a replica's own (the ops paths) or the
-    Ingress gives the path to another service (the gateway's per-process /api/stats)."""
+    """Each route reaches its service, unless it is a replica's own (the ops paths), runs in
+    the cluster only (cleanup), or the Ingress gives the path to another service (the
+    gateway's per-process /api/stats)."""
     routed = ingress_paths()
-    public = {p for _, p in app_routes(module)} - OPS_PATHS
+    public = {p for _, p in app_routes(module)} - OPS_PATHS - IN_CLUSTER_ONLY
     unrouted = {
         route
         for route in public
@@ -392,6 +402,22 @@ def test_ingress_routes_every_public_route_of_the_service(module: str) -> None:
         )
     }
     assert unrouted == set()
+
+
+def test_cleanup_is_routed_nowhere_and_admin_paths_only_on_the_allow_listed_host() -> None:
+    for ingress in of_kind("Ingress"):
+        admin = ingress["metadata"]["name"] == ADMIN_INGRESS
+        for rule in ingress["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                for route in IN_CLUSTER_ONLY:
+                    assert not ingress_matches(path["pathType"], path["path"], route), path
+                if not admin:
+                    for route in ADMIN_ONLY:
+                        assert not ingress_matches(path["pathType"], path["path"], route), path
+    admin = one("Ingress", ADMIN_INGRESS)
+    allow = admin["metadata"]["annotations"]["nginx.ingress.kubernetes.io/whitelist-source-range"]
+    assert allow and "0.0.0.0/0" not in allow
+    assert {h for r in admin["spec"]["rules"] for h in [r["host"]]} == {"admin.pay.example.com"}
 
 
 def test_stream_ingress_is_configured_for_sse() -> None:
@@ -684,3 +710,197 @@ def test_image_contains_every_package_the_project_installs() -> None:
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert dirs | {"pyproject.toml"} <= copied
     assert not (dirs | {"pyproject.toml"}) & ignored
+
+
+# --- NetworkPolicies: the flows the rendered objects allow, and no other ----------------------
+
+NAMESPACE = "payments"  # any: the manifests name none
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A pod (namespace, labels, named ports) or an address outside the cluster."""
+
+    name: str
+    namespace: str | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+    ports: tuple[tuple[str, int], ...] = ()
+    ip: str = ""
+
+    @property
+    def is_pod(self) -> bool:
+        return self.namespace is not None
+
+
+def rendered() -> list[Doc]:
+    """`kubectl kustomize deploy/k8s` (kustomize built into kubectl), offline."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (its built-in kustomize) is not installed")
+    out = subprocess.run(
+        [kubectl, "kustomize", str(K8S)], check=True, capture_output=True, text=True
+    ).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def selects(selector: Doc, labels: dict[str, str]) -> bool:
+    for key, value in selector.get("matchLabels", {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions", []):
+        present = expr["key"] in labels
+        value = labels.get(expr["key"])
+        ok = {
+            "In": present and value in expr.get("values", []),
+            "NotIn": not present or value not in expr.get("values", []),
+            "Exists": present,
+            "DoesNotExist": not present,
+        }[expr["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+def peer_matches(rule_peer: Doc, peer: Peer) -> bool:
+    if "ipBlock" in rule_peer:
+        if peer.is_pod:
+            return False
+        block = rule_peer["ipBlock"]
+        addr = ipaddress.ip_address(peer.ip)
+        return addr in ipaddress.ip_network(block["cidr"]) and not any(
+            addr in ipaddress.ip_network(e) for e in block.get("except", [])
+        )
+    if not peer.is_pod:
+        return False
+    if "namespaceSelector" in rule_peer:
+        ns_labels = {"kubernetes.io/metadata.name": peer.namespace or ""}
+        if not selects(rule_peer["namespaceSelector"], ns_labels):
+            return False
+    elif peer.namespace != NAMESPACE:
+        return False
+    return selects(rule_peer.get("podSelector", {}), dict(peer.labels))
+
+
+def port_matches(rule_ports: list[Doc] | None, dst: Peer, port: int, protocol: str) -> bool:
+    if not rule_ports:
+        return True
+    for item in rule_ports:
+        if item.get("protocol", "TCP") != protocol:
+            continue
+        wanted = item.get("port")
+        if wanted is None or wanted == port or dict(dst.ports).get(str(wanted)) == port:
+            return True
+    return False
+
+
+def allowed(policies: list[Doc], src: Peer, dst: Peer, port: int, protocol: str) -> bool:
+    """Kubernetes' semantics: a pod selected by a policy of a direction is isolated in that
+    direction and admits only what some rule of such a policy allows."""
+
+    def side(pod: Peer, direction: str, other: Peer, key: str) -> bool:
+        if not pod.is_pod or pod.namespace != NAMESPACE:
+            return True  # not ours: its own policies decide
+        mine = [
+            p
+            for p in policies
+            if direction in p["spec"].get("policyTypes", ["Ingress"])
+            and selects(p["spec"]["podSelector"], dict(pod.labels))
+        ]
+        if not mine:
+            return True
+        rules = [r for p in mine for r in p["spec"].get(direction.lower(), [])]
+        return any(
+            (not r.get(key) or any(peer_matches(x, other) for x in r[key]))
+            and port_matches(r.get("ports"), dst, port, protocol)
+            for r in rules
+        )
+
+    return side(src, "Egress", dst, "to") and side(dst, "Ingress", src, "from")
+
+
+def workload_peers() -> list[Peer]:
+    peers = []
+    for name, spec in pod_specs():
+        template_labels = next(
+            d["spec"]["template"]["metadata"]["labels"]
+            if d["kind"] == "Deployment"
+            else d["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+            for d in [*of_kind("Deployment"), *of_kind("CronJob")]
+            if d["metadata"]["name"] == name
+        )
+        ports = tuple(
+            (p["name"], p["containerPort"]) for c in spec["containers"] for p in c.get("ports", [])
+        )
+        peers.append(Peer(name, NAMESPACE, tuple(template_labels.items()), ports))
+    return peers
+
+
+EXTERNAL = [
+    Peer(
+        "ingress-nginx",
+        "ingress-nginx",
+        (("app.kubernetes.io/name", "ingress-nginx"),),
+    ),
+    Peer("prometheus", "monitoring", (("app.kubernetes.io/name", "prometheus"),)),
+    Peer("kube-dns", "kube-system", (("k8s-app", "kube-dns"),)),
+    Peer("redis", NAMESPACE, (("app.kubernetes.io/name", "redis"),)),
+    Peer("mongodb", NAMESPACE, (("app.kubernetes.io/name", "mongodb"),)),
+    Peer("other-pod-here", NAMESPACE, (("app", "something-else"),)),
+    Peer("other-namespace", "default", (("app.kubernetes.io/name", "ingress-nginx"),)),
+    Peer("payos", ip="203.0.113.10"),
+    Peer("cluster-internal-address", ip="10.1.2.3"),
+]
+PROBE_PORTS = [
+    *((p, "TCP") for p in (80, 443, 6379, 8080, 8081, 8082, 8083, 27017)),
+    (53, "UDP"),
+    (53, "TCP"),
+]
+SERVICE_NAMES = ("webhook-ingest", "stream-gateway", "session-api")
+
+
+def expected_flows() -> set[tuple[str, str, int, str]]:
+    ports = {"webhook-ingest": 8081, "stream-gateway": 8082, "session-api": 8083}
+    flows = set()
+    for service in SERVICE_NAMES:
+        flows.add(("ingress-nginx", service, ports[service], "TCP"))
+        flows.add(("prometheus", service, ports[service], "TCP"))
+    for workload in (*SERVICE_NAMES, "session-cleanup"):
+        flows |= {
+            (workload, "kube-dns", 53, "UDP"),
+            (workload, "kube-dns", 53, "TCP"),
+            (workload, "redis", 6379, "TCP"),
+            (workload, "mongodb", 27017, "TCP"),
+        }
+    flows.add(("session-api", "payos", 443, "TCP"))
+    return flows
+
+
+def test_network_policies_allow_exactly_the_flows_payment_push_needs() -> None:
+    docs = rendered()
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    assert policies, "no NetworkPolicy rendered"
+    ours = workload_peers()
+    assert {p.name for p in ours} == {*SERVICE_NAMES, "session-cleanup"}
+    everyone = [*ours, *EXTERNAL]
+    # Every flow with one of our pods at either end (the others are not ours to decide).
+    flows = {
+        (src.name, dst.name, port, protocol)
+        for src in everyone
+        for dst in everyone
+        if src is not dst and (src in ours or dst in ours)
+        for port, protocol in PROBE_PORTS
+        if allowed(policies, src, dst, port, protocol)
+    }
+    assert flows == expected_flows(), {
+        "unexpected": sorted(flows - expected_flows()),
+        "missing": sorted(expected_flows() - flows),
+    }
+
+
+def test_kustomize_renders_every_manifest() -> None:
+    docs = rendered()
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    for name, doc in manifests():
+        if name.startswith(SECRET_TEMPLATE):
+            continue
+        assert (doc["kind"], doc["metadata"]["name"]) in kinds, name
