@@ -25,11 +25,13 @@ from kubernetes_validate.utils import (  # type: ignore[import-untyped]
     SchemaNotFoundError,
     validate,
 )
+from prometheus_client import CollectorRegistry
 
 from devstack.balancer import UPSTREAMS, find_nginx, local_nginx_conf, nginx_argv
 from devstack.servers import free_port
 from shared.openapi import OPENAPI_PATH
 from shared.settings import Settings
+from stream_gateway.metrics import GatewayMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -904,3 +906,60 @@ def test_kustomize_renders_every_manifest() -> None:
         if name.startswith(SECRET_TEMPLATE):
             continue
         assert (doc["kind"], doc["metadata"]["name"]) in kinds, name
+
+
+# --- monitoring and scaling (Prometheus Operator, prometheus-adapter) --------------------------
+
+MONITORING = K8S / "monitoring"
+
+
+def monitoring_docs() -> list[Doc]:
+    docs: list[Doc] = []
+    for path in sorted(MONITORING.glob("*.yaml")):
+        if path.name != "kustomization.yaml":
+            docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    return docs
+
+
+def test_monitoring_kustomization_lists_its_manifests() -> None:
+    kustomization = yaml.safe_load((MONITORING / "kustomization.yaml").read_text())
+    listed = sorted(kustomization["resources"])
+    assert listed == sorted(
+        p.name for p in MONITORING.glob("*.yaml") if p.name != "kustomization.yaml"
+    )
+
+
+def test_a_service_monitor_scrapes_metrics_of_each_service() -> None:
+    monitors = [d for d in monitoring_docs() if d["kind"] == "ServiceMonitor"]
+    assert {m["metadata"]["name"] for m in monitors} == set(SERVICE_NAMES)
+    for monitor in monitors:
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        service = one("Service", monitor["metadata"]["name"])
+        assert selects(monitor["spec"]["selector"], service["metadata"]["labels"])
+        [endpoint] = monitor["spec"]["endpoints"]
+        assert endpoint["path"] == "/metrics"
+        assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+
+
+def test_gateway_scales_on_open_streams_per_pod_served_by_the_adapter() -> None:
+    hpa = one("HorizontalPodAutoscaler", "stream-gateway")
+    [pods] = [m["pods"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    name = pods["metric"]["name"]
+    # A gauge the gateway exports ...
+    registry = CollectorRegistry()
+    GatewayMetrics.create(registry)
+    assert name in {m.name for m in registry.collect()}
+    # ... that the adapter serves, under that name, per pod ...
+    [adapter] = [d for d in monitoring_docs() if d["kind"] == "ConfigMap"]
+    rules = yaml.safe_load(adapter["data"]["config.yaml"])["rules"]
+    assert any(rule["name"]["as"] == name and name in rule["seriesQuery"] for rule in rules)
+    # ... with a target below what one process admits.
+    assert 0 < int(pods["target"]["averageValue"]) < DEFAULTS.max_streams
+
+
+def test_cpu_requests_are_realistic_for_a_python_process() -> None:
+    for dep in of_kind("Deployment"):
+        [container] = dep["spec"]["template"]["spec"]["containers"]
+        cpu = container["resources"]["requests"]["cpu"]
+        millicores = int(cpu[:-1]) if cpu.endswith("m") else int(float(cpu) * 1000)
+        assert 250 <= millicores <= 1000, (dep["metadata"]["name"], cpu)
