@@ -549,6 +549,43 @@ def test_compose_healthchecks_probe_readyz_on_the_settings_port() -> None:
 # --- nginx ------------------------------------------------------------------------------------
 
 
+def test_compose_runs_services_as_kubernetes_does() -> None:
+    """Issue 15: compose matches the pods where it claims to: security, limits, shutdown."""
+    for name, svc in compose_app_services().items():
+        assert svc["user"] == "10001:10001" and svc["read_only"] is True, name
+        assert svc["cap_drop"] == ["ALL"], name
+        assert "no-new-privileges:true" in svc["security_opt"], name
+        if name == "cleanup":
+            continue
+        dep = one("Deployment", name)
+        spec = dep["spec"]["template"]["spec"]
+        [container] = spec["containers"]
+        # The same shutdown timeout and grace period.
+        k8s_shutdown = effective_settings(container_env(container)).shutdown_timeout_seconds
+        assert effective_settings(svc["environment"]).shutdown_timeout_seconds == k8s_shutdown
+        assert nginx_seconds(svc["stop_grace_period"]) == spec["terminationGracePeriodSeconds"]
+        # The same CPU and memory limits.
+        limits = svc["deploy"]["resources"]["limits"]
+        assert float(limits["cpus"]) == float(container["resources"]["limits"]["cpu"]), name
+        k8s_memory = container["resources"]["limits"]["memory"]
+        assert limits["memory"].removesuffix("M") == k8s_memory.removesuffix("Mi"), name
+
+
+def test_compose_exposes_nginx_only_and_nginx_routes_no_more_than_the_public_ingress() -> None:
+    services = compose()["services"]
+    assert [name for name, svc in services.items() if svc.get("ports")] == ["nginx"]
+    text = NGINX_CONF.read_text()
+    for path in (*IN_CLUSTER_ONLY, *ADMIN_ONLY):
+        assert nginx_directives(nginx_block(text, f"location = {path}")) == {"return": "404"}
+
+
+def test_nginx_retries_a_refused_stream_on_the_next_gateway() -> None:
+    stream = nginx_directives(
+        nginx_block(NGINX_CONF.read_text(), "location = /api/webhooks/stream")
+    )
+    assert set(stream["proxy_next_upstream"].split()) >= {"error", "timeout", "http_503"}
+
+
 def test_nginx_stream_location_is_configured_for_sse() -> None:
     text = NGINX_CONF.read_text()
     stream = nginx_directives(nginx_block(text, "location = /api/webhooks/stream"))

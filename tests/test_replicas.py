@@ -177,8 +177,10 @@ async def test_sessions_through_nginx_paid_through_the_simulator_reach_both_gate
         stats = await gateway_stats(replicas)
         assert [s["connectionCount"] > 0 for s in stats] == [True, True], stats
         assert sum(s["connectionCount"] for s in stats) == len(clients)
-        # session-api (through nginx) counts every gateway's subscriptions, in Redis.
-        site = (await http.get("/api/stats")).json()
+        # session-api counts every gateway's subscriptions, in Redis.
+        # (The admin stats are not public: nginx routes them nowhere; ask a replica.)
+        site_api = replicas.replica_url(replicas.replicas["session-api"][0])
+        site = (await http.get(f"{site_api}/api/stats")).json()
         assert site["activeSubscriptions"] == sum(s["activeSubscriptions"] for s in stats)
 
         # The bank transfers arrive: the simulator sends each signed webhook to nginx.
