@@ -10,7 +10,7 @@ import structlog
 from aiohttp import web
 
 from .logs import configure_logging
-from .settings import Settings
+from .settings import SERVICE_SECRETS, Settings
 
 log = structlog.get_logger(__name__)
 
@@ -73,11 +73,14 @@ def serve(
     create_app: Callable[[Settings], web.Application],
     port: Callable[[Settings], int],
     *,
+    service: str | None = None,
     handler_cancellation: bool = False,
 ) -> None:
-    """Build settings from the environment, configure logging, raise the open file limit,
+    """Build settings from the environment (with only the secrets `service` uses; None, as
+    for the PayOS simulator: all of them), configure logging, raise the open file limit,
     serve until SIGTERM/SIGINT."""
-    settings = Settings.from_env()
+    secrets = SERVICE_SECRETS[service] if service is not None else None
+    settings = Settings.from_env(secrets=secrets)
     configure_logging(settings)
     log_process_limits(settings, raise_open_file_limit())
     web.run_app(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Literal
 from urllib.parse import urlsplit
@@ -24,6 +24,18 @@ _DEV_SECRETS = {
     "cron_secret": DEV_CRON_SECRET,
     "admin_token": DEV_ADMIN_TOKEN,
 }
+
+SECRETS = tuple(_DEV_SECRETS)
+# The secrets each process uses (issue 15): a process is given only these, requires only
+# these, and holds the others blank. The manifests give each workload exactly these keys.
+SERVICE_SECRETS: dict[str, tuple[str, ...]] = {
+    "webhook-ingest": ("payos_checksum_key",),
+    "stream-gateway": (),
+    "session-api": SECRETS,
+    "session-cleanup": (),
+}
+# What a process that names none must have (every caller before issue 15): not empty.
+_ALWAYS_REQUIRED = ("payos_checksum_key", "cron_secret", "admin_token")
 
 
 class SettingsError(ValueError):
@@ -95,9 +107,6 @@ class Settings:
             reused = [k.upper() for k, v in _DEV_SECRETS.items() if getattr(self, k) == v]
             if reused:
                 raise SettingsError(f"production needs real secrets, set: {', '.join(reused)}")
-        for name in ("payos_checksum_key", "cron_secret", "admin_token"):
-            if not getattr(self, name):
-                raise SettingsError(f"{name.upper()} must not be empty")
         if self.listen_backlog < 1:
             raise SettingsError("LISTEN_BACKLOG must be positive")
         if self.max_streams < 1:
@@ -117,8 +126,20 @@ class Settings:
         return self.app_env == "production"
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
-        """Build settings from `environ` (default: the process environment), then `overrides`."""
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        secrets: Iterable[str] | None = None,
+        **overrides: object,
+    ) -> Settings:
+        """Build settings from `environ` (default: the process environment), then `overrides`.
+
+        `secrets`: the secrets this process uses (SERVICE_SECRETS). Those must be set (in
+        production: not the development defaults) and not empty; every other secret is held
+        blank, whatever the environment says, so a process never holds a key it has no use
+        for. None: every secret, as before.
+        """
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
         for field in fields(cls):
@@ -127,7 +148,20 @@ class Settings:
                 continue
             values[field.name] = _parse(field.name, str(field.type), raw)
         values.update(overrides)
-        return cls(**values)  # type: ignore[arg-type]
+        required: tuple[str, ...] = _ALWAYS_REQUIRED
+        if secrets is not None:
+            required = tuple(secrets)
+            unknown = set(required) - set(SECRETS)
+            if unknown:
+                raise ValueError(f"not secrets: {sorted(unknown)}")
+            for name in SECRETS:
+                if name not in required:
+                    values[name] = ""
+        settings = cls(**values)  # type: ignore[arg-type]
+        for name in required:
+            if not getattr(settings, name):
+                raise SettingsError(f"{name.upper()} must not be empty")
+        return settings
 
     def env(self) -> dict[str, str]:
         """These settings as environment variables, for starting a child process."""

@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry
 from devstack.balancer import UPSTREAMS, find_nginx, local_nginx_conf, nginx_argv
 from devstack.servers import free_port
 from shared.openapi import OPENAPI_PATH
-from shared.settings import Settings
+from shared.settings import SECRETS, SERVICE_SECRETS, Settings
 from stream_gateway.metrics import GatewayMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -463,11 +463,45 @@ def test_cleanup_cronjob_runs_every_six_hours_without_overlap() -> None:
     assert module_of(container["args"]) == "session_api.cleanup"
 
 
-def test_cleanup_cronjob_takes_cron_secret_from_the_secret() -> None:
-    [cron] = of_kind("CronJob")
-    [container] = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
-    env = container_env(container)
-    assert "CRON_SECRET" in env and env["CRON_SECRET"] is None  # from a Secret, not a literal
+# Workload (Deployment or CronJob name) → the process it runs (shared.settings.SERVICE_SECRETS).
+WORKLOAD_PROCESS = {
+    "webhook-ingest": "webhook-ingest",
+    "stream-gateway": "stream-gateway",
+    "session-api": "session-api",
+    "session-cleanup": "session-cleanup",
+}
+# Connection URLs may carry passwords: every workload takes them from the Secret.
+SECRET_URLS = {"REDIS_URL", "MONGODB_URL"}
+
+
+def secret_keys(container: Doc) -> set[str]:
+    keys = set()
+    for item in container.get("env", []):
+        ref = item.get("valueFrom", {}).get("secretKeyRef")
+        if ref is not None:
+            assert ref["name"] == "payment-push-secrets" and ref["key"] == item["name"], item
+            keys.add(ref["key"])
+    return keys
+
+
+def test_each_workload_gets_exactly_the_secret_keys_it_uses() -> None:
+    """Issue 15: no `envFrom` of the whole Secret; single keys, exactly the process's own,
+    and with those (and the ConfigMap) the process starts in production."""
+    [config] = of_kind("ConfigMap")
+    for name, spec in pod_specs():
+        [container] = spec["containers"]
+        assert not any("secretRef" in src for src in container.get("envFrom", [])), name
+        process = WORKLOAD_PROCESS[name]
+        used = {secret.upper() for secret in SERVICE_SECRETS[process]}
+        assert secret_keys(container) == SECRET_URLS | used, name
+        filled = {key: f"filled-{key.lower()}" for key in used}
+        urls = {key: DEFAULTS.env()[key] for key in SECRET_URLS}
+        settings = Settings.from_env(
+            {**config["data"], **urls, **filled}, secrets=SERVICE_SECRETS[process]
+        )
+        assert settings.is_production, name
+        for secret in SECRETS:
+            assert bool(getattr(settings, secret)) == (secret in SERVICE_SECRETS[process]), name
 
 
 def test_cleanup_module_exists() -> None:
@@ -547,6 +581,18 @@ def test_compose_healthchecks_probe_readyz_on_the_settings_port() -> None:
 
 
 # --- nginx ------------------------------------------------------------------------------------
+
+
+def test_compose_services_get_exactly_the_secrets_they_use() -> None:
+    processes = {
+        "webhook-ingest": "webhook-ingest",
+        "stream-gateway": "stream-gateway",
+        "session-api": "session-api",
+        "cleanup": "session-cleanup",
+    }
+    for name, svc in compose_app_services().items():
+        given = {key.lower() for key in svc["environment"]} & set(SECRETS)
+        assert given == set(SERVICE_SECRETS[processes[name]]), name
 
 
 def test_compose_runs_services_as_kubernetes_does() -> None:

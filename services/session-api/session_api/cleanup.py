@@ -44,7 +44,7 @@ from shared.keys import SESSION_TTL_SECONDS
 from shared.logs import configure_logging
 from shared.model import SessionStatus, StatusEvent, utcnow
 from shared.mongo import PUBLISH_PENDING, Doc, Store, mongo_client
-from shared.settings import Settings
+from shared.settings import SERVICE_SECRETS, Settings
 
 log = structlog.get_logger(__name__)
 
@@ -160,7 +160,8 @@ async def _run_once(settings: Settings) -> CleanupResult:
 
 def main() -> int:
     """`python -m session_api.cleanup`: one run, its counts on stdout as JSON."""
-    settings = Settings.from_env()
+    # Redis and MongoDB only: the job holds none of the secrets.
+    settings = Settings.from_env(secrets=SERVICE_SECRETS["session-cleanup"])
     configure_logging(settings)
     try:
         result = asyncio.run(_run_once(settings))
