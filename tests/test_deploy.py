@@ -57,8 +57,29 @@ def manifest_files() -> list[Path]:
     return sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
 
 
+CONFIG_ENV = K8S / "config.env"
+CONFIG_NAME = "payment-push-config"
+
+
+def config_env() -> dict[str, str]:
+    """config.env as kustomize reads it (`KEY=VALUE` lines; `#` comments)."""
+    data = {}
+    for line in CONFIG_ENV.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            data[key.strip()] = value
+    return data
+
+
 def manifests() -> list[tuple[str, Doc]]:
-    docs: list[tuple[str, Doc]] = []
+    """Every manifest, and the ConfigMap that kustomization.yaml generates from config.env."""
+    generated = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": CONFIG_NAME, "labels": {"app.kubernetes.io/part-of": "payment-push"}},
+        "data": config_env(),
+    }
+    docs: list[tuple[str, Doc]] = [("config.env", generated)]
     for path in manifest_files():
         for index, doc in enumerate(yaml.safe_load_all(path.read_text())):
             if doc:
@@ -182,6 +203,28 @@ def test_kustomization_lists_every_manifest_but_the_secret_template() -> None:
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     listed = sorted(kustomization["resources"])
     assert listed == sorted(p.name for p in manifest_files() if p.name != SECRET_TEMPLATE)
+
+
+def test_config_is_generated_so_that_a_change_rolls_the_pods() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    [generator] = kustomization["configMapGenerator"]
+    assert generator["name"] == CONFIG_NAME and generator["envs"] == ["config.env"]
+    assert not generator.get("options", {}).get("disableNameSuffixHash")
+    docs = rendered()
+    [config] = [d for d in docs if d["kind"] == "ConfigMap"]
+    hashed = config["metadata"]["name"]
+    assert hashed.startswith(CONFIG_NAME + "-") and config["data"] == config_env()
+    for doc in docs:
+        if doc["kind"] not in ("Deployment", "CronJob"):
+            continue
+        spec = (
+            doc["spec"]["template"]["spec"]
+            if doc["kind"] == "Deployment"
+            else (doc["spec"]["jobTemplate"]["spec"]["template"]["spec"])
+        )
+        [container] = spec["containers"]
+        refs = [s["configMapRef"]["name"] for s in container["envFrom"] if "configMapRef" in s]
+        assert refs == [hashed], doc["metadata"]["name"]
 
 
 def test_k8s_manifests_name_no_namespace() -> None:
@@ -986,8 +1029,8 @@ def test_kustomize_renders_every_manifest() -> None:
     docs = rendered()
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
     for name, doc in manifests():
-        if name.startswith(SECRET_TEMPLATE):
-            continue
+        if name.startswith(SECRET_TEMPLATE) or name == "config.env":
+            continue  # the generated ConfigMap's name is hashed (checked above)
         assert (doc["kind"], doc["metadata"]["name"]) in kinds, name
 
 
