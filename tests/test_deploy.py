@@ -8,6 +8,7 @@ is one of its routes). Nothing here needs Docker, a cluster or the network.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import ipaddress
 import re
@@ -25,6 +26,8 @@ from kubernetes_validate.utils import (  # type: ignore[import-untyped]
     SchemaNotFoundError,
     validate,
 )
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from prometheus_client import CollectorRegistry
 
 from devstack.balancer import UPSTREAMS, find_nginx, local_nginx_conf, nginx_argv
@@ -1089,3 +1092,55 @@ def test_cpu_requests_are_realistic_for_a_python_process() -> None:
         cpu = container["resources"]["requests"]["cpu"]
         millicores = int(cpu[:-1]) if cpu.endswith("m") else int(float(cpu) * 1000)
         assert 250 <= millicores <= 1000, (dep["metadata"]["name"], cpu)
+
+
+# --- supply chain: the image installs exactly the locked, hashed dependencies ----------------
+
+LOCK = DEPLOY / "requirements.lock"
+
+
+def lock_pins() -> dict[str, tuple[str, list[str]]]:
+    """name → (version, [sha256 hashes]) of deploy/requirements.lock."""
+    text = re.sub(r"\\\n", " ", LOCK.read_text())
+    pins: dict[str, tuple[str, list[str]]] = {}
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        spec, *options = line.split()
+        name, _, version = spec.partition("==")
+        hashes = [o.removeprefix("--hash=sha256:") for o in options if o.startswith("--hash=")]
+        pins[str(canonicalize_name(name))] = (version, hashes)
+    return pins
+
+
+def test_lock_pins_every_runtime_dependency_within_pyprojects_ranges_with_hashes() -> None:
+    pins = lock_pins()
+    for dep in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+        req = Requirement(dep)
+        version, _ = pins[canonicalize_name(req.name)]
+        assert req.specifier.contains(version, prereleases=True), (dep, version)
+    for name, (version, hashes) in pins.items():
+        assert version and hashes, name
+        assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes), name
+        # What the suite ran against is what the image gets.
+        assert importlib.metadata.version(name) == version, name
+    # No development tooling among the image's dependencies.
+    assert not {"pytest", "playwright", "nx-27017", "mypy", "ruff"} & set(pins)
+
+
+def test_dockerfile_installs_the_lock_with_hashes_and_no_dev_tooling() -> None:
+    instructions = dockerfile_instructions()
+    runs = [v for k, v in instructions if k == "RUN"]
+    assert any(
+        "--require-hashes" in r and "-r requirements.lock" in r and "--only-binary=:all:" in r
+        for r in runs
+    )
+    # The project itself adds nothing unlocked.
+    assert any("pip install --no-deps ." in r for r in runs)
+    copied = {v.split()[0] for k, v in instructions if k == "COPY" and "--from" not in v}
+    assert "deploy/requirements.lock" in copied
+    assert not {"devstack", "bench", "tests"} & {c.split("/")[0] for c in copied}
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert "!deploy/requirements.lock" in ignored and "devstack" in ignored
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert not any(p.split(".")[0] in ("devstack", "bench", "tests") for p in packages["packages"])
