@@ -72,6 +72,9 @@ class Settings:
     stream_gateway_port: int = 8082
     session_api_port: int = 8083
     payos_simulator_port: int = 8089
+    # Health, readiness and metrics on an internal port of their own (0: on the service's
+    # port, as in development). The Kubernetes manifests set 9090: no Ingress routes it.
+    ops_port: int = 0
     # The gateway's address as the browser sees it (the deposit page opens its stream there).
     stream_public_url: str = "http://127.0.0.1:8082"
     # The session-api's address as the browser sees it (return/cancel URLs of payment links).

@@ -12,7 +12,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
-from .appkeys import METRICS, REDIS, STORE, SUPERVISOR
+from .appkeys import METRICS, REDIS, SETTINGS, STORE, SUPERVISOR
 from .tasks import Supervisor
 
 log = structlog.get_logger(__name__)
@@ -122,7 +122,7 @@ def add_ops_routes(
     watched: dict[str, ReadinessCheck] | None = None,
 ) -> None:
     """`/healthz` (alive: every supervised task running), `/readyz` (able to do its job) and
-    `/metrics` (Prometheus).
+    `/metrics` (Prometheus): on the app's own port, or on OPS_PORT when it is set.
 
     `/readyz` answers 503 only when a `required` check fails: what this pod cannot do its job
     without. A `watched` backend that is down is reported (in the body and as
@@ -160,7 +160,7 @@ def add_ops_routes(
         return {name: results[name] for name in everything}
 
     async def healthz(request: web.Request) -> web.Response:
-        supervisor = request.app.get(SUPERVISOR)
+        supervisor = app.get(SUPERVISOR)
         tasks = supervisor.states() if supervisor is not None else {}
         healthy = supervisor is None or supervisor.healthy
         return web.json_response(
@@ -169,7 +169,7 @@ def add_ops_routes(
         )
 
     async def readyz(request: web.Request) -> web.Response:
-        results = await run_checks(request.app)
+        results = await run_checks(app)
         ready = all(results[name] == "ok" for name in required)
         degraded = any(results[name] != "ok" for name in watched)
         return web.json_response(
@@ -182,13 +182,35 @@ def add_ops_routes(
         )
 
     async def metrics(request: web.Request) -> web.Response:
-        await run_checks(request.app)
-        body = generate_latest(request.app[METRICS])
+        await run_checks(app)
+        body = generate_latest(app[METRICS])
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    routes = [
+        web.get("/healthz", healthz),
+        web.get("/readyz", readyz),
+        web.get("/metrics", metrics),
+    ]
+    settings = app.get(SETTINGS)
+    if settings is None or not settings.ops_port:
+        app.router.add_routes(routes)
+        return
+    # OPS_PORT: health, readiness and metrics on an internal port of their own, which no
+    # Ingress routes and only the kubelet and Prometheus reach (issue 15); the public port
+    # answers 404 for them. Started after the app's own start-up, stopped at its cleanup.
+    ops = web.Application()
+    ops.router.add_routes(routes)
+    runner = web.AppRunner(ops, access_log=None)
+
+    async def start_ops(_app: web.Application) -> None:
+        await runner.setup()
+        await web.TCPSite(runner, settings.host, settings.ops_port).start()
+
+    async def stop_ops(_app: web.Application) -> None:
+        await runner.cleanup()
+
+    app.on_startup.append(start_ops)
+    app.on_cleanup.append(stop_ops)
 
 
 def new_registry(app: web.Application) -> CollectorRegistry:

@@ -278,10 +278,14 @@ def test_container_ports_are_the_settings_ports_of_their_service() -> None:
     for dep in of_kind("Deployment"):
         [container] = dep["spec"]["template"]["spec"]["containers"]
         port_field = f"{deployment_module(dep)}_port"
-        [port] = container["ports"]
-        effective = getattr(effective_settings(container_env(container)), port_field)
-        assert port["containerPort"] == effective == getattr(DEFAULTS, port_field), dep
+        port, ops = container["ports"]
+        settings = effective_settings(container_env(container))
+        assert port["containerPort"] == getattr(settings, port_field), dep
+        assert port["containerPort"] == getattr(DEFAULTS, port_field), dep
         assert port["name"] == "http"
+        # Health, readiness and metrics on OPS_PORT, an internal port (issue 15).
+        assert (ops["name"], ops["containerPort"]) == ("ops", settings.ops_port), dep
+        assert settings.ops_port not in (0, port["containerPort"])
 
 
 def test_services_select_their_deployment_and_target_its_port() -> None:
@@ -290,16 +294,17 @@ def test_services_select_their_deployment_and_target_its_port() -> None:
         labels = dep["spec"]["template"]["metadata"]["labels"]
         assert service["spec"]["selector"].items() <= labels.items()
         [container] = dep["spec"]["template"]["spec"]["containers"]
-        [port] = service["spec"]["ports"]
+        port, ops = service["spec"]["ports"]
         assert (port["name"], port["targetPort"]) == ("http", "http")
         assert port["port"] == container["ports"][0]["containerPort"]
+        assert (ops["name"], ops["targetPort"], ops["port"]) == ("ops", "ops", 9090)
 
 
 def test_probes_are_healthz_for_liveness_and_readyz_for_readiness() -> None:
     for dep in of_kind("Deployment"):
         [container] = dep["spec"]["template"]["spec"]["containers"]
-        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "ops"}
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "ops"}
 
 
 @pytest.mark.parametrize("module", SERVICE_MODULES)
@@ -982,7 +987,7 @@ EXTERNAL = [
     Peer("cluster-internal-address", ip="10.1.2.3"),
 ]
 PROBE_PORTS = [
-    *((p, "TCP") for p in (80, 443, 6379, 8080, 8081, 8082, 8083, 27017)),
+    *((p, "TCP") for p in (80, 443, 6379, 8080, 8081, 8082, 8083, 9090, 27017)),
     (53, "UDP"),
     (53, "TCP"),
 ]
@@ -994,7 +999,7 @@ def expected_flows() -> set[tuple[str, str, int, str]]:
     flows = set()
     for service in SERVICE_NAMES:
         flows.add(("ingress-nginx", service, ports[service], "TCP"))
-        flows.add(("prometheus", service, ports[service], "TCP"))
+        flows.add(("prometheus", service, 9090, "TCP"))
     for workload in (*SERVICE_NAMES, "session-cleanup"):
         flows |= {
             (workload, "kube-dns", 53, "UDP"),
@@ -1067,6 +1072,7 @@ def test_a_service_monitor_scrapes_metrics_of_each_service() -> None:
         assert selects(monitor["spec"]["selector"], service["metadata"]["labels"])
         [endpoint] = monitor["spec"]["endpoints"]
         assert endpoint["path"] == "/metrics"
+        assert endpoint["port"] == "ops"
         assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
 
 
