@@ -75,6 +75,9 @@ class Settings:
     # Health, readiness and metrics on an internal port of their own (0: on the service's
     # port, as in development). The Kubernetes manifests set 9090: no Ingress routes it.
     ops_port: int = 0
+    # Where `python -m session_api.cleanup` (a CronJob: nothing scrapes it) pushes its counts
+    # (a Prometheus Pushgateway); empty: the counts are only logged.
+    pushgateway_url: str = ""
     # The gateway's address as the browser sees it (the deposit page opens its stream there).
     stream_public_url: str = "http://127.0.0.1:8082"
     # The session-api's address as the browser sees it (return/cancel URLs of payment links).

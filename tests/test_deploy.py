@@ -978,6 +978,7 @@ EXTERNAL = [
         (("app.kubernetes.io/name", "ingress-nginx"),),
     ),
     Peer("prometheus", "monitoring", (("app.kubernetes.io/name", "prometheus"),)),
+    Peer("pushgateway", "monitoring", (("app.kubernetes.io/name", "prometheus-pushgateway"),)),
     Peer("kube-dns", "kube-system", (("k8s-app", "kube-dns"),)),
     Peer("redis", NAMESPACE, (("app.kubernetes.io/name", "redis"),)),
     Peer("mongodb", NAMESPACE, (("app.kubernetes.io/name", "mongodb"),)),
@@ -987,7 +988,7 @@ EXTERNAL = [
     Peer("cluster-internal-address", ip="10.1.2.3"),
 ]
 PROBE_PORTS = [
-    *((p, "TCP") for p in (80, 443, 6379, 8080, 8081, 8082, 8083, 9090, 27017)),
+    *((p, "TCP") for p in (80, 443, 6379, 8080, 8081, 8082, 8083, 9090, 9091, 27017)),
     (53, "UDP"),
     (53, "TCP"),
 ]
@@ -1008,6 +1009,7 @@ def expected_flows() -> set[tuple[str, str, int, str]]:
             (workload, "mongodb", 27017, "TCP"),
         }
     flows.add(("session-api", "payos", 443, "TCP"))
+    flows.add(("session-cleanup", "pushgateway", 9091, "TCP"))
     return flows
 
 
@@ -1090,6 +1092,13 @@ def test_gateway_scales_on_open_streams_per_pod_served_by_the_adapter() -> None:
     assert any(rule["name"]["as"] == name and name in rule["seriesQuery"] for rule in rules)
     # ... with a target below what one process admits.
     assert 0 < int(pods["target"]["averageValue"]) < DEFAULTS.max_streams
+
+
+def test_cleanup_cronjob_pushes_its_counts() -> None:
+    [cron] = of_kind("CronJob")
+    [container] = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    url = effective_settings(container_env(container)).pushgateway_url
+    assert url.startswith("http") and url.endswith(":9091")
 
 
 def test_cpu_requests_are_realistic_for_a_python_process() -> None:

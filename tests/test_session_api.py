@@ -18,7 +18,8 @@ from typing import Any
 import aiohttp
 import pytest
 import redis
-from aiohttp.test_utils import TestClient
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 from session_api import create_app
 from shared.appkeys import CACHE, METRICS
@@ -670,6 +671,43 @@ async def test_cleanup_command_exits_zero_and_prints_its_counts(
     assert (result["success"], result["expired"]) == (True, 1)
     stored = await store.sessions.find_one({"uuid": stale["uuid"]})
     assert stored is not None and stored["status"] == "expired"
+
+
+async def test_cleanup_command_pushes_its_counts_to_the_pushgateway(
+    api_settings: Settings, store: Store
+) -> None:
+    """Issue 15: the CronJob's counts reach Prometheus (through a Pushgateway), not only the
+    HTTP path's. A stand-in Pushgateway records what is pushed."""
+    await add_session(store, createdAt=utcnow() - timedelta(hours=25))
+    pushed: list[tuple[str, str, str]] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        pushed.append((request.method, request.path, await request.text()))
+        return web.Response(status=200)
+
+    gateway = web.Application()
+    gateway.router.add_route("*", "/metrics/job/{job}", receive)
+    server = TestServer(gateway)
+    await server.start_server()
+    try:
+        env = {**api_settings.env(), "PUSHGATEWAY_URL": str(server.make_url("")).rstrip("/")}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "session_api.cleanup",
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        await server.close()
+    assert proc.returncode == 0, out.decode()
+    [(method, path, body)] = pushed
+    assert (method, path) == ("POST", "/metrics/job/session-cleanup")
+    assert "paypush_cleanup_job_expired_sessions 1.0" in body
+    assert 'paypush_cleanup_job_deleted_records{collection="sessions"}' in body
+    assert "paypush_cleanup_job_last_success_timestamp_seconds" in body
 
 
 # --- stats and ops --------------------------------------------------------------------------
