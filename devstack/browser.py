@@ -41,10 +41,12 @@ class System:
 
 
 @contextlib.contextmanager
-def running_system(redis_url: str, mongo_base_url: str, log_dir: Path) -> Iterator[System]:
+def running_system(
+    redis_url: str, mongo_base_url: str, log_dir: Path, base: Settings | None = None
+) -> Iterator[System]:
     """Simulator, ingest, gateway and session-api on free ports, sharing one Redis and DB."""
     settings = local_settings(
-        Settings.from_env({}, log_level="WARNING"),
+        base or Settings.from_env({}, log_level="WARNING"),
         redis_url=redis_url,
         mongodb_url=f"{mongo_base_url}/page_{secrets.token_hex(4)}",
     )

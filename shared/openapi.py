@@ -78,19 +78,21 @@ BEARER_UNAUTHORIZED = error(
 STORE_UNAVAILABLE = error("MongoDB unavailable; retry later (`retryable: true`).")
 
 
-def ops_paths(readiness_checks: Iterable[str]) -> Doc:
+def ops_paths(readiness_checks: Iterable[str], required_checks: Iterable[str]) -> Doc:
     """`/healthz`, `/readyz`, `/metrics` (shared.web.add_ops_routes) and `/openapi.json`."""
     checks = list(readiness_checks)
+    required = list(required_checks)
     readiness = {
         "type": "object",
-        "required": ["status", "checks"],
+        "required": ["status", "checks", "required"],
         "properties": {
-            "status": {"enum": ["ready", "not ready"]},
+            "status": {"enum": ["ready", "degraded", "not ready"]},
             "checks": {
                 "type": "object",
                 "properties": {name: {"type": "string"} for name in checks},
                 "required": checks,
             },
+            "required": {"type": "array", "items": {"enum": required}},
         },
     }
     liveness = {
@@ -124,10 +126,12 @@ def ops_paths(readiness_checks: Iterable[str]) -> Doc:
             "get": {
                 "operationId": "readyz",
                 "tags": ["ops"],
-                "summary": "Every dependency is reachable (" + ", ".join(checks) + ").",
+                "summary": "Able to do its job: "
+                + ", ".join(required)
+                + " (every check is reported; only these decide).",
                 "responses": {
-                    "200": ok("Ready.", readiness),
-                    "503": ok("A dependency is down; each check says which.", readiness),
+                    "200": ok("Ready (`degraded`: a watched backend is down).", readiness),
+                    "503": ok("A required check failed; each check says which.", readiness),
                 },
             }
         },
@@ -160,7 +164,8 @@ def document(
     title: str,
     description: str,
     paths: Doc,
-    readiness_checks: Iterable[str] = ("redis", "mongodb"),
+    readiness_checks: Iterable[str] = ("mongodb", "redis"),
+    required_checks: Iterable[str] = ("mongodb",),
     schemas: Doc | None = None,
     security_schemes: Doc | None = None,
 ) -> Doc:
@@ -171,7 +176,7 @@ def document(
     return {
         "openapi": OPENAPI_VERSION,
         "info": {"title": title, "version": API_VERSION, "description": description},
-        "paths": {**paths, **ops_paths(readiness_checks)},
+        "paths": {**paths, **ops_paths(readiness_checks, required_checks)},
         "components": components,
     }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Literal
 from urllib.parse import urlsplit
@@ -24,6 +24,18 @@ _DEV_SECRETS = {
     "cron_secret": DEV_CRON_SECRET,
     "admin_token": DEV_ADMIN_TOKEN,
 }
+
+SECRETS = tuple(_DEV_SECRETS)
+# The secrets each process uses (issue 15): a process is given only these, requires only
+# these, and holds the others blank. The manifests give each workload exactly these keys.
+SERVICE_SECRETS: dict[str, tuple[str, ...]] = {
+    "webhook-ingest": ("payos_checksum_key",),
+    "stream-gateway": (),
+    "session-api": SECRETS,
+    "session-cleanup": (),
+}
+# What a process that names none must have (every caller before issue 15): not empty.
+_ALWAYS_REQUIRED = ("payos_checksum_key", "cron_secret", "admin_token")
 
 
 class SettingsError(ValueError):
@@ -60,6 +72,12 @@ class Settings:
     stream_gateway_port: int = 8082
     session_api_port: int = 8083
     payos_simulator_port: int = 8089
+    # Health, readiness and metrics on an internal port of their own (0: on the service's
+    # port, as in development). The Kubernetes manifests set 9090: no Ingress routes it.
+    ops_port: int = 0
+    # Where `python -m session_api.cleanup` (a CronJob: nothing scrapes it) pushes its counts
+    # (a Prometheus Pushgateway); empty: the counts are only logged.
+    pushgateway_url: str = ""
     # The gateway's address as the browser sees it (the deposit page opens its stream there).
     stream_public_url: str = "http://127.0.0.1:8082"
     # The session-api's address as the browser sees it (return/cancel URLs of payment links).
@@ -70,6 +88,12 @@ class Settings:
     sse_max_wait_seconds: float = 600.0
     sse_retry_ms: int = 3000
     shutdown_timeout_seconds: float = 10.0
+    # The listen queue of each service's socket (the kernel caps it at net.core.somaxconn):
+    # when a gateway pod goes, thousands of browsers reconnect to the others within seconds.
+    listen_backlog: int = 4096
+    # Streams one gateway process holds at most (also kept below its open file limit); over
+    # it, 503 with Retry-After before any stream starts, so the Ingress tries another pod.
+    max_streams: int = 10_000
     max_pending_per_account: int = 5
     # Session creations per client address and minute (0: no limit): a client cannot burn
     # orderCodes and PayOS links in a loop. Behind NAT many users share an address.
@@ -89,9 +113,10 @@ class Settings:
             reused = [k.upper() for k, v in _DEV_SECRETS.items() if getattr(self, k) == v]
             if reused:
                 raise SettingsError(f"production needs real secrets, set: {', '.join(reused)}")
-        for name in ("payos_checksum_key", "cron_secret", "admin_token"):
-            if not getattr(self, name):
-                raise SettingsError(f"{name.upper()} must not be empty")
+        if self.listen_backlog < 1:
+            raise SettingsError("LISTEN_BACKLOG must be positive")
+        if self.max_streams < 1:
+            raise SettingsError("MAX_STREAMS must be positive")
         if self.session_rate_limit_per_minute < 0:
             raise SettingsError("SESSION_RATE_LIMIT_PER_MINUTE must not be negative")
         for proxy in self.trusted_proxies:
@@ -107,8 +132,20 @@ class Settings:
         return self.app_env == "production"
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
-        """Build settings from `environ` (default: the process environment), then `overrides`."""
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        secrets: Iterable[str] | None = None,
+        **overrides: object,
+    ) -> Settings:
+        """Build settings from `environ` (default: the process environment), then `overrides`.
+
+        `secrets`: the secrets this process uses (SERVICE_SECRETS). Those must be set (in
+        production: not the development defaults) and not empty; every other secret is held
+        blank, whatever the environment says, so a process never holds a key it has no use
+        for. None: every secret, as before.
+        """
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
         for field in fields(cls):
@@ -117,7 +154,20 @@ class Settings:
                 continue
             values[field.name] = _parse(field.name, str(field.type), raw)
         values.update(overrides)
-        return cls(**values)  # type: ignore[arg-type]
+        required: tuple[str, ...] = _ALWAYS_REQUIRED
+        if secrets is not None:
+            required = tuple(secrets)
+            unknown = set(required) - set(SECRETS)
+            if unknown:
+                raise ValueError(f"not secrets: {sorted(unknown)}")
+            for name in SECRETS:
+                if name not in required:
+                    values[name] = ""
+        settings = cls(**values)  # type: ignore[arg-type]
+        for name in required:
+            if not getattr(settings, name):
+                raise SettingsError(f"{name.upper()} must not be empty")
+        return settings
 
     def env(self) -> dict[str, str]:
         """These settings as environment variables, for starting a child process."""

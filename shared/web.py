@@ -10,9 +10,9 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
-from .appkeys import METRICS, REDIS, STORE, SUPERVISOR
+from .appkeys import METRICS, REDIS, SETTINGS, STORE, SUPERVISOR
 from .tasks import Supervisor
 
 log = structlog.get_logger(__name__)
@@ -118,14 +118,49 @@ async def mongo_ready(app: web.Application) -> None:
 
 def add_ops_routes(
     app: web.Application,
-    checks: dict[str, ReadinessCheck] | None = None,
+    required: dict[str, ReadinessCheck] | None = None,
+    watched: dict[str, ReadinessCheck] | None = None,
 ) -> None:
-    """`/healthz` (alive: every supervised task running), `/readyz` (dependencies
-    reachable) and `/metrics` (Prometheus)."""
-    readiness = checks if checks is not None else {"redis": redis_ready, "mongodb": mongo_ready}
+    """`/healthz` (alive: every supervised task running), `/readyz` (able to do its job) and
+    `/metrics` (Prometheus): on the app's own port, or on OPS_PORT when it is set.
+
+    `/readyz` answers 503 only when a `required` check fails: what this pod cannot do its job
+    without. A `watched` backend that is down is reported (in the body and as
+    `paypush_dependency_up`) but leaves the pod ready: a cluster-wide outage of a backend the
+    service can work around (Redis for every service) must not take every pod out of its
+    Service, which would turn a degraded system into a dead one (issue 15).
+    """
+    if required is None:
+        required = {"mongodb": mongo_ready}
+    if watched is None:
+        watched = {"redis": redis_ready}
+    everything = {**required, **watched}
+    up = Gauge(
+        "paypush_dependency_up",
+        "1 when the last check of a backend passed (refreshed by /readyz and /metrics)",
+        ["dependency", "required"],
+        registry=app[METRICS],
+    )
+
+    async def run_checks(app: web.Application) -> dict[str, str]:
+        results: dict[str, str] = {}
+
+        async def run(name: str, check: ReadinessCheck) -> None:
+            try:
+                await asyncio.wait_for(check(app), READINESS_TIMEOUT)
+            except Exception as exc:
+                results[name] = f"down: {type(exc).__name__}"
+            else:
+                results[name] = "ok"
+            up.labels(name, "true" if name in required else "false").set(
+                1 if results[name] == "ok" else 0
+            )
+
+        await asyncio.gather(*(run(n, c) for n, c in everything.items()))
+        return {name: results[name] for name in everything}
 
     async def healthz(request: web.Request) -> web.Response:
-        supervisor = request.app.get(SUPERVISOR)
+        supervisor = app.get(SUPERVISOR)
         tasks = supervisor.states() if supervisor is not None else {}
         healthy = supervisor is None or supervisor.healthy
         return web.json_response(
@@ -134,30 +169,48 @@ def add_ops_routes(
         )
 
     async def readyz(request: web.Request) -> web.Response:
-        results: dict[str, str] = {}
-
-        async def run(name: str, check: ReadinessCheck) -> None:
-            try:
-                await asyncio.wait_for(check(request.app), READINESS_TIMEOUT)
-            except Exception as exc:
-                results[name] = f"down: {type(exc).__name__}"
-            else:
-                results[name] = "ok"
-
-        await asyncio.gather(*(run(n, c) for n, c in readiness.items()))
-        ready = all(v == "ok" for v in results.values())
+        results = await run_checks(app)
+        ready = all(results[name] == "ok" for name in required)
+        degraded = any(results[name] != "ok" for name in watched)
         return web.json_response(
-            {"status": "ready" if ready else "not ready", "checks": results},
+            {
+                "status": ("degraded" if degraded else "ready") if ready else "not ready",
+                "checks": results,
+                "required": list(required),
+            },
             status=200 if ready else 503,
         )
 
     async def metrics(request: web.Request) -> web.Response:
-        body = generate_latest(request.app[METRICS])
+        await run_checks(app)
+        body = generate_latest(app[METRICS])
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    routes = [
+        web.get("/healthz", healthz),
+        web.get("/readyz", readyz),
+        web.get("/metrics", metrics),
+    ]
+    settings = app.get(SETTINGS)
+    if settings is None or not settings.ops_port:
+        app.router.add_routes(routes)
+        return
+    # OPS_PORT: health, readiness and metrics on an internal port of their own, which no
+    # Ingress routes and only the kubelet and Prometheus reach (issue 15); the public port
+    # answers 404 for them. Started after the app's own start-up, stopped at its cleanup.
+    ops = web.Application()
+    ops.router.add_routes(routes)
+    runner = web.AppRunner(ops, access_log=None)
+
+    async def start_ops(_app: web.Application) -> None:
+        await runner.setup()
+        await web.TCPSite(runner, settings.host, settings.ops_port).start()
+
+    async def stop_ops(_app: web.Application) -> None:
+        await runner.cleanup()
+
+    app.on_startup.append(start_ops)
+    app.on_cleanup.append(stop_ops)
 
 
 def new_registry(app: web.Application) -> CollectorRegistry:

@@ -8,12 +8,15 @@ is one of its routes). Nothing here needs Docker, a cluster or the network.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
+import ipaddress
 import re
+import shutil
 import subprocess
 import tomllib
 from collections.abc import Iterator
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +26,15 @@ from kubernetes_validate.utils import (  # type: ignore[import-untyped]
     SchemaNotFoundError,
     validate,
 )
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from prometheus_client import CollectorRegistry
 
 from devstack.balancer import UPSTREAMS, find_nginx, local_nginx_conf, nginx_argv
 from devstack.servers import free_port
 from shared.openapi import OPENAPI_PATH
-from shared.settings import Settings
+from shared.settings import SECRETS, SERVICE_SECRETS, Settings
+from stream_gateway.metrics import GatewayMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -53,8 +60,29 @@ def manifest_files() -> list[Path]:
     return sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
 
 
+CONFIG_ENV = K8S / "config.env"
+CONFIG_NAME = "payment-push-config"
+
+
+def config_env() -> dict[str, str]:
+    """config.env as kustomize reads it (`KEY=VALUE` lines; `#` comments)."""
+    data = {}
+    for line in CONFIG_ENV.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            data[key.strip()] = value
+    return data
+
+
 def manifests() -> list[tuple[str, Doc]]:
-    docs: list[tuple[str, Doc]] = []
+    """Every manifest, and the ConfigMap that kustomization.yaml generates from config.env."""
+    generated = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": CONFIG_NAME, "labels": {"app.kubernetes.io/part-of": "payment-push"}},
+        "data": config_env(),
+    }
+    docs: list[tuple[str, Doc]] = [("config.env", generated)]
     for path in manifest_files():
         for index, doc in enumerate(yaml.safe_load_all(path.read_text())):
             if doc:
@@ -180,6 +208,28 @@ def test_kustomization_lists_every_manifest_but_the_secret_template() -> None:
     assert listed == sorted(p.name for p in manifest_files() if p.name != SECRET_TEMPLATE)
 
 
+def test_config_is_generated_so_that_a_change_rolls_the_pods() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    [generator] = kustomization["configMapGenerator"]
+    assert generator["name"] == CONFIG_NAME and generator["envs"] == ["config.env"]
+    assert not generator.get("options", {}).get("disableNameSuffixHash")
+    docs = rendered()
+    [config] = [d for d in docs if d["kind"] == "ConfigMap"]
+    hashed = config["metadata"]["name"]
+    assert hashed.startswith(CONFIG_NAME + "-") and config["data"] == config_env()
+    for doc in docs:
+        if doc["kind"] not in ("Deployment", "CronJob"):
+            continue
+        spec = (
+            doc["spec"]["template"]["spec"]
+            if doc["kind"] == "Deployment"
+            else (doc["spec"]["jobTemplate"]["spec"]["template"]["spec"])
+        )
+        [container] = spec["containers"]
+        refs = [s["configMapRef"]["name"] for s in container["envFrom"] if "configMapRef" in s]
+        assert refs == [hashed], doc["metadata"]["name"]
+
+
 def test_k8s_manifests_name_no_namespace() -> None:
     assert [where for where, doc in manifests() if "namespace" in doc["metadata"]] == []
 
@@ -228,10 +278,14 @@ def test_container_ports_are_the_settings_ports_of_their_service() -> None:
     for dep in of_kind("Deployment"):
         [container] = dep["spec"]["template"]["spec"]["containers"]
         port_field = f"{deployment_module(dep)}_port"
-        [port] = container["ports"]
-        effective = getattr(effective_settings(container_env(container)), port_field)
-        assert port["containerPort"] == effective == getattr(DEFAULTS, port_field), dep
+        port, ops = container["ports"]
+        settings = effective_settings(container_env(container))
+        assert port["containerPort"] == getattr(settings, port_field), dep
+        assert port["containerPort"] == getattr(DEFAULTS, port_field), dep
         assert port["name"] == "http"
+        # Health, readiness and metrics on OPS_PORT, an internal port (issue 15).
+        assert (ops["name"], ops["containerPort"]) == ("ops", settings.ops_port), dep
+        assert settings.ops_port not in (0, port["containerPort"])
 
 
 def test_services_select_their_deployment_and_target_its_port() -> None:
@@ -240,16 +294,17 @@ def test_services_select_their_deployment_and_target_its_port() -> None:
         labels = dep["spec"]["template"]["metadata"]["labels"]
         assert service["spec"]["selector"].items() <= labels.items()
         [container] = dep["spec"]["template"]["spec"]["containers"]
-        [port] = service["spec"]["ports"]
+        port, ops = service["spec"]["ports"]
         assert (port["name"], port["targetPort"]) == ("http", "http")
         assert port["port"] == container["ports"][0]["containerPort"]
+        assert (ops["name"], ops["targetPort"], ops["port"]) == ("ops", "ops", 9090)
 
 
 def test_probes_are_healthz_for_liveness_and_readyz_for_readiness() -> None:
     for dep in of_kind("Deployment"):
         [container] = dep["spec"]["template"]["spec"]["containers"]
-        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "ops"}
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "ops"}
 
 
 @pytest.mark.parametrize("module", SERVICE_MODULES)
@@ -303,6 +358,30 @@ def test_each_deployment_has_a_pdb_and_an_hpa_of_at_least_two_replicas() -> None
         assert "replicas" not in dep["spec"], "the HPA owns the replica count"
 
 
+def test_pdbs_let_unready_pods_be_evicted() -> None:
+    """A pod stuck NotReady must never block a node drain (issue 15)."""
+    for pdb in of_kind("PodDisruptionBudget"):
+        assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow", pdb["metadata"]
+
+
+# What each service's readiness (the probes' /readyz) may depend on, and nothing more
+# (issue 15): a Redis outage must not take any pod out of its Service.
+READINESS_REQUIRES = {
+    "webhook_ingest": ["mongodb"],
+    "session_api": ["mongodb"],
+    "stream_gateway": ["accepting"],
+}
+
+
+@pytest.mark.parametrize("module", SERVICE_MODULES)
+def test_readiness_depends_only_on_what_the_service_needs(module: str) -> None:
+    doc = importlib.import_module(f"{module}.openapi").document(DEFAULTS)
+    readyz = doc["paths"]["/readyz"]["get"]["responses"]["200"]["content"]["application/json"]
+    required = readyz["schema"]["properties"]["required"]["items"]["enum"]
+    assert required == READINESS_REQUIRES[module]
+    assert "redis" not in required
+
+
 # A replica's own paths, never routed: health, metrics, and its OpenAPI document.
 OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics", OPENAPI_PATH})
 DEPOSIT_PAGE_PATHS = frozenset({("Exact", "/"), ("Prefix", "/static")})
@@ -354,12 +433,20 @@ def test_ingress_paths_are_routes_of_their_backend_service() -> None:
     assert not any(missing.values()), missing
 
 
+# Routed by no Ingress: the CronJob runs cleanup in the cluster (issue 15).
+IN_CLUSTER_ONLY = frozenset({"/api/webhooks/cleanup"})
+# Routed on the admin host only, which admits an allow-list of source addresses.
+ADMIN_ONLY = frozenset({"/api/stats"})
+ADMIN_INGRESS = "payment-push-admin"
+
+
 @pytest.mark.parametrize("module", SERVICE_MODULES)
 def test_ingress_routes_every_public_route_of_the_service(module: str) -> None:
-    """Each route reaches its service, unless it is a replica's own (the ops paths) or the
-    Ingress gives the path to another service (the gateway's per-process /api/stats)."""
+    """Each route reaches its service, unless it is a replica's own (the ops paths), runs in
+    the cluster only (cleanup), or the Ingress gives the path to another service (the
+    gateway's per-process /api/stats)."""
     routed = ingress_paths()
-    public = {p for _, p in app_routes(module)} - OPS_PATHS
+    public = {p for _, p in app_routes(module)} - OPS_PATHS - IN_CLUSTER_ONLY
     unrouted = {
         route
         for route in public
@@ -368,6 +455,22 @@ def test_ingress_routes_every_public_route_of_the_service(module: str) -> None:
         )
     }
     assert unrouted == set()
+
+
+def test_cleanup_is_routed_nowhere_and_admin_paths_only_on_the_allow_listed_host() -> None:
+    for ingress in of_kind("Ingress"):
+        admin = ingress["metadata"]["name"] == ADMIN_INGRESS
+        for rule in ingress["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                for route in IN_CLUSTER_ONLY:
+                    assert not ingress_matches(path["pathType"], path["path"], route), path
+                if not admin:
+                    for route in ADMIN_ONLY:
+                        assert not ingress_matches(path["pathType"], path["path"], route), path
+    admin = one("Ingress", ADMIN_INGRESS)
+    allow = admin["metadata"]["annotations"]["nginx.ingress.kubernetes.io/whitelist-source-range"]
+    assert allow and "0.0.0.0/0" not in allow
+    assert {h for r in admin["spec"]["rules"] for h in [r["host"]]} == {"admin.pay.example.com"}
 
 
 def test_stream_ingress_is_configured_for_sse() -> None:
@@ -411,11 +514,45 @@ def test_cleanup_cronjob_runs_every_six_hours_without_overlap() -> None:
     assert module_of(container["args"]) == "session_api.cleanup"
 
 
-def test_cleanup_cronjob_takes_cron_secret_from_the_secret() -> None:
-    [cron] = of_kind("CronJob")
-    [container] = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
-    env = container_env(container)
-    assert "CRON_SECRET" in env and env["CRON_SECRET"] is None  # from a Secret, not a literal
+# Workload (Deployment or CronJob name) → the process it runs (shared.settings.SERVICE_SECRETS).
+WORKLOAD_PROCESS = {
+    "webhook-ingest": "webhook-ingest",
+    "stream-gateway": "stream-gateway",
+    "session-api": "session-api",
+    "session-cleanup": "session-cleanup",
+}
+# Connection URLs may carry passwords: every workload takes them from the Secret.
+SECRET_URLS = {"REDIS_URL", "MONGODB_URL"}
+
+
+def secret_keys(container: Doc) -> set[str]:
+    keys = set()
+    for item in container.get("env", []):
+        ref = item.get("valueFrom", {}).get("secretKeyRef")
+        if ref is not None:
+            assert ref["name"] == "payment-push-secrets" and ref["key"] == item["name"], item
+            keys.add(ref["key"])
+    return keys
+
+
+def test_each_workload_gets_exactly_the_secret_keys_it_uses() -> None:
+    """Issue 15: no `envFrom` of the whole Secret; single keys, exactly the process's own,
+    and with those (and the ConfigMap) the process starts in production."""
+    [config] = of_kind("ConfigMap")
+    for name, spec in pod_specs():
+        [container] = spec["containers"]
+        assert not any("secretRef" in src for src in container.get("envFrom", [])), name
+        process = WORKLOAD_PROCESS[name]
+        used = {secret.upper() for secret in SERVICE_SECRETS[process]}
+        assert secret_keys(container) == SECRET_URLS | used, name
+        filled = {key: f"filled-{key.lower()}" for key in used}
+        urls = {key: DEFAULTS.env()[key] for key in SECRET_URLS}
+        settings = Settings.from_env(
+            {**config["data"], **urls, **filled}, secrets=SERVICE_SECRETS[process]
+        )
+        assert settings.is_production, name
+        for secret in SECRETS:
+            assert bool(getattr(settings, secret)) == (secret in SERVICE_SECRETS[process]), name
 
 
 def test_cleanup_module_exists() -> None:
@@ -478,6 +615,14 @@ def test_compose_stop_grace_outlasts_shutdown_timeout() -> None:
         assert nginx_seconds(svc["stop_grace_period"]) > shutdown, name
 
 
+def test_compose_services_have_the_file_limit_and_backlog_for_their_streams() -> None:
+    for name in ("webhook-ingest", "stream-gateway", "session-api", "cleanup"):
+        service = compose()["services"][name]
+        nofile = service["ulimits"]["nofile"]
+        assert nofile["hard"] >= 65535, name
+        assert int(service["sysctls"]["net.core.somaxconn"]) >= DEFAULTS.listen_backlog, name
+
+
 def test_compose_healthchecks_probe_readyz_on_the_settings_port() -> None:
     for svc in compose_app_services().values():
         if "profiles" in svc:
@@ -487,6 +632,55 @@ def test_compose_healthchecks_probe_readyz_on_the_settings_port() -> None:
 
 
 # --- nginx ------------------------------------------------------------------------------------
+
+
+def test_compose_services_get_exactly_the_secrets_they_use() -> None:
+    processes = {
+        "webhook-ingest": "webhook-ingest",
+        "stream-gateway": "stream-gateway",
+        "session-api": "session-api",
+        "cleanup": "session-cleanup",
+    }
+    for name, svc in compose_app_services().items():
+        given = {key.lower() for key in svc["environment"]} & set(SECRETS)
+        assert given == set(SERVICE_SECRETS[processes[name]]), name
+
+
+def test_compose_runs_services_as_kubernetes_does() -> None:
+    """Issue 15: compose matches the pods where it claims to: security, limits, shutdown."""
+    for name, svc in compose_app_services().items():
+        assert svc["user"] == "10001:10001" and svc["read_only"] is True, name
+        assert svc["cap_drop"] == ["ALL"], name
+        assert "no-new-privileges:true" in svc["security_opt"], name
+        if name == "cleanup":
+            continue
+        dep = one("Deployment", name)
+        spec = dep["spec"]["template"]["spec"]
+        [container] = spec["containers"]
+        # The same shutdown timeout and grace period.
+        k8s_shutdown = effective_settings(container_env(container)).shutdown_timeout_seconds
+        assert effective_settings(svc["environment"]).shutdown_timeout_seconds == k8s_shutdown
+        assert nginx_seconds(svc["stop_grace_period"]) == spec["terminationGracePeriodSeconds"]
+        # The same CPU and memory limits.
+        limits = svc["deploy"]["resources"]["limits"]
+        assert float(limits["cpus"]) == float(container["resources"]["limits"]["cpu"]), name
+        k8s_memory = container["resources"]["limits"]["memory"]
+        assert limits["memory"].removesuffix("M") == k8s_memory.removesuffix("Mi"), name
+
+
+def test_compose_exposes_nginx_only_and_nginx_routes_no_more_than_the_public_ingress() -> None:
+    services = compose()["services"]
+    assert [name for name, svc in services.items() if svc.get("ports")] == ["nginx"]
+    text = NGINX_CONF.read_text()
+    for path in (*IN_CLUSTER_ONLY, *ADMIN_ONLY):
+        assert nginx_directives(nginx_block(text, f"location = {path}")) == {"return": "404"}
+
+
+def test_nginx_retries_a_refused_stream_on_the_next_gateway() -> None:
+    stream = nginx_directives(
+        nginx_block(NGINX_CONF.read_text(), "location = /api/webhooks/stream")
+    )
+    assert set(stream["proxy_next_upstream"].split()) >= {"error", "timeout", "http_503"}
 
 
 def test_nginx_stream_location_is_configured_for_sse() -> None:
@@ -652,3 +846,316 @@ def test_image_contains_every_package_the_project_installs() -> None:
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert dirs | {"pyproject.toml"} <= copied
     assert not (dirs | {"pyproject.toml"}) & ignored
+
+
+# --- NetworkPolicies: the flows the rendered objects allow, and no other ----------------------
+
+NAMESPACE = "payments"  # any: the manifests name none
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A pod (namespace, labels, named ports) or an address outside the cluster."""
+
+    name: str
+    namespace: str | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+    ports: tuple[tuple[str, int], ...] = ()
+    ip: str = ""
+
+    @property
+    def is_pod(self) -> bool:
+        return self.namespace is not None
+
+
+def rendered() -> list[Doc]:
+    """`kubectl kustomize deploy/k8s` (kustomize built into kubectl), offline."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (its built-in kustomize) is not installed")
+    out = subprocess.run(
+        [kubectl, "kustomize", str(K8S)], check=True, capture_output=True, text=True
+    ).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def selects(selector: Doc, labels: dict[str, str]) -> bool:
+    for key, value in selector.get("matchLabels", {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions", []):
+        present = expr["key"] in labels
+        value = labels.get(expr["key"])
+        ok = {
+            "In": present and value in expr.get("values", []),
+            "NotIn": not present or value not in expr.get("values", []),
+            "Exists": present,
+            "DoesNotExist": not present,
+        }[expr["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+def peer_matches(rule_peer: Doc, peer: Peer) -> bool:
+    if "ipBlock" in rule_peer:
+        if peer.is_pod:
+            return False
+        block = rule_peer["ipBlock"]
+        addr = ipaddress.ip_address(peer.ip)
+        return addr in ipaddress.ip_network(block["cidr"]) and not any(
+            addr in ipaddress.ip_network(e) for e in block.get("except", [])
+        )
+    if not peer.is_pod:
+        return False
+    if "namespaceSelector" in rule_peer:
+        ns_labels = {"kubernetes.io/metadata.name": peer.namespace or ""}
+        if not selects(rule_peer["namespaceSelector"], ns_labels):
+            return False
+    elif peer.namespace != NAMESPACE:
+        return False
+    return selects(rule_peer.get("podSelector", {}), dict(peer.labels))
+
+
+def port_matches(rule_ports: list[Doc] | None, dst: Peer, port: int, protocol: str) -> bool:
+    if not rule_ports:
+        return True
+    for item in rule_ports:
+        if item.get("protocol", "TCP") != protocol:
+            continue
+        wanted = item.get("port")
+        if wanted is None or wanted == port or dict(dst.ports).get(str(wanted)) == port:
+            return True
+    return False
+
+
+def allowed(policies: list[Doc], src: Peer, dst: Peer, port: int, protocol: str) -> bool:
+    """Kubernetes' semantics: a pod selected by a policy of a direction is isolated in that
+    direction and admits only what some rule of such a policy allows."""
+
+    def side(pod: Peer, direction: str, other: Peer, key: str) -> bool:
+        if not pod.is_pod or pod.namespace != NAMESPACE:
+            return True  # not ours: its own policies decide
+        mine = [
+            p
+            for p in policies
+            if direction in p["spec"].get("policyTypes", ["Ingress"])
+            and selects(p["spec"]["podSelector"], dict(pod.labels))
+        ]
+        if not mine:
+            return True
+        rules = [r for p in mine for r in p["spec"].get(direction.lower(), [])]
+        return any(
+            (not r.get(key) or any(peer_matches(x, other) for x in r[key]))
+            and port_matches(r.get("ports"), dst, port, protocol)
+            for r in rules
+        )
+
+    return side(src, "Egress", dst, "to") and side(dst, "Ingress", src, "from")
+
+
+def workload_peers() -> list[Peer]:
+    peers = []
+    for name, spec in pod_specs():
+        template_labels = next(
+            d["spec"]["template"]["metadata"]["labels"]
+            if d["kind"] == "Deployment"
+            else d["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+            for d in [*of_kind("Deployment"), *of_kind("CronJob")]
+            if d["metadata"]["name"] == name
+        )
+        ports = tuple(
+            (p["name"], p["containerPort"]) for c in spec["containers"] for p in c.get("ports", [])
+        )
+        peers.append(Peer(name, NAMESPACE, tuple(template_labels.items()), ports))
+    return peers
+
+
+EXTERNAL = [
+    Peer(
+        "ingress-nginx",
+        "ingress-nginx",
+        (("app.kubernetes.io/name", "ingress-nginx"),),
+    ),
+    Peer("prometheus", "monitoring", (("app.kubernetes.io/name", "prometheus"),)),
+    Peer("pushgateway", "monitoring", (("app.kubernetes.io/name", "prometheus-pushgateway"),)),
+    Peer("kube-dns", "kube-system", (("k8s-app", "kube-dns"),)),
+    Peer("redis", NAMESPACE, (("app.kubernetes.io/name", "redis"),)),
+    Peer("mongodb", NAMESPACE, (("app.kubernetes.io/name", "mongodb"),)),
+    Peer("other-pod-here", NAMESPACE, (("app", "something-else"),)),
+    Peer("other-namespace", "default", (("app.kubernetes.io/name", "ingress-nginx"),)),
+    Peer("payos", ip="203.0.113.10"),
+    Peer("cluster-internal-address", ip="10.1.2.3"),
+]
+PROBE_PORTS = [
+    *((p, "TCP") for p in (80, 443, 6379, 8080, 8081, 8082, 8083, 9090, 9091, 27017)),
+    (53, "UDP"),
+    (53, "TCP"),
+]
+SERVICE_NAMES = ("webhook-ingest", "stream-gateway", "session-api")
+
+
+def expected_flows() -> set[tuple[str, str, int, str]]:
+    ports = {"webhook-ingest": 8081, "stream-gateway": 8082, "session-api": 8083}
+    flows = set()
+    for service in SERVICE_NAMES:
+        flows.add(("ingress-nginx", service, ports[service], "TCP"))
+        flows.add(("prometheus", service, 9090, "TCP"))
+    for workload in (*SERVICE_NAMES, "session-cleanup"):
+        flows |= {
+            (workload, "kube-dns", 53, "UDP"),
+            (workload, "kube-dns", 53, "TCP"),
+            (workload, "redis", 6379, "TCP"),
+            (workload, "mongodb", 27017, "TCP"),
+        }
+    flows.add(("session-api", "payos", 443, "TCP"))
+    flows.add(("session-cleanup", "pushgateway", 9091, "TCP"))
+    return flows
+
+
+def test_network_policies_allow_exactly_the_flows_payment_push_needs() -> None:
+    docs = rendered()
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    assert policies, "no NetworkPolicy rendered"
+    ours = workload_peers()
+    assert {p.name for p in ours} == {*SERVICE_NAMES, "session-cleanup"}
+    everyone = [*ours, *EXTERNAL]
+    # Every flow with one of our pods at either end (the others are not ours to decide).
+    flows = {
+        (src.name, dst.name, port, protocol)
+        for src in everyone
+        for dst in everyone
+        if src is not dst and (src in ours or dst in ours)
+        for port, protocol in PROBE_PORTS
+        if allowed(policies, src, dst, port, protocol)
+    }
+    assert flows == expected_flows(), {
+        "unexpected": sorted(flows - expected_flows()),
+        "missing": sorted(expected_flows() - flows),
+    }
+
+
+def test_kustomize_renders_every_manifest() -> None:
+    docs = rendered()
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    for name, doc in manifests():
+        if name.startswith(SECRET_TEMPLATE) or name == "config.env":
+            continue  # the generated ConfigMap's name is hashed (checked above)
+        assert (doc["kind"], doc["metadata"]["name"]) in kinds, name
+
+
+# --- monitoring and scaling (Prometheus Operator, prometheus-adapter) --------------------------
+
+MONITORING = K8S / "monitoring"
+
+
+def monitoring_docs() -> list[Doc]:
+    docs: list[Doc] = []
+    for path in sorted(MONITORING.glob("*.yaml")):
+        if path.name != "kustomization.yaml":
+            docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    return docs
+
+
+def test_monitoring_kustomization_lists_its_manifests() -> None:
+    kustomization = yaml.safe_load((MONITORING / "kustomization.yaml").read_text())
+    listed = sorted(kustomization["resources"])
+    assert listed == sorted(
+        p.name for p in MONITORING.glob("*.yaml") if p.name != "kustomization.yaml"
+    )
+
+
+def test_a_service_monitor_scrapes_metrics_of_each_service() -> None:
+    monitors = [d for d in monitoring_docs() if d["kind"] == "ServiceMonitor"]
+    assert {m["metadata"]["name"] for m in monitors} == set(SERVICE_NAMES)
+    for monitor in monitors:
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        service = one("Service", monitor["metadata"]["name"])
+        assert selects(monitor["spec"]["selector"], service["metadata"]["labels"])
+        [endpoint] = monitor["spec"]["endpoints"]
+        assert endpoint["path"] == "/metrics"
+        assert endpoint["port"] == "ops"
+        assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+
+
+def test_gateway_scales_on_open_streams_per_pod_served_by_the_adapter() -> None:
+    hpa = one("HorizontalPodAutoscaler", "stream-gateway")
+    [pods] = [m["pods"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    name = pods["metric"]["name"]
+    # A gauge the gateway exports ...
+    registry = CollectorRegistry()
+    GatewayMetrics.create(registry)
+    assert name in {m.name for m in registry.collect()}
+    # ... that the adapter serves, under that name, per pod ...
+    [adapter] = [d for d in monitoring_docs() if d["kind"] == "ConfigMap"]
+    rules = yaml.safe_load(adapter["data"]["config.yaml"])["rules"]
+    assert any(rule["name"]["as"] == name and name in rule["seriesQuery"] for rule in rules)
+    # ... with a target below what one process admits.
+    assert 0 < int(pods["target"]["averageValue"]) < DEFAULTS.max_streams
+
+
+def test_cleanup_cronjob_pushes_its_counts() -> None:
+    [cron] = of_kind("CronJob")
+    [container] = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    url = effective_settings(container_env(container)).pushgateway_url
+    assert url.startswith("http") and url.endswith(":9091")
+
+
+def test_cpu_requests_are_realistic_for_a_python_process() -> None:
+    for dep in of_kind("Deployment"):
+        [container] = dep["spec"]["template"]["spec"]["containers"]
+        cpu = container["resources"]["requests"]["cpu"]
+        millicores = int(cpu[:-1]) if cpu.endswith("m") else int(float(cpu) * 1000)
+        assert 250 <= millicores <= 1000, (dep["metadata"]["name"], cpu)
+
+
+# --- supply chain: the image installs exactly the locked, hashed dependencies ----------------
+
+LOCK = DEPLOY / "requirements.lock"
+
+
+def lock_pins() -> dict[str, tuple[str, list[str]]]:
+    """name → (version, [sha256 hashes]) of deploy/requirements.lock."""
+    text = re.sub(r"\\\n", " ", LOCK.read_text())
+    pins: dict[str, tuple[str, list[str]]] = {}
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        spec, *options = line.split()
+        name, _, version = spec.partition("==")
+        hashes = [o.removeprefix("--hash=sha256:") for o in options if o.startswith("--hash=")]
+        pins[str(canonicalize_name(name))] = (version, hashes)
+    return pins
+
+
+def test_lock_pins_every_runtime_dependency_within_pyprojects_ranges_with_hashes() -> None:
+    pins = lock_pins()
+    for dep in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+        req = Requirement(dep)
+        version, _ = pins[canonicalize_name(req.name)]
+        assert req.specifier.contains(version, prereleases=True), (dep, version)
+    for name, (version, hashes) in pins.items():
+        assert version and hashes, name
+        assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes), name
+        # What the suite ran against is what the image gets.
+        assert importlib.metadata.version(name) == version, name
+    # No development tooling among the image's dependencies.
+    assert not {"pytest", "playwright", "nx-27017", "mypy", "ruff"} & set(pins)
+
+
+def test_dockerfile_installs_the_lock_with_hashes_and_no_dev_tooling() -> None:
+    instructions = dockerfile_instructions()
+    runs = [v for k, v in instructions if k == "RUN"]
+    assert any(
+        "--require-hashes" in r and "-r requirements.lock" in r and "--only-binary=:all:" in r
+        for r in runs
+    )
+    # The project itself adds nothing unlocked.
+    assert any("pip install --no-deps ." in r for r in runs)
+    copied = {v.split()[0] for k, v in instructions if k == "COPY" and "--from" not in v}
+    assert "deploy/requirements.lock" in copied
+    assert not {"devstack", "bench", "tests"} & {c.split("/")[0] for c in copied}
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert "!deploy/requirements.lock" in ignored and "devstack" in ignored
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert not any(p.split(".")[0] in ("devstack", "bench", "tests") for p in packages["packages"])

@@ -105,6 +105,40 @@ async def test_blocked_stream_falls_back_to_polling_and_still_succeeds(
     assert "Payment received" in await page.inner_text("#status")
 
 
+async def test_refused_stream_is_opened_again_without_polling(page: Page, system: System) -> None:
+    """A gateway that is full or stopping answers 503 (EventSource then gives up): the page
+    opens the stream again after ~3 s instead of polling, up to its failure budget."""
+    refused = 0
+
+    async def full_twice(route: Route) -> None:
+        nonlocal refused
+        if refused < 2:
+            refused += 1
+            await route.fulfill(
+                status=503,
+                headers={"Retry-After": "3", "Content-Type": "application/json"},
+                body='{"success": false, "error": "full", "retryable": true}',
+            )
+        else:
+            await route.continue_()
+
+    polls = 0
+
+    def count(request: Any) -> None:
+        nonlocal polls
+        polls += "/api/webhooks?uuid=" in request.url
+
+    page.on("request", count)
+    await page.route("**/api/webhooks/stream*", full_twice)
+    order_code = await create_deposit(page, system, new_account())
+    await page.wait_for_selector("body[data-transport=stream]", timeout=20_000)
+    assert refused == 2
+    await sim_pay(system, order_code)
+    await page.wait_for_selector("body[data-state=paid]", timeout=5_000)
+    assert polls == 0
+    assert await page.get_attribute("body", "data-transport") == "stream"
+
+
 async def test_reload_mid_wait_resumes_the_same_session_and_qr(page: Page, system: System) -> None:
     order_code = await create_deposit(page, system, new_account())
     qr_before = await page.get_attribute("#qr", "src")

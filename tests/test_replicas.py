@@ -177,8 +177,10 @@ async def test_sessions_through_nginx_paid_through_the_simulator_reach_both_gate
         stats = await gateway_stats(replicas)
         assert [s["connectionCount"] > 0 for s in stats] == [True, True], stats
         assert sum(s["connectionCount"] for s in stats) == len(clients)
-        # session-api (through nginx) counts every gateway's subscriptions, in Redis.
-        site = (await http.get("/api/stats")).json()
+        # session-api counts every gateway's subscriptions, in Redis.
+        # (The admin stats are not public: nginx routes them nowhere; ask a replica.)
+        site_api = replicas.replica_url(replicas.replicas["session-api"][0])
+        site = (await http.get(f"{site_api}/api/stats")).json()
         assert site["activeSubscriptions"] == sum(s["activeSubscriptions"] for s in stats)
 
         # The bank transfers arrive: the simulator sends each signed webhook to nginx.
@@ -269,3 +271,61 @@ def test_replicas_have_their_own_ports_behind_one_nginx(replicas: ReplicaSystem)
         for proc in group:
             assert f"server 127.0.0.1:{proc.port};" in conf
     assert replicas.settings.payos_webhook_url == f"{replicas.url}/api/webhooks"
+
+
+async def test_redis_down_every_replica_stays_ready_and_payments_flow_through_nginx(
+    replicas: ReplicaSystem, http: httpx.AsyncClient
+) -> None:
+    """Issue 15: a Redis outage is a degraded system, not a dead one. Every replica stays in
+    rotation (its /readyz, which the readiness probes use, answers 200 `degraded`), nginx
+    routes creations, webhooks, streams and polls as before, and once Redis is back the
+    waiting browser learns `done`."""
+    [redis] = [p for p in replicas.backing if p.name == "redis"]
+    resp = await http.post("/api/sessions", json={"accountNumber": "0009997001", "amount": 31_000})
+    assert resp.status_code == 201, resp.text
+    before = resp.json()
+    redis.stop()
+    try:
+        async with httpx.AsyncClient(timeout=5) as direct:
+            for name, group in replicas.replicas.items():
+                for proc in group:
+                    ready = await direct.get(f"{replicas.replica_url(proc)}/readyz")
+                    assert ready.status_code == 200, (name, ready.text)
+                    body = ready.json()
+                    assert body["status"] == "degraded", (name, body)
+                    assert body["checks"]["redis"].startswith("down"), (name, body)
+                    assert "redis" not in body["required"], (name, body)
+                    metrics = (await direct.get(f"{replicas.replica_url(proc)}/metrics")).text
+                    assert 'paypush_dependency_up{dependency="redis",required="false"} 0.0' in (
+                        metrics
+                    ), name
+        # A session is created through nginx (limit and record in MongoDB) ...
+        resp = await http.post(
+            "/api/sessions", json={"accountNumber": "0009997002", "amount": 32_000}
+        )
+        assert resp.status_code == 201, resp.text
+        during = resp.json()
+        sessions = [before, during]
+        # ... its browser gets its first event (from MongoDB) through nginx ...
+        async with browsers(replicas, [s["uuid"] for s in sessions]) as clients:
+            assert {c.status for c in clients} == {"pending"}
+            # ... and PayOS's webhooks reach an ingest, which stores them and says 200.
+            async with httpx.AsyncClient(base_url=replicas.settings.payos_base_url) as sim:
+                for session in sessions:
+                    paid = await sim.post(f"/sim/pay/{session['orderCode']}", json={})
+                    assert paid.status_code == 200, paid.text
+                    assert paid.json()["firstStatuses"] == [200], paid.json()
+            # Polling through nginx reads MongoDB: already done while Redis is down.
+            for session in sessions:
+                polled = await http.get("/api/webhooks", params={"uuid": session["uuid"]})
+                assert polled.status_code == 200, polled.text
+                assert polled.json()["status"] == "done", polled.json()
+            redis.start()
+            # Redis back: the ingest's publishPending sweep and the gateways' re-read after
+            # the pub/sub reconnect tell the waiting browsers.
+            await all_final(clients, timeout=30)
+        assert [c.outcome for c in clients] == ["final"] * len(clients)
+        assert {c.status for c in clients} == {"done"}
+    finally:
+        if not redis.running:
+            redis.start()

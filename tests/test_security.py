@@ -29,7 +29,7 @@ from session_api import create_app as create_api
 from shared import keys
 from shared.model import utcnow
 from shared.mongo import Store
-from shared.settings import Settings
+from shared.settings import SECRETS, SERVICE_SECRETS, Settings
 from stream_gateway import create_app as create_gateway
 from tests.helpers import add_session, signed_webhook, subscribed
 from webhook_ingest import create_app as create_ingest
@@ -554,3 +554,25 @@ def test_production_refuses_the_embedded_development_secrets() -> None:
         Settings.from_env({"APP_ENV": "production"})
     for name in ("PAYOS_CHECKSUM_KEY", "PAYOS_API_KEY", "CRON_SECRET", "ADMIN_TOKEN"):
         assert name in str(info.value)
+
+
+def test_each_process_requires_and_holds_only_the_secrets_it_uses() -> None:
+    """Issue 15: the gateway and the cleanup job hold no secret; the ingest the checksum key
+    only; session-api all of them. A used secret left at its development value (production)
+    or empty refuses to start."""
+    real = {name.upper(): f"real-{name}" for name in SECRETS}
+    production = {"APP_ENV": "production"}
+    gateway = Settings.from_env({**production, **real}, secrets=SERVICE_SECRETS["stream-gateway"])
+    assert all(getattr(gateway, name) == "" for name in SECRETS)
+    # Nothing to set for the gateway, even in production.
+    assert Settings.from_env(production, secrets=()).is_production
+    ingest = Settings.from_env(
+        {**production, "PAYOS_CHECKSUM_KEY": "real"}, secrets=SERVICE_SECRETS["webhook-ingest"]
+    )
+    assert ingest.payos_checksum_key == "real" and ingest.admin_token == ""
+    with pytest.raises(ValueError, match="PAYOS_CHECKSUM_KEY"):
+        Settings.from_env(production, secrets=SERVICE_SECRETS["webhook-ingest"])
+    with pytest.raises(ValueError, match="must not be empty"):
+        Settings.from_env({"PAYOS_CHECKSUM_KEY": ""}, secrets=SERVICE_SECRETS["webhook-ingest"])
+    api = Settings.from_env({**production, **real}, secrets=SERVICE_SECRETS["session-api"])
+    assert all(getattr(api, name) == f"real-{name}" for name in SECRETS)

@@ -18,7 +18,8 @@ from typing import Any
 import aiohttp
 import pytest
 import redis
-from aiohttp.test_utils import TestClient
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from payos import APIError, AsyncPayOS
 
 from session_api import create_app
@@ -856,6 +857,43 @@ async def test_cleanup_command_exits_zero_and_prints_its_counts(
     assert stored is not None and stored["status"] == "expired"
 
 
+async def test_cleanup_command_pushes_its_counts_to_the_pushgateway(
+    api_settings: Settings, store: Store
+) -> None:
+    """Issue 15: the CronJob's counts reach Prometheus (through a Pushgateway), not only the
+    HTTP path's. A stand-in Pushgateway records what is pushed."""
+    await add_session(store, createdAt=utcnow() - timedelta(hours=25))
+    pushed: list[tuple[str, str, str]] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        pushed.append((request.method, request.path, await request.text()))
+        return web.Response(status=200)
+
+    gateway = web.Application()
+    gateway.router.add_route("*", "/metrics/job/{job}", receive)
+    server = TestServer(gateway)
+    await server.start_server()
+    try:
+        env = {**api_settings.env(), "PUSHGATEWAY_URL": str(server.make_url("")).rstrip("/")}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "session_api.cleanup",
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        await server.close()
+    assert proc.returncode == 0, out.decode()
+    [(method, path, body)] = pushed
+    assert (method, path) == ("POST", "/metrics/job/session-cleanup")
+    assert "paypush_cleanup_job_expired_sessions 1.0" in body
+    assert 'paypush_cleanup_job_deleted_records{collection="sessions"}' in body
+    assert "paypush_cleanup_job_last_success_timestamp_seconds" in body
+
+
 # --- stats and ops --------------------------------------------------------------------------
 
 
@@ -958,6 +996,7 @@ async def test_health_readiness_and_metrics(api: Client) -> None:
     assert (await api.get("/healthz")).status == 200
     ready = await api.get("/readyz")
     assert (await ready.json())["checks"] == {"redis": "ok", "mongodb": "ok"}
+    assert (await ready.json())["required"] == ["mongodb"]
     await create(api, {"accountNumber": ACCOUNT, "amount": 10_000})
     await create(api, {"accountNumber": ACCOUNT, "amount": 1})
     text = await (await api.get("/metrics")).text()

@@ -5,4 +5,4 @@ from shared.runner import serve
 from .app import create_app
 
 if __name__ == "__main__":
-    serve(create_app, lambda s: s.session_api_port)
+    serve(create_app, lambda s: s.session_api_port, service="session-api")

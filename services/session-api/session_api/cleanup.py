@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
 import structlog
+from prometheus_client import CollectorRegistry, Gauge, pushadd_to_gateway
 from pymongo import ReturnDocument
 from redis.exceptions import RedisError
 
@@ -44,7 +45,7 @@ from shared.keys import SESSION_TTL_SECONDS
 from shared.logs import configure_logging
 from shared.model import SessionStatus, StatusEvent, utcnow
 from shared.mongo import PUBLISH_PENDING, Doc, Store, mongo_client
-from shared.settings import Settings
+from shared.settings import SERVICE_SECRETS, Settings
 
 log = structlog.get_logger(__name__)
 
@@ -158,15 +159,76 @@ async def _run_once(settings: Settings) -> CleanupResult:
         await redis.aclose()
 
 
+PUSH_JOB = "session-cleanup"
+PUSH_TIMEOUT_SECONDS = 5.0
+
+
+def push_counts(settings: Settings, result: CleanupResult | None) -> None:
+    """The run's counts to the Pushgateway (the CronJob's pod is gone before any scrape), as
+    the last run's values: `None` records a failed run. A failed push is logged, never fatal:
+    the cleanup itself is done."""
+    if not settings.pushgateway_url:
+        return
+    registry = CollectorRegistry()
+    now = time.time()
+    if result is None:
+        Gauge(
+            "paypush_cleanup_job_last_failure_timestamp_seconds",
+            "When the cleanup job last failed",
+            registry=registry,
+        ).set(now)
+    else:
+        Gauge(
+            "paypush_cleanup_job_last_success_timestamp_seconds",
+            "When the cleanup job last succeeded",
+            registry=registry,
+        ).set(now)
+        Gauge(
+            "paypush_cleanup_job_expired_sessions",
+            "Pending sessions the last run moved to expired",
+            registry=registry,
+        ).set(result.expired)
+        Gauge(
+            "paypush_cleanup_job_publish_failed",
+            "`expired` events of the last run Redis could not take (left to the ingest's sweep)",
+            registry=registry,
+        ).set(result.publish_failed)
+        deleted = Gauge(
+            "paypush_cleanup_job_deleted_records",
+            "Expired records the last run deleted",
+            ["collection"],
+            registry=registry,
+        )
+        deleted.labels("sessions").set(result.sessions_deleted)
+        deleted.labels("webhooks").set(result.webhooks_deleted)
+        Gauge(
+            "paypush_cleanup_job_duration_seconds",
+            "How long the last run took",
+            registry=registry,
+        ).set(result.duration_ms / 1000)
+    try:
+        # POST (push-add): replaces this group's metrics of the same names and keeps the others,
+        # so the last failure's timestamp stays beside the last success's.
+        pushadd_to_gateway(
+            settings.pushgateway_url, job=PUSH_JOB, registry=registry, timeout=PUSH_TIMEOUT_SECONDS
+        )
+    except OSError as exc:
+        log.warning("cleanup_metrics_push_failed", error=str(exc))
+
+
 def main() -> int:
-    """`python -m session_api.cleanup`: one run, its counts on stdout as JSON."""
-    settings = Settings.from_env()
+    """`python -m session_api.cleanup`: one run, its counts on stdout as JSON (and to the
+    Pushgateway when PUSHGATEWAY_URL is set)."""
+    # Redis and MongoDB only: the job holds none of the secrets.
+    settings = Settings.from_env(secrets=SERVICE_SECRETS["session-cleanup"])
     configure_logging(settings)
     try:
         result = asyncio.run(_run_once(settings))
     except Exception as exc:
         log.error("cleanup_failed", error=str(exc), error_type=type(exc).__name__)
+        push_counts(settings, None)
         return 1
+    push_counts(settings, result)
     print(json.dumps({"success": True, **result.to_dict()}), flush=True)
     return 0
 

@@ -19,6 +19,12 @@ STATIC_DIR = Path(__file__).parent / "static"
 # The wait before the page gives up, and the fallback polling period (the original's).
 MAX_WAIT_MS = 10 * 60 * 1000
 POLL_INTERVAL_MS = 5000
+# Polling starts only after this many stream failures in a row without an event in between
+# (a rollout's dropped stream reconnects in one); while polling, the stream is tried again
+# about every STREAM_PROBE_MS. A refused stream (503) is opened again after about RECONNECT_MS.
+STREAM_FAILURES_BEFORE_POLLING = 4
+STREAM_PROBE_MS = 30_000
+RECONNECT_MS = 3000
 
 
 def _origin(url: str) -> str:
@@ -32,6 +38,9 @@ async def index(request: web.Request) -> web.Response:
     config = {
         "streamUrl": settings.stream_public_url.rstrip("/"),
         "pollIntervalMs": POLL_INTERVAL_MS,
+        "streamFailuresBeforePolling": STREAM_FAILURES_BEFORE_POLLING,
+        "streamProbeMs": STREAM_PROBE_MS,
+        "reconnectMs": RECONNECT_MS,
         "maxWaitMs": MAX_WAIT_MS,
     }
     # `<` escaped so no value can close the script element.

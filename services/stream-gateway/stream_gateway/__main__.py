@@ -6,4 +6,9 @@ from .app import create_app
 
 if __name__ == "__main__":
     # A browser that goes away ends its handler at once, releasing its subscription.
-    serve(create_app, lambda s: s.stream_gateway_port, handler_cancellation=True)
+    serve(
+        create_app,
+        lambda s: s.stream_gateway_port,
+        service="stream-gateway",
+        handler_cancellation=True,
+    )

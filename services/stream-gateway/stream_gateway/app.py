@@ -16,7 +16,8 @@ from shared.settings import Settings
 from shared.status import StatusReader
 from shared.web import cors_middleware, new_registry, request_context_middleware
 
-from .appkeys import GATEWAY_METRICS, HUB, STATUS_READER, STREAMS
+from .admission import Admission, stream_limit
+from .appkeys import ADMISSION, GATEWAY_METRICS, HUB, STATUS_READER, STREAMS
 from .hub import Hub
 from .links import open_link, pubsub_client
 from .metrics import GatewayMetrics
@@ -48,6 +49,19 @@ async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
     await redis.aclose()
 
 
+async def _admit(app: web.Application) -> None:
+    admission = app[ADMISSION]
+    settings = app[SETTINGS]
+    admission.limit = stream_limit(settings.max_streams)
+    app[GATEWAY_METRICS].stream_limit.set(admission.limit)
+    if admission.limit < settings.max_streams:
+        log.warning(
+            "max_streams_lowered_to_file_limit",
+            max_streams=settings.max_streams,
+            limit=admission.limit,
+        )
+
+
 async def _close_streams(app: web.Application) -> None:
     """On shutdown: refuse new streams and end the open ones, so browsers reconnect elsewhere."""
     app[HUB].closing = True
@@ -70,6 +84,8 @@ def create_app(settings: Settings) -> web.Application:
     metrics = GatewayMetrics.create(new_registry(app))
     app[GATEWAY_METRICS] = metrics
     app[STREAMS] = WeakSet()
+    # The limit is settled at start-up, once the runner has raised the open file limit.
+    app[ADMISSION] = Admission(settings.max_streams)
     metrics.open_streams.set_function(lambda: len(app[STREAMS]))
     app.cleanup_ctx.extend(
         [
@@ -79,6 +95,7 @@ def create_app(settings: Settings) -> web.Application:
             _hub_ctx,
         ]
     )
+    app.on_startup.append(_admit)
     app.on_shutdown.append(_close_streams)
     setup_routes(app)
     return app

@@ -17,6 +17,8 @@ class GatewayMetrics:
     latency: Histogram
     resync_reads: Counter
     db_queries: Counter
+    rejected: Counter
+    stream_limit: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> GatewayMetrics:
@@ -59,6 +61,18 @@ class GatewayMetrics:
             db_queries=Counter(
                 "paypush_stream_db_queries",
                 "Status reads that went to MongoDB",
+                registry=registry,
+            ),
+            rejected=Counter(
+                "paypush_stream_rejected",
+                "Streams refused with 503 before they started: `full` (MAX_STREAMS or the "
+                "open file limit reached), `closing` (shutting down)",
+                ["reason"],
+                registry=registry,
+            ),
+            stream_limit=Gauge(
+                "paypush_stream_limit",
+                "Streams this process admits at most (MAX_STREAMS, kept below the file limit)",
                 registry=registry,
             ),
         )

@@ -45,7 +45,8 @@ def document(settings: Settings) -> Doc:
     return openapi.document(
         title="stream-gateway",
         description="Server-Sent Events: a session's status now, then every change.",
-        readiness_checks=("redis", "mongodb", "pubsub"),
+        readiness_checks=("accepting", "redis", "mongodb", "pubsub"),
+        required_checks=("accepting",),
         schemas={"StatusEvent": EVENT},
         paths={
             "/api/webhooks/stream": {
@@ -78,7 +79,19 @@ def document(settings: Settings) -> Doc:
                         },
                         "400": openapi.error("Malformed uuid; no stream started."),
                         "404": openapi.error("No session with this uuid; no stream started."),
-                        "503": openapi.error("Shutting down or MongoDB unavailable; reconnect."),
+                        "503": openapi.error(
+                            "No stream started: this process is full (MAX_STREAMS, "
+                            f"{settings.max_streams} by default, lowered to stay below its "
+                            "open file limit), shutting down, or the status is unreadable. "
+                            "Connect again (the Ingress tries another pod); `Retry-After` "
+                            "says when.",
+                            headers={
+                                "Retry-After": {
+                                    "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                                    "description": "Seconds to wait before reconnecting.",
+                                }
+                            },
+                        ),
                     },
                 }
             },

@@ -15,7 +15,7 @@ from shared.appkeys import SETTINGS
 from shared.model import StatusEvent, is_valid_uuid
 from shared.web import add_cors_headers, json_error
 
-from .appkeys import GATEWAY_METRICS, HUB, STATUS_READER, STREAMS
+from .appkeys import ADMISSION, GATEWAY_METRICS, HUB, STATUS_READER, STREAMS
 from .hub import Listener
 from .metrics import GatewayMetrics
 
@@ -35,8 +35,31 @@ async def stream_status(request: web.Request) -> web.StreamResponse:
     if not is_valid_uuid(uuid):
         return json_error(400, "`uuid` must be a session uuid (uuid4)")
     hub = app[HUB]
+    metrics = app[GATEWAY_METRICS]
     if hub.closing:
-        return json_error(503, "shutting down, connect again", retryable=True)
+        metrics.rejected.labels("closing").inc()
+        return _unavailable(app, "shutting down, connect again")
+    admission = app[ADMISSION]
+    if not admission.try_enter():
+        metrics.rejected.labels("full").inc()
+        return _unavailable(app, "this gateway holds all the streams it can, connect again")
+    try:
+        return await _admitted(request, uuid)
+    finally:
+        admission.leave()
+
+
+def _unavailable(app: web.Application, message: str) -> web.Response:
+    """503 before any stream starts: the Ingress tries the next pod, a browser retries later."""
+    response = json_error(503, message, retryable=True)
+    retry_ms = app[SETTINGS].sse_retry_ms * random.uniform(1, 1 + 2 * RETRY_JITTER)
+    response.headers["Retry-After"] = str(max(1, round(retry_ms / 1000)))
+    return response
+
+
+async def _admitted(request: web.Request, uuid: str) -> web.StreamResponse:
+    app = request.app
+    hub = app[HUB]
     after = _last_event_id(request)
     listener = Listener(uuid, after_version=after or 0)
     try:
@@ -47,7 +70,7 @@ async def stream_status(request: web.Request) -> web.StreamResponse:
             status = await app[STATUS_READER].read(uuid)
         except PyMongoError as exc:
             log.warning("status_unavailable", uuid=uuid, error=str(exc))
-            return json_error(503, "status unavailable, try again", retryable=True)
+            return _unavailable(app, "status unavailable, try again")
         if status is None:
             return json_error(404, "no session with this uuid")
         if status.status.terminal and after is not None and status.version <= after:

@@ -1,5 +1,13 @@
 // The deposit page: create a session, show its QR, wait for "paid" on the gateway's stream,
 // fall back to polling when the stream fails, give up after the wait, resume after a reload.
+//
+// A stream that drops (a gateway rollout closes every stream, a network blip) is not a reason
+// to poll: EventSource reconnects by itself after the server's jittered `retry:`, sending
+// Last-Event-ID, and the gateway's first event is the current status. The page polls only
+// after several consecutive failures without the stream opening in between, or where EventSource
+// does not exist; while polling it tries the stream again now and then, and stops polling once
+// the stream is back. A gateway rollout so costs reconnects spread over seconds, not a wave of
+// 5-second pollers on session-api (issue 15).
 "use strict";
 
 (function () {
@@ -11,6 +19,11 @@
   let session = null;      // {uuid, accountNumber, amount, waitStartedAt}
   let stream = null;
   let pollTimer = null;
+  let probeTimer = null;
+  let reopenTimer = null;
+  let streamFailures = 0;   // consecutive failures, without the stream opening in between
+  window.paypushStreamOpens = 0;
+  window.paypushPolls = 0;
   let clockTimer = null;
   let finished = false;
 
@@ -57,7 +70,9 @@
   function stopWaiting() {
     finished = true;
     if (stream) { stream.close(); stream = null; }
-    clearInterval(pollTimer);
+    stopPolling();
+    clearTimeout(reopenTimer);
+    streamFailures = 0;
     clearInterval(clockTimer);
     $("new-qr").hidden = false;
   }
@@ -101,23 +116,62 @@
     }
   }
 
+  function jittered(ms) {
+    return Math.round(ms * (0.5 + Math.random()));
+  }
+
   function openStream() {
-    document.body.dataset.transport = "stream";
-    stream = new EventSource(`${config.streamUrl}/api/webhooks/stream?uuid=${encodeURIComponent(session.uuid)}`);
-    stream.onmessage = (e) => onStatus(JSON.parse(e.data));
-    stream.onerror = () => {
-      if (finished) return;
-      // The stream failed (blocked, proxy, server gone): poll instead, as the original did.
-      stream.close();
-      stream = null;
-      startPolling();
+    if (finished) return;
+    if (typeof EventSource === "undefined") { startPolling(); return; }
+    if (pollTimer === null) document.body.dataset.transport = "connecting";
+    const es = new EventSource(`${config.streamUrl}/api/webhooks/stream?uuid=${encodeURIComponent(session.uuid)}`);
+    stream = es;
+    es.onopen = () => {
+      if (stream !== es || finished) return;
+      window.paypushStreamOpens += 1;
+      streamFailures = 0;
+      stopPolling();
+      document.body.dataset.transport = "stream";
+    };
+    es.onmessage = (e) => {
+      if (stream !== es) return;
+      streamFailures = 0;
+      onStatus(JSON.parse(e.data));
+    };
+    es.onerror = () => {
+      if (finished || stream !== es) return;
+      if (pollTimer !== null) {
+        // A try while polling failed: keep polling, try again later.
+        es.close();
+        stream = null;
+        probeTimer = setTimeout(openStream, jittered(config.streamProbeMs));
+        return;
+      }
+      streamFailures += 1;
+      if (streamFailures >= config.streamFailuresBeforePolling) {
+        // Really unavailable (blocked, a proxy that buffers, every gateway gone): poll.
+        es.close();
+        stream = null;
+        startPolling();
+        probeTimer = setTimeout(openStream, jittered(config.streamProbeMs));
+      } else if (es.readyState === EventSource.CLOSED) {
+        // Refused (503 from a full or stopping gateway): EventSource gives up, we do not.
+        stream = null;
+        document.body.dataset.transport = "reconnecting";
+        reopenTimer = setTimeout(openStream, jittered(config.reconnectMs));
+      } else {
+        // Dropped: EventSource reconnects itself after `retry:`, with Last-Event-ID.
+        document.body.dataset.transport = "reconnecting";
+      }
     };
   }
 
   function startPolling() {
     document.body.dataset.transport = "polling";
+    if (pollTimer !== null) return;
     const poll = async () => {
       if (finished) return;
+      window.paypushPolls += 1;
       try {
         const { status, body } = await api(`/api/webhooks?uuid=${encodeURIComponent(session.uuid)}`);
         if (status === 200) onStatus(body);
@@ -126,6 +180,12 @@
     };
     poll();
     pollTimer = setInterval(poll, config.pollIntervalMs);
+  }
+
+  function stopPolling() {
+    clearInterval(pollTimer);
+    clearTimeout(probeTimer);
+    pollTimer = null;
   }
 
   function startClock() {
