@@ -15,7 +15,8 @@ injects one kind of fault while they flow, then reconciles (`harness.reconcile`)
   but `pending`;
 - the webhooks the simulator reports acknowledged == the webhook records stored; none lost.
 
-The `faults_long` variants (`make faults`) run at four times the load, and a chaos run
+Tests marked `redis_cluster` run the same system on a local 3-primary Redis Cluster of their
+own. The `faults_long` variants (`make faults`) run at four times the load, and a chaos run
 injects every fault over and over while payments flow.
 """
 
@@ -28,8 +29,9 @@ import time
 import aiohttp
 import httpx
 import pytest
+from httpx_sse import aconnect_sse
 
-from devstack.servers import free_port
+from devstack.servers import LocalRedisCluster, free_port
 from shared.mongo import Store
 from tests.conftest import Servers
 from tests.faults.conftest import paused
@@ -87,6 +89,87 @@ async def test_redis_kill_9_and_restart_while_payments_flow(
         await start(servers.redis)
     await asyncio.gather(*pays, flow)
     await audit(driver, store, ledger)
+
+
+CLUSTER_DOWN_BUG = (
+    "a Redis Cluster with no reachable node raises RedisClusterException, which is not a "
+    "RedisError: every `except RedisError` fallback misses it, and the ingest, session-api "
+    "and the gateway answer 500"
+)
+
+
+@pytest.mark.redis_cluster
+@pytest.mark.xfail(strict=True, reason=CLUSTER_DOWN_BUG)
+async def test_while_no_redis_cluster_node_answers_every_service_falls_back_to_mongodb(
+    system: System,
+    driver: Driver,
+    redis_cluster: LocalRedisCluster,
+    store: Store,
+    ledger: Report,
+) -> None:
+    """The promises for "Redis unavailable", with every node of the cluster down (redis-py:
+    RedisClusterException, which is not a RedisError): the ingest stores a delivery and
+    acknowledges it, its publish deferred; session-api creates a session (counted once)
+    and answers a poll from MongoDB; the gateway opens a stream whose first event it read
+    from MongoDB. Once the cluster is back, the deferred `done` reaches the waiting browser."""
+    ledger.known_bug = CLUSTER_DOWN_BUG
+    waiting = await driver.one(pay=False)
+    for url in system.gateway_urls:
+        await driver.http.get(f"{url}/readyz")
+    await asyncio.to_thread(redis_cluster.kill)
+    ledger.faults.append("redis cluster: every node kill -9")
+    problems = []
+    try:
+        body = await driver.pay(waiting)
+        if not body["delivered"]:
+            problems.append("ingest: a delivery stored during the outage was not acknowledged")
+        polled = await driver.http.get(
+            f"{system.api_url}/api/webhooks", params={"uuid": waiting.uuid}
+        )
+        if polled.status_code != 200 or polled.json().get("status") != "done":
+            problems.append(f"session-api poll: {polled.status_code} {polled.text[:150]}")
+        account = "8" + "".join(driver.rng.choice("0123456789") for _ in range(9))
+        created = await driver.http.post(
+            f"{system.api_url}/api/sessions", json={"accountNumber": account, "amount": 20_000}
+        )
+        if created.status_code != 201:
+            problems.append(f"session-api create: {created.status_code} {created.text[:150]}")
+        uuid = created.json()["uuid"] if created.status_code == 201 else waiting.uuid
+        first = await first_event(driver.http, system.gateway_urls[0], uuid)
+        if first[0] != 200 or first[1] is None:
+            problems.append(f"gateway: a stream opened during the outage answered {first}")
+    finally:
+        await asyncio.to_thread(redis_cluster.revive)
+    # What the failed attempts left behind: each one counts against the account's limit.
+    limit = await driver.http.get(
+        f"{system.api_url}/api/webhooks/check-session-limit", params={"accountNumber": account}
+    )
+    pending, created_ = limit.json()["pendingCount"], int(created.status_code == 201)
+    if pending != created_:
+        problems.append(f"session-api: {pending} pending sessions counted, {created_} created")
+    await audit(driver, store, ledger, timeout=30)
+    assert problems == [], problems
+
+
+async def first_event(
+    http: httpx.AsyncClient, gateway: str, uuid: str, timeout: float = 5.0
+) -> tuple[int, str | None]:
+    """Open a stream, read its first event: (HTTP status, the event's data or None)."""
+    try:
+        async with (
+            asyncio.timeout(timeout),
+            aconnect_sse(
+                http, "GET", f"{gateway}/api/webhooks/stream", params={"uuid": uuid}
+            ) as source,
+        ):
+            if source.response.status_code != 200:
+                return source.response.status_code, None
+            async for sse in source.aiter_sse():
+                if sse.data:
+                    return 200, sse.data
+    except (TimeoutError, httpx.HTTPError) as exc:
+        return 0, type(exc).__name__
+    return 200, None
 
 
 @pytest.mark.parametrize("scale", SCALES)
