@@ -91,15 +91,7 @@ async def test_redis_kill_9_and_restart_while_payments_flow(
     await audit(driver, store, ledger)
 
 
-CLUSTER_DOWN_BUG = (
-    "a Redis Cluster with no reachable node raises RedisClusterException, which is not a "
-    "RedisError: every `except RedisError` fallback misses it, and the ingest, session-api "
-    "and the gateway answer 500"
-)
-
-
 @pytest.mark.redis_cluster
-@pytest.mark.xfail(strict=True, reason=CLUSTER_DOWN_BUG)
 async def test_while_no_redis_cluster_node_answers_every_service_falls_back_to_mongodb(
     system: System,
     driver: Driver,
@@ -112,7 +104,6 @@ async def test_while_no_redis_cluster_node_answers_every_service_falls_back_to_m
     acknowledges it, its publish deferred; session-api creates a session (counted once)
     and answers a poll from MongoDB; the gateway opens a stream whose first event it read
     from MongoDB. Once the cluster is back, the deferred `done` reaches the waiting browser."""
-    ledger.known_bug = CLUSTER_DOWN_BUG
     waiting = await driver.one(pay=False)
     for url in system.gateway_urls:
         await driver.http.get(f"{url}/readyz")
