@@ -54,9 +54,12 @@ async def wait_ready(http: httpx.AsyncClient, timeout: float = 10) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """The gateway in this process on a real port, and an HTTP client pointed at it."""
-    server = TestServer(create_app(settings))
+async def running_gateway(
+    settings: Settings, app: web.Application | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The gateway (`app`, or a new one) in this process on a real port, and an HTTP client
+    pointed at it."""
+    server = TestServer(app if app is not None else create_app(settings))
     await server.start_server()
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=0)
     timeout = httpx.Timeout(10, read=None)
@@ -504,6 +507,26 @@ async def test_sigterm_ends_open_streams_and_exits_within_the_shutdown_timeout(
             assert await stream.closed(timeout=5)
         # ... and the process is gone well within its shutdown timeout (3 s here).
         assert await asyncio.to_thread(proc.proc.wait, 3) == 0
+
+
+async def test_draining_after_sigterm_restarts_no_background_task(
+    gateway_settings: Settings, store: Store
+) -> None:
+    """SIGTERM runs the shutdown handlers (the hub is closing, its streams are ended) well
+    before the cleanup stops the hub's tasks: in between, none of them may end, or the
+    supervisor takes it for a death and restarts it again and again."""
+    session = await add_session(store)
+    app = create_app(gateway_settings)
+    async with running_gateway(gateway_settings, app) as http:
+        async with open_stream(http, session["uuid"]) as stream:
+            assert await stream.status() == "pending"
+            await app.on_shutdown.send(app)  # what SIGTERM runs first
+            assert await stream.closed(timeout=5)
+        await asyncio.sleep(0.5)
+        health = (await http.get("/healthz")).json()
+        assert health["status"] == "ok", health
+        assert set(health["tasks"].values()) <= {"running", "finished"}, health
+        assert "paypush_task_restarts_total{" not in (await http.get("/metrics")).text
 
 
 # -- ops ---------------------------------------------------------------------------------
