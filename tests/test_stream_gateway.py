@@ -30,6 +30,7 @@ from shared.model import StatusEvent
 from shared.mongo import Store
 from shared.settings import Settings
 from stream_gateway import create_app
+from stream_gateway.appkeys import HUB
 from tests.conftest import Servers
 from tests.helpers import add_session, signed_webhook
 from webhook_ingest import create_app as create_ingest_app
@@ -527,6 +528,33 @@ async def test_draining_after_sigterm_restarts_no_background_task(
         assert health["status"] == "ok", health
         assert set(health["tasks"].values()) <= {"running", "finished"}, health
         assert "paypush_task_restarts_total{" not in (await http.get("/metrics")).text
+
+
+async def test_a_stream_still_joining_when_sigterm_comes_is_ended_as_well(
+    gateway_settings: Settings, servers: Servers, store: Store
+) -> None:
+    """A stream whose join is under way when SIGTERM runs the shutdown handlers is not among
+    the open streams they end: it ends by itself once joined (after its first event), or the
+    drain would wait for it until the shutdown timeout."""
+    session = await add_session(store)
+    app = create_app(gateway_settings)
+
+    async with running_gateway(gateway_settings, app) as http:
+
+        async def browser() -> tuple[str, bool]:
+            async with open_stream(http, session["uuid"]) as stream:
+                return await stream.status(), await stream.closed(timeout=5)
+
+        os.kill(servers.redis.pid, signal.SIGSTOP)  # the join waits for its confirmation
+        try:
+            opening = asyncio.create_task(browser())
+            async with asyncio.timeout(5):
+                while app[HUB].subscription_count == 0:
+                    await asyncio.sleep(0.01)
+            await app.on_shutdown.send(app)  # what SIGTERM runs first
+        finally:
+            os.kill(servers.redis.pid, signal.SIGCONT)
+        assert await opening == ("pending", True)
 
 
 # -- ops ---------------------------------------------------------------------------------

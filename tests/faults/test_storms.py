@@ -60,13 +60,7 @@ AMOUNT = 50_000
 TEST_CLIENT = "fault-test"  # the test's own Redis connections, left out of the counts
 SUPERVISOR_EVENTS = ('"background_task_died"', '"background_task_restarting"')
 
-# Known bugs, each asserted by a test marked xfail until it is fixed.
-SIGTERM_BUG = (
-    "stream-gateway: a stream that finishes joining after SIGTERM is never closed (the "
-    "shutdown's snapshot missed it), so the drain waits out the shutdown timeout (22 s to "
-    "exit with SHUTDOWN_TIMEOUT_SECONDS=10); and the hub's flusher returns once closing, which "
-    "its supervisor takes for a death: restarted again and again while the gateway drains"
-)
+# A known bug, asserted by a test marked xfail until it is fixed.
 INGEST_POOL_BUG = (
     "webhook-ingest: its Redis pool is unbounded (redis-py's default), so each webhook "
     "waiting on a Redis stall opens a connection of its own, and the pool keeps them all"
@@ -266,7 +260,6 @@ async def test_client_pause_all_in_the_middle_of_a_reconnect_storm_of_2000_strea
             crowd.kill()
 
 
-@pytest.mark.xfail(strict=True, reason=SIGTERM_BUG)
 async def test_gateway_sigterm_while_2000_streams_are_opening(
     system: System, driver: Driver, store: Store, ledger: Report
 ) -> None:
@@ -275,7 +268,6 @@ async def test_gateway_sigterm_while_2000_streams_are_opening(
     exits by itself within its shutdown timeout, without its supervisor restarting anything;
     the browsers go to the other gateway (or the restarted one), and every payment made
     meanwhile or after is told."""
-    ledger.known_bug = SIGTERM_BUG
     victim = system.gateways[0]
     async with own_redis(system.settings) as redis:
         own, docs, baseline = await prepare(driver, store, redis)
