@@ -273,11 +273,19 @@ def local_settings(settings: Settings, *, redis_url: str, mongodb_url: str) -> S
     )
 
 
+def _redis_cli() -> str:
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        raise RuntimeError("redis-cli is missing: run `make setup` (Debian's redis-tools)")
+    return cli
+
+
 class LocalRedisCluster:
     """A Redis Cluster of `primaries` local redis-servers (no replicas), on free ports.
 
     Each node runs with `cluster-enabled`; `redis-cli --cluster create` spreads the 16384
-    slots over them. Nothing is persisted: a new start is a new, empty cluster.
+    slots over them. Nothing is persisted: a new start is a new, empty cluster; `restart`
+    (or `kill`, then `revive`) brings the same cluster back (ids, slots), empty.
     """
 
     def __init__(self, log_dir: Path, *, primaries: int = 3) -> None:
@@ -309,9 +317,7 @@ class LocalRedisCluster:
         return f"redis://127.0.0.1:{self.nodes[0].port}/0"
 
     def start(self, timeout: float = 20.0) -> None:
-        cli = shutil.which("redis-cli")
-        if cli is None:
-            raise RuntimeError("redis-cli is missing: run `make setup` (Debian's redis-tools)")
+        cli = _redis_cli()
         self.dir.mkdir(parents=True, exist_ok=True)
         for node in self.nodes:
             (self.dir / f"nodes-{node.port}.conf").unlink(missing_ok=True)
@@ -323,6 +329,11 @@ class LocalRedisCluster:
             capture_output=True,
             timeout=timeout,
         )
+        self.wait_ok(timeout)
+
+    def wait_ok(self, timeout: float = 20.0) -> None:
+        """Until every node reports `cluster_state:ok` (every slot served)."""
+        cli = _redis_cli()
 
         def every_node_ok() -> bool:
             for node in self.nodes:
@@ -337,6 +348,27 @@ class LocalRedisCluster:
             return True
 
         wait_until(every_node_ok, timeout, "redis cluster")
+
+    def kill(self) -> None:
+        """kill -9 every node: the whole cluster is gone (its `nodes-*.conf` files stay)."""
+        for node in self.nodes:
+            node.kill()
+
+    def revive(self, timeout: float = 20.0) -> None:
+        """Start every node again and wait until the cluster is `ok`.
+
+        Each node reads its `nodes-*.conf` (its id, its slots, its peers), so the same
+        cluster comes back, but empty: nothing is persisted.
+        """
+        for node in self.nodes:
+            node.start()
+        self.wait_ok(timeout)
+
+    def restart(self, down_seconds: float = 0.0, timeout: float = 20.0) -> None:
+        """kill -9 every node, leave the cluster down `down_seconds`, bring it back empty."""
+        self.kill()
+        time.sleep(down_seconds)
+        self.revive(timeout)
 
     def stop(self) -> None:
         for node in self.nodes:

@@ -13,6 +13,7 @@ from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .appkeys import CACHE, REDIS, SETTINGS, STORE, SUPERVISOR
@@ -30,6 +31,10 @@ CLUSTER_MIN_CONNECTIONS_PER_NODE = 32
 SHARDED_PUBSUB_COUNTS = ("PUBSUB SHARDCHANNELS", "PUBSUB SHARDNUMSUB")
 
 CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
+
+# "Redis is unavailable", whichever client says it: a Redis Cluster with no reachable node (all
+# of them down or restarting) raises RedisClusterException, which is not a RedisError.
+REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, RedisClusterException)
 
 
 async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -7,9 +7,9 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
 from pymongo.errors import PyMongoError
-from redis.exceptions import RedisError
 
 from .cache import StatusCache
+from .clients import REDIS_ERRORS
 from .model import StatusEvent
 from .mongo import Store
 from .singleflight import SingleFlight
@@ -36,7 +36,7 @@ class StatusReader:
         """The current status of `uuid`, or None if no live session has it."""
         try:
             cached = await self._cache.get(uuid)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             # Redis down: MongoDB is the source of truth, keep answering from it.
             log.warning("status_cache_unavailable", uuid=uuid, error=str(exc))
             return await self.read_from_store(uuid)
@@ -49,7 +49,7 @@ class StatusReader:
         try:
             if await self._cache.is_unknown(uuid):
                 return None
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             log.warning("status_cache_unavailable", uuid=uuid, error=str(exc))
         return await self.read_from_store(uuid)
 
@@ -80,7 +80,7 @@ class StatusReader:
             if uuid not in found:
                 try:
                     cached = await self._cache.get(uuid)
-                except RedisError as exc:
+                except REDIS_ERRORS as exc:
                     log.warning("status_cache_unavailable", uuid=uuid, error=str(exc))
                     continue
                 if cached is not None:
@@ -102,5 +102,5 @@ class StatusReader:
 async def _best_effort(op: Awaitable[object], uuid: str) -> None:
     try:
         await op
-    except RedisError as exc:
+    except REDIS_ERRORS as exc:
         log.warning("status_cache_refill_failed", uuid=uuid, error=str(exc))

@@ -31,6 +31,7 @@ from shared.model import StatusEvent
 from shared.mongo import Store
 from shared.settings import Settings
 from stream_gateway import create_app
+from stream_gateway.appkeys import HUB
 from tests.conftest import Servers
 from tests.helpers import add_session, signed_webhook
 from webhook_ingest import create_app as create_ingest_app
@@ -56,10 +57,13 @@ async def wait_ready(http: httpx.AsyncClient, timeout: float = 10) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """The gateway in this process on a real port, and an HTTP client pointed at it."""
+async def running_gateway(
+    settings: Settings, app: web.Application | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The gateway (`app`, or a new one) in this process on a real port, and an HTTP client
+    pointed at it."""
     # As `python -m stream_gateway` runs it: a browser that leaves cancels its handler.
-    server = TestServer(create_app(settings), handler_cancellation=True)
+    server = TestServer(app if app is not None else create_app(settings), handler_cancellation=True)
     await server.start_server()
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=0)
     timeout = httpx.Timeout(10, read=None)
@@ -595,6 +599,53 @@ async def test_sigterm_ends_open_streams_and_exits_within_the_shutdown_timeout(
             assert await stream.closed(timeout=5)
         # ... and the process is gone well within its shutdown timeout (3 s here).
         assert await asyncio.to_thread(proc.proc.wait, 3) == 0
+
+
+async def test_draining_after_sigterm_restarts_no_background_task(
+    gateway_settings: Settings, store: Store
+) -> None:
+    """SIGTERM runs the shutdown handlers (the hub is closing, its streams are ended) well
+    before the cleanup stops the hub's tasks: in between, none of them may end, or the
+    supervisor takes it for a death and restarts it again and again."""
+    session = await add_session(store)
+    app = create_app(gateway_settings)
+    async with running_gateway(gateway_settings, app) as http:
+        async with open_stream(http, session["uuid"]) as stream:
+            assert await stream.status() == "pending"
+            await app.on_shutdown.send(app)  # what SIGTERM runs first
+            assert await stream.closed(timeout=5)
+        await asyncio.sleep(0.5)
+        health = (await http.get("/healthz")).json()
+        assert health["status"] == "ok", health
+        assert set(health["tasks"].values()) <= {"running", "finished"}, health
+        assert "paypush_task_restarts_total{" not in (await http.get("/metrics")).text
+
+
+async def test_a_stream_still_joining_when_sigterm_comes_is_ended_as_well(
+    gateway_settings: Settings, servers: Servers, store: Store
+) -> None:
+    """A stream whose join is under way when SIGTERM runs the shutdown handlers is not among
+    the open streams they end: it ends by itself once joined (after its first event), or the
+    drain would wait for it until the shutdown timeout."""
+    session = await add_session(store)
+    app = create_app(gateway_settings)
+
+    async with running_gateway(gateway_settings, app) as http:
+
+        async def browser() -> tuple[str, bool]:
+            async with open_stream(http, session["uuid"]) as stream:
+                return await stream.status(), await stream.closed(timeout=5)
+
+        os.kill(servers.redis.pid, signal.SIGSTOP)  # the join waits for its confirmation
+        try:
+            opening = asyncio.create_task(browser())
+            async with asyncio.timeout(5):
+                while app[HUB].subscription_count == 0:
+                    await asyncio.sleep(0.01)
+            await app.on_shutdown.send(app)  # what SIGTERM runs first
+        finally:
+            os.kill(servers.redis.pid, signal.SIGCONT)
+        assert await opening == ("pending", True)
 
 
 # -- ops ---------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from devstack.servers import local_settings
+from devstack.servers import LocalRedisCluster, local_settings
 from shared.mongo import Store
 from shared.settings import Settings
 from tests.conftest import Servers
@@ -70,10 +70,32 @@ FAULT_ENV = {
 
 
 @pytest.fixture
-def fault_settings(settings: Settings) -> Settings:
-    """The test's Redis and database, every service on a free port, quick reconnect hints."""
-    tuned = Settings.from_env({**settings.env(), **FAULT_ENV})
-    return local_settings(tuned, redis_url=settings.redis_url, mongodb_url=settings.mongodb_url)
+def fault_settings(settings: Settings, request: pytest.FixtureRequest) -> Settings:
+    """The test's Redis and database, every service on a free port, quick reconnect hints.
+
+    A test marked `fault_env(NAME="value", ...)` sets those variables on top of FAULT_ENV;
+    one marked `redis_cluster` runs on a local Redis Cluster of its own (`redis_cluster`).
+    """
+    marker = request.node.get_closest_marker("fault_env")
+    env = {**settings.env(), **FAULT_ENV, **(marker.kwargs if marker is not None else {})}
+    redis_url = settings.redis_url
+    if request.node.get_closest_marker("redis_cluster") is not None:
+        cluster: LocalRedisCluster = request.getfixturevalue("redis_cluster")
+        env["REDIS_CLUSTER"] = "true"
+        redis_url = cluster.url
+    tuned = Settings.from_env(env)
+    return local_settings(tuned, redis_url=redis_url, mongodb_url=settings.mongodb_url)
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[LocalRedisCluster]:
+    """A local 3-primary Redis Cluster (no replicas, nothing persisted) for one test."""
+    cluster = LocalRedisCluster(tmp_path / "cluster")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

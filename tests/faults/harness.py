@@ -10,6 +10,11 @@
   waiting on it, then the bank transfer through the simulator's `POST /sim/pay`.
 - `reconcile()` checks the outcome against MongoDB, the simulator's deliveries, the watchers
   and the polling endpoint, and lists every broken promise.
+- For crowds of thousands of browsers (`tests.faults.crowd`): `crowd_sessions()` stores and
+  caches sessions in bulk, `payable()` gives one a PayOS link the driver can pay, and
+  `leftovers()` counts what is left once the browsers are gone: streams and subscriptions in
+  the gateways, session channels in Redis, and Redis connections per process
+  (`redis_connections()`, each connection traced to the process holding it through /proc).
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import os
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +36,17 @@ from typing import Any
 import httpx
 from aiohttp import web
 from httpx_sse import aconnect_sse
+from redis.asyncio import Redis, RedisCluster
 
 from devstack.payos_simulator.app import create_app as create_simulator
+from devstack.seed import store_pending_sessions
 from devstack.servers import Process, free_port, python_service
-from shared.mongo import Store
+from shared import keys
+from shared.cache import StatusCache
+from shared.model import StatusEvent
+from shared.mongo import Doc, Store
 from shared.settings import Settings
+from shared.signing import sign_payment_request
 
 STREAM = "/api/webhooks/stream"
 # Redeliveries of the in-process simulator: quick at first, then once a second for ~40 s.
@@ -432,13 +445,15 @@ class Report:
     faults: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     known_bug: str | None = None  # set by a test marked xfail: kept out of the totals
+    figures: dict[str, float | int] = field(default_factory=dict)  # what the test measured
 
     def summary(self) -> str:
         d = dataclasses.asdict(self)
         d["faults"] = len(self.faults)
         d["problems"] = len(self.problems)
-        del d["known_bug"]
-        return " ".join(f"{k}={v}" for k, v in d.items())
+        del d["known_bug"], d["figures"]
+        figures = {k: round(v, 3) if isinstance(v, float) else v for k, v in self.figures.items()}
+        return " ".join(f"{k}={v}" for k, v in (d | figures).items())
 
 
 async def deliveries(http: httpx.AsyncClient, sim_url: str) -> dict[int, list[dict[str, Any]]]:
@@ -571,3 +586,180 @@ async def _check_unpaid(
     for i, w in enumerate(p.watchers):
         if set(w.statuses) - {"pending"}:
             problems.append(f"{tag} watcher {i}: saw {w.statuses}")
+
+
+# -- gateways, from their own endpoints ------------------------------------------------------
+
+
+async def metric(http: httpx.AsyncClient, url: str, name: str) -> float:
+    """A service's metric from /metrics, summed over its labels (0 when not exposed yet)."""
+    text = (await http.get(f"{url}/metrics")).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith(f"{name}_created")
+    )
+
+
+async def subscribed(http: httpx.AsyncClient, url: str) -> bool:
+    """The gateway's /readyz says its pub/sub link is up (False while it is down or away)."""
+    try:
+        resp = await http.get(f"{url}/readyz", timeout=2)
+    except httpx.HTTPError:
+        return False
+    return bool(resp.json()["checks"].get("pubsub") == "ok")
+
+
+# -- crowds: thousands of browsers at once, and what they leave behind ------------------------
+
+
+async def crowd_sessions(store: Store, redis: Redis, n: int, *, amount: int) -> list[Doc]:
+    """`n` pending sessions stored in bulk (session-api would take minutes on the MongoDB
+    stand-in) and cached, as session-api caches a session it creates."""
+    docs = await store_pending_sessions(store, n, amount=amount)
+    await StatusCache(redis).put_many(StatusEvent.from_session(d) for d in docs)
+    return docs
+
+
+async def payable(driver: Driver, doc: Doc) -> Payment:
+    """A PayOS link in the simulator for a session stored without session-api, so the driver
+    can pay it; the payment is the driver's (the audit checks it) with no watcher of its own."""
+    settings = driver.system.settings
+    body: dict[str, Any] = {
+        "orderCode": doc["orderCode"],
+        "amount": doc["amount"],
+        "description": doc["description"],
+        "cancelUrl": f"{settings.site_public_url}/",
+        "returnUrl": f"{settings.site_public_url}/",
+    }
+    body["signature"] = sign_payment_request(body, settings.payos_checksum_key)
+    resp = await driver.http.post(
+        f"{driver.system.sim_url}/v2/payment-requests",
+        json=body,
+        headers={"x-client-id": settings.payos_client_id, "x-api-key": settings.payos_api_key},
+    )
+    if resp.status_code != 200 or resp.json().get("code") != "00":
+        raise AssertionError(f"simulator refused the link: {resp.status_code} {resp.text[:200]}")
+    payment = Payment(doc["uuid"], doc["orderCode"], doc["amount"], doc["accountNumber"])
+    driver.payments.append(payment)
+    return payment
+
+
+def _socket_owners(processes: Sequence[Process]) -> dict[int, str]:
+    """The inode of every socket one of `processes` holds → that process's name."""
+    owners = {}
+    for proc in processes:
+        if not proc.running:
+            continue
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{proc.pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("socket:["):
+                        owners[int(target[8:-1])] = proc.name
+    return owners
+
+
+def _inodes_by_local_port(remote_port: int) -> dict[int, int]:
+    """The local TCP port of every IPv4 socket connected to `remote_port` → its inode."""
+    out = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        remote, inode = int(fields[2].rsplit(":", 1)[1], 16), int(fields[9])
+        if remote == remote_port and inode:
+            out[int(fields[1].rsplit(":", 1)[1], 16)] = inode
+    return out
+
+
+def _owners_of(
+    clients: Sequence[dict[str, Any]], port: int, owners: dict[int, str], ignore: str
+) -> Counter[str]:
+    inodes = _inodes_by_local_port(port)
+    counts: Counter[str] = Counter()
+    for client in clients:
+        if ignore and client.get("name") == ignore:
+            continue
+        local = int(str(client["addr"]).rsplit(":", 1)[1])
+        counts[owners.get(inodes.get(local, -1), "?")] += 1
+    return counts
+
+
+async def redis_connections(
+    redis: Redis | RedisCluster, system: System, *, ignore: str = ""
+) -> Counter[str]:
+    """Redis's CLIENT LIST counted by the process holding each connection (`Process.name`,
+    the same across a restart; `?` for any other), leaving out connections named `ignore`.
+    On a cluster, the sum over its primaries."""
+    owners = _socket_owners(system.processes)
+    if isinstance(redis, RedisCluster):
+        counts: Counter[str] = Counter()
+        for node in redis.get_primaries():
+            clients = await redis.client_list(target_nodes=node)
+            counts += _owners_of(clients, int(node.port), owners, ignore)
+        return counts
+    port = int(redis.connection_pool.connection_kwargs["port"])
+    return _owners_of(await redis.client_list(), port, owners, ignore)
+
+
+async def _subscriptions(redis: Redis | RedisCluster, uuids: Sequence[str]) -> tuple[int, int]:
+    """(subscribers of the sessions' channels, session channels Redis lists), on a cluster
+    summed over the primaries (sharded pub/sub: each counts its own shard's channels)."""
+    pattern = f"{keys.CHANNEL_PREFIX}*"
+    channels = [keys.status_channel(u) for u in uuids]
+    if isinstance(redis, RedisCluster):
+        subscribers = listed = 0
+        for node in redis.get_primaries():
+            mine = [
+                c for c in channels if getattr(redis.get_node_from_key(c), "name", "") == node.name
+            ]
+            for i in range(0, len(mine), 1000):
+                counts = await redis.pubsub_shardnumsub(*mine[i : i + 1000], target_nodes=node)
+                subscribers += sum(int(n) for _, n in counts)
+            listed += len(await redis.pubsub_shardchannels(pattern, target_nodes=node))
+        return subscribers, listed
+    subscribers = 0
+    for i in range(0, len(channels), 1000):
+        counts = await redis.pubsub_numsub(*channels[i : i + 1000])
+        subscribers += sum(int(n) for _, n in counts)
+    return subscribers, len(await redis.pubsub_channels(pattern))
+
+
+async def leftovers(
+    driver: Driver,
+    redis: Redis | RedisCluster,
+    uuids: Sequence[str],
+    baseline: Counter[str] | None,
+    *,
+    ignore: str = "",
+    more: Mapping[str, int] | None = None,
+    timeout: float = 10.0,
+) -> list[str]:
+    """Once every browser is gone: no stream, listener or subscription left anywhere, and no
+    process holds more Redis connections than it held before (`baseline`, from
+    `redis_connections`; None: not compared); `more` names processes allowed so many more.
+
+    Waits up to `timeout` for the counts to settle; returns what is still left.
+    """
+    deadline = time.monotonic() + timeout
+    more = more or {}
+    while True:
+        problems = []
+        for i, url in enumerate(driver.system.gateway_urls):
+            stats = (await driver.http.get(f"{url}/api/stats")).json()
+            held = (stats["connectionCount"], stats["activeSubscriptions"])
+            if held != (0, 0):
+                problems.append(f"gateway {i}: {held[0]} streams, {held[1]} subscriptions")
+        subscribers, listed = await _subscriptions(redis, uuids)
+        if subscribers:
+            problems.append(f"redis: {subscribers} subscribers of the sessions' channels")
+        if listed:
+            problems.append(f"redis: {listed} session channels listed by PUBSUB CHANNELS")
+        if baseline is not None:
+            connections = await redis_connections(redis, driver.system, ignore=ignore)
+            for name in sorted(set(connections) | set(baseline)):
+                now, before = connections[name], baseline[name]
+                if now > before + more.get(name, 0):
+                    problems.append(f"redis: {name} holds {now} connections, {before} before")
+        if not problems or time.monotonic() > deadline:
+            return problems
+        await asyncio.sleep(0.2)

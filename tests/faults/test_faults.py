@@ -15,21 +15,26 @@ injects one kind of fault while they flow, then reconciles (`harness.reconcile`)
   but `pending`;
 - the webhooks the simulator reports acknowledged == the webhook records stored; none lost.
 
-The `faults_long` variants (`make faults`) run at four times the load, and a chaos run
+Tests marked `redis_cluster` run the same system on a local 3-primary Redis Cluster of their
+own. The `faults_long` variants (`make faults`) run at four times the load, and a chaos run
 injects every fault over and over while payments flow.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
+from collections.abc import AsyncIterator
 
 import aiohttp
 import httpx
 import pytest
+from httpx_sse import aconnect_sse
+from redis.asyncio import RedisCluster
 
-from devstack.servers import free_port
+from devstack.servers import LocalRedisCluster, free_port
 from shared.mongo import Store
 from tests.conftest import Servers
 from tests.faults.conftest import paused
@@ -40,15 +45,19 @@ from tests.faults.harness import (
     System,
     deliveries,
     kill,
+    leftovers,
+    metric,
     reconcile,
     settle,
     start,
     stop,
+    subscribed,
 )
 
 pytestmark = pytest.mark.faults
 
 SCALES = [1, pytest.param(4, marks=[pytest.mark.faults_long, pytest.mark.timeout(600)])]
+TEST_CLIENT = "fault-test"  # the test's own Redis connections, left out of the counts
 
 
 async def audit(driver: Driver, store: Store, report: Report, timeout: float = 60) -> None:
@@ -87,6 +96,155 @@ async def test_redis_kill_9_and_restart_while_payments_flow(
         await start(servers.redis)
     await asyncio.gather(*pays, flow)
     await audit(driver, store, ledger)
+
+
+@pytest.mark.redis_cluster
+@pytest.mark.parametrize("scale", SCALES)
+async def test_every_redis_cluster_node_kill_9_and_restart_while_payments_flow(
+    system: System,
+    driver: Driver,
+    redis_cluster: LocalRedisCluster,
+    store: Store,
+    ledger: Report,
+    scale: int,
+) -> None:
+    """The system on a 3-primary Redis Cluster; every node killed at once (no node left to
+    ask, which redis-py reports as RedisClusterException, not a RedisError), down 1.5 s, the
+    same cluster back empty. Payments made during the outage and after are told; the
+    gateways are subscribed again within a bounded time; nothing is left subscribed."""
+    waiting = await waiting_sessions(driver, 3 * scale)
+    flow = asyncio.create_task(driver.flow(rate=4 * scale, duration=4 * scale))
+    pays = []
+    for i in range(scale):
+        await asyncio.sleep(1.5)
+        restarted = asyncio.create_task(asyncio.to_thread(redis_cluster.restart, 1.5))
+        async with asyncio.timeout(5):
+            while any(node.running for node in redis_cluster.nodes):
+                await asyncio.sleep(0.01)
+        down = time.monotonic()
+        ledger.faults.append("redis cluster: every node kill -9, 1.5 s down")
+        pays += [asyncio.create_task(driver.pay(p)) for p in waiting[3 * i : 3 * i + 3]]
+        await restarted
+        ledger.figures["cluster_back_s"] = time.monotonic() - down
+        async with asyncio.timeout(30):
+            while not all([await subscribed(driver.http, u) for u in system.gateway_urls]):
+                await asyncio.sleep(0.05)
+        ledger.figures["gateways_subscribed_s"] = time.monotonic() - down
+    await asyncio.gather(*pays, flow)
+    await audit(driver, store, ledger)
+    await driver.close()
+    uuids = [p.uuid for p in driver.payments]
+    async with cluster_client(redis_cluster) as cluster:
+        # Every connection was lost with the nodes, so none can be left over from before;
+        # the pools' sizes follow the load. What must hold: nothing subscribed, and each
+        # gateway on one sharded pub/sub connection per primary (no link left half-open).
+        problems = await leftovers(driver, cluster, uuids, None)
+        assert problems == [], problems
+        assert await sharded_links(cluster, system) == [[1, 1, 1]] * len(system.gateways)
+    for url in system.gateway_urls:
+        health = (await driver.http.get(f"{url}/healthz")).json()
+        assert set(health["tasks"].values()) <= {"running", "finished"}, health
+        restarts = await metric(driver.http, url, "paypush_task_restarts_total")
+        assert restarts == 0, f"{url}: the supervisor restarted a task {restarts} times"
+
+
+@pytest.mark.redis_cluster
+async def test_while_no_redis_cluster_node_answers_every_service_falls_back_to_mongodb(
+    system: System,
+    driver: Driver,
+    redis_cluster: LocalRedisCluster,
+    store: Store,
+    ledger: Report,
+) -> None:
+    """The promises for "Redis unavailable", with every node of the cluster down (redis-py:
+    RedisClusterException, which is not a RedisError): the ingest stores a delivery and
+    acknowledges it, its publish deferred; session-api creates a session (counted once)
+    and answers a poll from MongoDB; the gateway opens a stream whose first event it read
+    from MongoDB. Once the cluster is back, the deferred `done` reaches the waiting browser."""
+    waiting = await driver.one(pay=False)
+    for url in system.gateway_urls:
+        await driver.http.get(f"{url}/readyz")
+    await asyncio.to_thread(redis_cluster.kill)
+    ledger.faults.append("redis cluster: every node kill -9")
+    problems = []
+    try:
+        body = await driver.pay(waiting)
+        if not body["delivered"]:
+            problems.append("ingest: a delivery stored during the outage was not acknowledged")
+        polled = await driver.http.get(
+            f"{system.api_url}/api/webhooks", params={"uuid": waiting.uuid}
+        )
+        if polled.status_code != 200 or polled.json().get("status") != "done":
+            problems.append(f"session-api poll: {polled.status_code} {polled.text[:150]}")
+        account = "8" + "".join(driver.rng.choice("0123456789") for _ in range(9))
+        created = await driver.http.post(
+            f"{system.api_url}/api/sessions", json={"accountNumber": account, "amount": 20_000}
+        )
+        if created.status_code != 201:
+            problems.append(f"session-api create: {created.status_code} {created.text[:150]}")
+        uuid = created.json()["uuid"] if created.status_code == 201 else waiting.uuid
+        first = await first_event(driver.http, system.gateway_urls[0], uuid)
+        if first[0] != 200 or first[1] is None:
+            problems.append(f"gateway: a stream opened during the outage answered {first}")
+    finally:
+        await asyncio.to_thread(redis_cluster.revive)
+    # What the failed attempts left behind: each one counts against the account's limit.
+    limit = await driver.http.get(
+        f"{system.api_url}/api/webhooks/check-session-limit", params={"accountNumber": account}
+    )
+    pending, created_ = limit.json()["pendingCount"], int(created.status_code == 201)
+    if pending != created_:
+        problems.append(f"session-api: {pending} pending sessions counted, {created_} created")
+    await audit(driver, store, ledger, timeout=30)
+    assert problems == [], problems
+
+
+async def first_event(
+    http: httpx.AsyncClient, gateway: str, uuid: str, timeout: float = 5.0
+) -> tuple[int, str | None]:
+    """Open a stream, read its first event: (HTTP status, the event's data or None)."""
+    try:
+        async with (
+            asyncio.timeout(timeout),
+            aconnect_sse(
+                http, "GET", f"{gateway}/api/webhooks/stream", params={"uuid": uuid}
+            ) as source,
+        ):
+            if source.response.status_code != 200:
+                return source.response.status_code, None
+            async for sse in source.aiter_sse():
+                if sse.data:
+                    return 200, sse.data
+    except (TimeoutError, httpx.HTTPError) as exc:
+        return 0, type(exc).__name__
+    return 200, None
+
+
+async def sharded_links(cluster: RedisCluster, system: System) -> list[list[int]]:
+    """Each gateway's connections in sharded pub/sub mode, on each primary."""
+    out = []
+    for gateway in system.gateways:
+        name = f"stream-gateway-{gateway.pid}-pubsub"
+        per_node = []
+        for node in cluster.get_primaries():
+            listed = await cluster.client_list(target_nodes=node)
+            per_node.append(
+                sum(1 for c in listed if c["name"] == name and int(c.get("ssub", 0)) > 0)
+            )
+        out.append(per_node)
+    return out
+
+
+@contextlib.asynccontextmanager
+async def cluster_client(cluster: LocalRedisCluster) -> AsyncIterator[RedisCluster]:
+    """The test's own cluster client (a new one after an outage: the old one's connections
+    are gone, and a command sent to a given node is not retried)."""
+    client = RedisCluster.from_url(cluster.url, client_name=TEST_CLIENT)
+    try:
+        await client.initialize()
+        yield client
+    finally:
+        await client.aclose()
 
 
 @pytest.mark.parametrize("scale", SCALES)

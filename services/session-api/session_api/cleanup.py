@@ -37,10 +37,9 @@ from datetime import datetime, timedelta
 import structlog
 from prometheus_client import CollectorRegistry, Gauge, pushadd_to_gateway
 from pymongo import ReturnDocument
-from redis.exceptions import RedisError
 
 from shared.cache import StatusCache
-from shared.clients import redis_client
+from shared.clients import REDIS_ERRORS, redis_client
 from shared.keys import SESSION_TTL_SECONDS
 from shared.logs import configure_logging
 from shared.model import SessionStatus, StatusEvent, utcnow
@@ -99,7 +98,7 @@ async def run_cleanup(
                 event = StatusEvent.from_session(doc)
                 try:
                     await cache.put(event)
-                except RedisError as exc:
+                except REDIS_ERRORS as exc:
                     # Left marked: an ingest sweep publishes it once Redis is back.
                     log.warning("cleanup_publish_failed", uuid=event.uuid, error=str(exc))
                     unpublished.append(event.uuid)

@@ -18,9 +18,9 @@ from typing import Any
 import structlog
 from aiohttp import web
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from shared import keys
+from shared.clients import REDIS_ERRORS
 from shared.web import Handler, json_error
 
 log = structlog.get_logger(__name__)
@@ -63,7 +63,7 @@ class RateLimiter:
         self._hit = redis.register_script(_HIT)
 
     async def hit(self, client: str) -> Decision:
-        """Count one creation by `client`; raises RedisError."""
+        """Count one creation by `client`; raises one of `REDIS_ERRORS`."""
         if self.limit <= 0:
             return Decision(True, 0, 0)
         result: Any = await self._hit(
@@ -114,7 +114,7 @@ async def check_rate(
     client = client_address(request, trusted)
     try:
         decision = await limiter.hit(client)
-    except RedisError as exc:
+    except REDIS_ERRORS as exc:
         log.warning("rate_limit_unavailable", error=str(exc))
         return None
     if decision.allowed:

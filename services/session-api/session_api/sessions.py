@@ -41,9 +41,9 @@ from payos.types import CreatePaymentLinkRequest
 from pymongo import ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError, PyMongoError
-from redis.exceptions import RedisError
 
 from shared.cache import StatusCache
+from shared.clients import REDIS_ERRORS
 from shared.keys import SESSION_TTL_SECONDS
 from shared.model import SessionStatus, StatusEvent, is_valid_uuid, new_session, utcnow
 from shared.mongo import Doc, Store
@@ -373,7 +373,7 @@ class Sessions:
         await self._store.sessions.update_one({"_id": doc["_id"]}, {"$set": fields})
         try:
             await self._cache.put(StatusEvent.from_session(doc))
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             # Readers fall back to MongoDB and refill the cache.
             log.warning("session_cache_put_failed", uuid=doc["uuid"], error=str(exc))
         log.info(

@@ -19,10 +19,10 @@ from datetime import datetime
 import structlog
 from pymongo.errors import PyMongoError
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from shared import keys
 from shared.cache import StatusCache
+from shared.clients import REDIS_ERRORS
 from shared.model import SessionStatus, utcnow
 from shared.mongo import Store
 from shared.singleflight import SingleFlight
@@ -90,7 +90,7 @@ class StatsSnapshot:
     async def _redis_counts(self, errors: dict[str, str]) -> tuple[int | None, int | None]:
         try:
             return await self._cache.count(), await self._subscriptions()
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             log.warning("stats_redis_unavailable", error=str(exc))
             errors["redis"] = str(exc)
             return None, None

@@ -11,9 +11,9 @@ import structlog
 from aiohttp import web
 from pymongo import DESCENDING
 from pymongo.errors import PyMongoError
-from redis.exceptions import RedisError
 
 from shared.appkeys import CACHE, SETTINGS, STORE
+from shared.clients import REDIS_ERRORS
 from shared.model import SessionStatus
 from shared.web import json_error
 
@@ -147,7 +147,7 @@ async def _status(request: web.Request) -> web.Response:
     # with, so it is passed through rather than decoded and encoded again.
     try:
         body = await request.app[CACHE].get_json(uuid)
-    except RedisError:
+    except REDIS_ERRORS:
         body = None  # the reader falls back to MongoDB
     if body is not None:
         metrics.reads_found.inc()

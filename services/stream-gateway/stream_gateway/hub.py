@@ -268,7 +268,9 @@ class Hub:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         delay = BACKOFF_MIN
-        while not self.closing:
+        # Until `stop` cancels it, shutdown included: a supervised loop that returns counts as
+        # a death and is restarted, and the streams still open while draining need pushes.
+        while True:
             link = self._open_link()
             try:
                 async with asyncio.timeout(CONFIRM_TIMEOUT):
@@ -403,7 +405,9 @@ class Hub:
     # -- the flusher: SUBSCRIBE / UNSUBSCRIBE what changed, in batches ----------------------
 
     async def _flush_loop(self) -> None:
-        while not self.closing:
+        # Until `stop` cancels it (a return would be restarted, see `_run`); nothing is sent
+        # once closing.
+        while True:
             await self._dirty.wait()
             self._dirty.clear()
             conn = self._conn

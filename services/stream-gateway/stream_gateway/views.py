@@ -93,6 +93,10 @@ async def _stream(request: web.Request, listener: Listener) -> EventSourceRespon
     await stream.prepare(request)
     streams = app[STREAMS]
     streams.add(stream)
+    if app[HUB].closing:
+        # Shutdown began while this stream was joining: `_close_streams` did not see it, so
+        # end it here (after its first event), or it would hold the drain to the timeout.
+        stream.stop_streaming()
     retry = round(settings.sse_retry_ms * random.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER))
     hint: list[int] = [retry]
 

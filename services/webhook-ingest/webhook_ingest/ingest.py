@@ -10,9 +10,9 @@ from typing import Any
 import structlog
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError, PyMongoError
-from redis.exceptions import RedisError
 
 from shared.cache import StatusCache
+from shared.clients import REDIS_ERRORS
 from shared.keys import SESSION_TTL_SECONDS
 from shared.model import SessionStatus, StatusEvent, utcnow
 from shared.mongo import Doc, Store
@@ -169,7 +169,7 @@ class Ingestor:
     async def _publish(self, event: StatusEvent) -> bool:
         try:
             return await self._cache.put(event)
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             # Marked in MongoDB before the delivery is acknowledged, so the publication
             # survives this process; if even the mark fails, PayOS must deliver again.
             log.warning("publish_deferred", uuid=event.uuid, error=str(exc))

@@ -14,14 +14,17 @@ import contextlib
 
 import structlog
 from pymongo.errors import PyMongoError
-from redis.exceptions import RedisError
 
 from shared.cache import StatusCache
+from shared.clients import REDIS_ERRORS
 from shared.model import StatusEvent
 from shared.mongo import PUBLISH_PENDING, Store
 from shared.tasks import Supervised, Supervisor
 
 log = structlog.get_logger(__name__)
+
+# Redis or MongoDB away: publish again later.
+_RETRY_ON: tuple[type[Exception], ...] = (*REDIS_ERRORS, PyMongoError)
 
 # How often a replica looks for marks left by others (a replica that died, say).
 SWEEP_SECONDS = 5.0
@@ -84,7 +87,7 @@ class Resync:
                 uuid = next(iter(self._pending))
                 try:
                     await self._publish(uuid)
-                except (RedisError, PyMongoError) as exc:
+                except _RETRY_ON as exc:
                     log.info("resync_retry", uuid=uuid, error=str(exc), retry_in=delay)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self._max_delay)
