@@ -379,6 +379,24 @@ async def test_every_public_post_refuses_an_oversized_body_with_413_json(
     assert await snapshot(store) == ([], 0)
 
 
+async def test_a_body_of_exactly_the_limit_is_served_one_byte_more_is_413(
+    api: Client, store: Store
+) -> None:
+    limit = 16 * 1024  # session-api's body limit
+
+    def padded(account: str, size: int) -> bytes:
+        raw = json.dumps({"accountNumber": account, "amount": 20_000}).encode()
+        return raw[:-1] + b" " * (size - len(raw)) + b"}"
+
+    headers = {"Content-Type": "application/json"}
+    exact = await api.post("/api/sessions", data=padded("0556000001", limit), headers=headers)
+    assert exact.status == 201, await exact.text()
+    over = await api.post("/api/sessions", data=padded("0556000002", limit + 1), headers=headers)
+    assert over.status == 413
+    assert (await over.json())["error"] == f"body exceeds {limit} bytes"
+    assert [s["accountNumber"] for s in (await snapshot(store))[0]] == ["0556000001"]
+
+
 @pytest.fixture
 def limited_settings(api_settings: Settings) -> Settings:
     return dataclasses.replace(api_settings, session_rate_limit_per_minute=3)
@@ -411,6 +429,27 @@ async def test_session_creation_is_rate_limited_per_client(
     try:
         ttl = await redis.ttl(keys.session_rate_key("127.0.0.1"))
         assert 0 < ttl <= 60
+    finally:
+        await redis.aclose()
+
+
+async def test_retry_after_is_what_is_left_of_the_window(
+    aiohttp_client: ClientFactory, limited_settings: Settings, settings: Settings
+) -> None:
+    api = await ready(await aiohttp_client(create_api(limited_settings)))
+    for i in range(3):
+        assert (await create(api, f"05580000{i:02d}"))[0] == 201
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        # As if 57.5 s of the minute had passed.
+        await redis.pexpire(keys.session_rate_key("127.0.0.1"), 2_500)
+        resp = await api.post(
+            "/api/sessions", json={"accountNumber": "0558000099", "amount": 20_000}
+        )
+        assert resp.status == 429
+        assert resp.headers["Retry-After"] == "3"
+        assert (await resp.json())["retryAfter"] == 3
+        assert 0 < await redis.pttl(keys.session_rate_key("127.0.0.1")) <= 2_500
     finally:
         await redis.aclose()
 
