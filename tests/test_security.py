@@ -234,12 +234,31 @@ async def test_protected_endpoints_refuse_every_wrong_credential(
     stored = await store.sessions.find_one({"uuid": stale["uuid"]})
     assert stored is not None and stored["status"] == "pending", "a refused cleanup ran"
     resp = await api.request(method, path, headers=bearer(right))
+    await assert_it_ran(resp, path, store, stale)
+
+
+async def assert_it_ran(
+    resp: aiohttp.ClientResponse, path: str, store: Store, stale: dict[str, Any]
+) -> None:
+    """The protected endpoint did its work for an accepted credential, not only answer 200:
+    the listing holds `stale`, the cleanup expired it."""
     assert resp.status == 200
+    body = await resp.json()
+    assert body["success"] is True
+    stored = await store.sessions.find_one({"uuid": stale["uuid"]})
+    assert stored is not None
+    if path.startswith("/api/webhooks/cleanup"):
+        assert (body["expired"], body["published"]) == (1, 1)
+        assert (stored["status"], stored["version"]) == ("expired", 2)
+    else:
+        assert body["total"] == 1 and [s["uuid"] for s in body["items"]] == [stale["uuid"]]
+        assert stored["status"] == "pending"
 
 
 @pytest.mark.parametrize(("method", "path", "secret"), PROTECTED)
 async def test_compare_digest_alone_decides_a_token(
     api: Client,
+    store: Store,
     secret_values: Secrets,
     monkeypatch: pytest.MonkeyPatch,
     method: str,
@@ -247,14 +266,17 @@ async def test_compare_digest_alone_decides_a_token(
     secret: str,
 ) -> None:
     right = getattr(secret_values, secret)
+    stale = await add_session(store, createdAt=utcnow() - timedelta(hours=25))
     spy = CompareSpy(False)
     monkeypatch.setattr("session_api.views.hmac.compare_digest", spy)
     resp = await api.request(method, path, headers=bearer(right))
     assert resp.status == 401
     assert spy.calls == [(right.encode(), right.encode())]
+    stored = await store.sessions.find_one({"uuid": stale["uuid"]})
+    assert stored is not None and stored["status"] == "pending", "a refused cleanup ran"
     spy.verdict = True
     resp = await api.request(method, path, headers=bearer("anything"))
-    assert resp.status == 200
+    await assert_it_ran(resp, path, store, stale)
 
 
 # --- uuids and enumeration --------------------------------------------------------------------
