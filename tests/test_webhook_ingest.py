@@ -177,6 +177,25 @@ async def test_oversized_body_is_413_and_nothing_stored(ingest: Client, store: S
     assert await store.webhooks.count_documents({}) == 0
 
 
+async def test_a_webhook_of_exactly_the_body_limit_is_taken_one_byte_more_is_413(
+    ingest: Client, store: Store
+) -> None:
+    limit = 64 * 1024  # MAX_BODY_BYTES' default
+    session = await add_session(store, amount=5_000)
+
+    def padded(size: int) -> bytes:
+        raw = json.dumps(signed_webhook(session["orderCode"], 5_000)).encode()
+        return raw[:-1] + b" " * (size - len(raw)) + b"}"
+
+    assert await post(ingest, padded(limit + 1)) == (
+        413,
+        {"success": False, "error": f"body exceeds {limit} bytes"},
+    )
+    assert await store.webhooks.count_documents({}) == 0
+    status, body = await post(ingest, padded(limit))
+    assert (status, body.get("outcome")) == (200, "completed"), body
+
+
 async def test_webhook_with_an_extra_signed_field_is_accepted(ingest: Client, store: Store) -> None:
     session = await add_session(store, amount=7_000)
     webhook = signed_webhook(session["orderCode"], 7_000)
