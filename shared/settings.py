@@ -126,6 +126,15 @@ class Settings:
                 raise SettingsError(
                     f"TRUSTED_PROXIES: {proxy!r} is not an address or network"
                 ) from None
+            try:
+                ipaddress.ip_network(proxy)
+            except ValueError:
+                # "10.1.2.3/8": one address mistyped, or a network written loosely? Trusting
+                # the whole network without asking would widen who may set the client address.
+                raise SettingsError(
+                    f"TRUSTED_PROXIES: {proxy!r} has host bits set; write the network "
+                    f"({ipaddress.ip_network(proxy, strict=False)}) or one address"
+                ) from None
 
     @property
     def is_production(self) -> bool:

@@ -51,7 +51,10 @@ class StatusReader:
                 return None
         except REDIS_ERRORS as exc:
             log.warning("status_cache_unavailable", uuid=uuid, error=str(exc))
-        return await self.read_from_store(uuid)
+            return await self.read_from_store(uuid)
+        # Redis answers: look again once this load is the one in flight. A caller whose miss
+        # predates the refill of a load that has just finished would otherwise query again.
+        return await self._loads.run(uuid, functools.partial(self._load, uuid, recheck=True))
 
     async def read_from_store(self, uuid: str) -> StatusEvent | None:
         """Read MongoDB (once for all concurrent callers) and refill the cache."""
@@ -87,7 +90,15 @@ class StatusReader:
                     found[uuid] = cached
         return found
 
-    async def _load(self, uuid: str) -> StatusEvent | None:
+    async def _load(self, uuid: str, *, recheck: bool = False) -> StatusEvent | None:
+        if recheck:
+            try:
+                cached = await self._cache.get(uuid)
+            except REDIS_ERRORS as exc:
+                log.warning("status_cache_unavailable", uuid=uuid, error=str(exc))
+            else:
+                if cached is not None:
+                    return cached
         if self._on_db_query is not None:
             self._on_db_query()
         doc = await self._store.find_session(uuid)

@@ -76,6 +76,7 @@ class Subscriber:
         self._redis = redis
         self._uuid = uuid
         self._arrived = asyncio.Event()
+        self._sentinels: dict[bytes, asyncio.Event] = {}
 
     async def run(self, ready: asyncio.Event) -> None:
         async with self._redis.pubsub() as pubsub:
@@ -83,9 +84,25 @@ class Subscriber:
             ready.set()
             while True:
                 msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                if msg is not None:
-                    self.events.append(StatusEvent.from_json(msg["data"]))
-                    self._arrived.set()
+                if msg is None:
+                    continue
+                if msg["data"] in self._sentinels:
+                    self._sentinels[msg["data"]].set()
+                    continue
+                self.events.append(StatusEvent.from_json(msg["data"]))
+                self._arrived.set()
+
+    async def settle(self, timeout: float = 5.0) -> list[StatusEvent]:
+        """Every event published before this call, and only those: a sentinel is published
+        on the channel and awaited. Redis delivers one channel's messages in the order it ran
+        the PUBLISH commands, so whatever was published earlier has arrived by then — no
+        "sleep, then assert nothing arrived", which passes whenever the sleep is too short."""
+        sentinel = b"sentinel-" + secrets.token_hex(8).encode()
+        seen = self._sentinels[sentinel] = asyncio.Event()
+        await self._redis.publish(keys.status_channel(self._uuid), sentinel)
+        async with asyncio.timeout(timeout):
+            await seen.wait()
+        return list(self.events)
 
     async def wait_for(self, n: int, timeout: float = 5.0) -> list[StatusEvent]:
         async with asyncio.timeout(timeout):

@@ -189,8 +189,7 @@ async def test_replayed_webhook_with_a_changed_amount_is_refused_and_changes_not
         replay["data"]["amount"] = 20_000
         replay["signature"] = shared.signing.sign_data(replay["data"], "not-the-key")
         assert (await post_webhook(ingest, replay))[0] == 401
-        await asyncio.sleep(0.2)
-        assert sub.events == []
+        assert await sub.settle() == []
     assert await snapshot(store) == before
     assert before[0][0]["amountPaid"] == 5_000 and before[0][0]["status"] == "pending"
 
@@ -235,12 +234,31 @@ async def test_protected_endpoints_refuse_every_wrong_credential(
     stored = await store.sessions.find_one({"uuid": stale["uuid"]})
     assert stored is not None and stored["status"] == "pending", "a refused cleanup ran"
     resp = await api.request(method, path, headers=bearer(right))
+    await assert_it_ran(resp, path, store, stale)
+
+
+async def assert_it_ran(
+    resp: aiohttp.ClientResponse, path: str, store: Store, stale: dict[str, Any]
+) -> None:
+    """The protected endpoint did its work for an accepted credential, not only answer 200:
+    the listing holds `stale`, the cleanup expired it."""
     assert resp.status == 200
+    body = await resp.json()
+    assert body["success"] is True
+    stored = await store.sessions.find_one({"uuid": stale["uuid"]})
+    assert stored is not None
+    if path.startswith("/api/webhooks/cleanup"):
+        assert (body["expired"], body["published"]) == (1, 1)
+        assert (stored["status"], stored["version"]) == ("expired", 2)
+    else:
+        assert body["total"] == 1 and [s["uuid"] for s in body["items"]] == [stale["uuid"]]
+        assert stored["status"] == "pending"
 
 
 @pytest.mark.parametrize(("method", "path", "secret"), PROTECTED)
 async def test_compare_digest_alone_decides_a_token(
     api: Client,
+    store: Store,
     secret_values: Secrets,
     monkeypatch: pytest.MonkeyPatch,
     method: str,
@@ -248,14 +266,17 @@ async def test_compare_digest_alone_decides_a_token(
     secret: str,
 ) -> None:
     right = getattr(secret_values, secret)
+    stale = await add_session(store, createdAt=utcnow() - timedelta(hours=25))
     spy = CompareSpy(False)
     monkeypatch.setattr("session_api.views.hmac.compare_digest", spy)
     resp = await api.request(method, path, headers=bearer(right))
     assert resp.status == 401
     assert spy.calls == [(right.encode(), right.encode())]
+    stored = await store.sessions.find_one({"uuid": stale["uuid"]})
+    assert stored is not None and stored["status"] == "pending", "a refused cleanup ran"
     spy.verdict = True
     resp = await api.request(method, path, headers=bearer("anything"))
-    assert resp.status == 200
+    await assert_it_ran(resp, path, store, stale)
 
 
 # --- uuids and enumeration --------------------------------------------------------------------
@@ -379,6 +400,24 @@ async def test_every_public_post_refuses_an_oversized_body_with_413_json(
     assert await snapshot(store) == ([], 0)
 
 
+async def test_a_body_of_exactly_the_limit_is_served_one_byte_more_is_413(
+    api: Client, store: Store
+) -> None:
+    limit = 16 * 1024  # session-api's body limit
+
+    def padded(account: str, size: int) -> bytes:
+        raw = json.dumps({"accountNumber": account, "amount": 20_000}).encode()
+        return raw[:-1] + b" " * (size - len(raw)) + b"}"
+
+    headers = {"Content-Type": "application/json"}
+    exact = await api.post("/api/sessions", data=padded("0556000001", limit), headers=headers)
+    assert exact.status == 201, await exact.text()
+    over = await api.post("/api/sessions", data=padded("0556000002", limit + 1), headers=headers)
+    assert over.status == 413
+    assert (await over.json())["error"] == f"body exceeds {limit} bytes"
+    assert [s["accountNumber"] for s in (await snapshot(store))[0]] == ["0556000001"]
+
+
 @pytest.fixture
 def limited_settings(api_settings: Settings) -> Settings:
     return dataclasses.replace(api_settings, session_rate_limit_per_minute=3)
@@ -411,6 +450,27 @@ async def test_session_creation_is_rate_limited_per_client(
     try:
         ttl = await redis.ttl(keys.session_rate_key("127.0.0.1"))
         assert 0 < ttl <= 60
+    finally:
+        await redis.aclose()
+
+
+async def test_retry_after_is_what_is_left_of_the_window(
+    aiohttp_client: ClientFactory, limited_settings: Settings, settings: Settings
+) -> None:
+    api = await ready(await aiohttp_client(create_api(limited_settings)))
+    for i in range(3):
+        assert (await create(api, f"05580000{i:02d}"))[0] == 201
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        # As if 57.5 s of the minute had passed.
+        await redis.pexpire(keys.session_rate_key("127.0.0.1"), 2_500)
+        resp = await api.post(
+            "/api/sessions", json={"accountNumber": "0558000099", "amount": 20_000}
+        )
+        assert resp.status == 429
+        assert resp.headers["Retry-After"] == "3"
+        assert (await resp.json())["retryAfter"] == 3
+        assert 0 < await redis.pttl(keys.session_rate_key("127.0.0.1")) <= 2_500
     finally:
         await redis.aclose()
 

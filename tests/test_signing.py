@@ -52,3 +52,18 @@ def test_signature_covers_every_key_sorted_with_null_as_empty() -> None:
     data = {"b": None, "a": 1, "c": True}
     expected = hmac.new(b"k", b"a=1&b=&c=true", hashlib.sha256).hexdigest()
     assert sign_data(data, "k") == expected
+
+
+@pytest.mark.parametrize("where", ["data-value", "data-key", "signature"])
+def test_a_lone_surrogate_never_verifies(where: str) -> None:
+    # "\ud800" is valid JSON but not text: nothing PayOS signs can hold it, and it must be a
+    # plain "no" (a 401), neither a "yes" nor an exception (a 500).
+    data: dict[str, Any] = {"orderCode": 1, "amount": 5_000, "reference": "R1"}
+    signature = sign_data(data, VECTOR_KEY)
+    if where == "data-value":
+        data["description"] = "\ud800"
+    elif where == "data-key":
+        data["\ud800"] = "x"
+    else:
+        signature = signature[:-1] + "\ud800"
+    assert verify_data(data, signature, VECTOR_KEY) is False

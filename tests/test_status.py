@@ -14,6 +14,7 @@ from pymongo.errors import PyMongoError
 from redis.asyncio import Redis
 
 from devstack.servers import Process
+from shared import keys
 from shared.cache import StatusCache
 from shared.model import StreamStatus
 from shared.mongo import Store
@@ -171,3 +172,20 @@ async def test_a_failure_no_reader_is_left_to_receive_is_not_reported_unretrieve
     assert reader.loads == 2
     gc.collect()
     assert loop_errors == []
+
+
+async def test_a_miss_that_predates_a_finished_refill_is_answered_from_the_cache(
+    reader: Reader, store: Store, redis: Redis
+) -> None:
+    # Caller B missed the cache while caller A's load was in flight, but reaches the single
+    # flight only after A's load refilled the cache and left: B must not query MongoDB again
+    # (under load, 50 concurrent pollers of one session cost two queries otherwise).
+    session = await add_session(store)
+    first = await reader.reader.read_uncached(session["uuid"])
+    assert first is not None and reader.loads == 1
+    late = await reader.reader.read_uncached(session["uuid"])
+    assert late == first and reader.loads == 1
+    # Without a cached status, a miss still goes to MongoDB, once per flight.
+    await redis.delete(keys.status_key(session["uuid"]))
+    assert await reader.reader.read_uncached(session["uuid"]) == first
+    assert reader.loads == 2

@@ -8,6 +8,7 @@ from datetime import timedelta
 import pytest
 from redis.asyncio import Redis
 
+from shared import keys
 from shared.cache import StatusCache
 from shared.model import StatusEvent, StreamStatus, utcnow
 from shared.settings import Settings
@@ -59,3 +60,47 @@ async def test_an_older_orders_event_never_replaces_a_newer_sessions_status(
         1_001,
         StreamStatus.PENDING,
     )
+
+
+async def test_a_put_keeps_the_status_for_fifteen_minutes(
+    cache: StatusCache, settings: Settings
+) -> None:
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        assert await cache.put(event(1_000, StreamStatus.PENDING, 1)) is True
+        ttl_ms = await redis.pttl(keys.status_key(UUID))
+        # The original's cache TTL: 15 minutes, neither forever nor 900 milliseconds.
+        assert 895_000 < ttl_ms <= 900_000
+        assert await cache.put(event(1_000, StreamStatus.DONE, 2)) is True
+        assert 895_000 < await redis.pttl(keys.status_key(UUID)) <= 900_000
+    finally:
+        await redis.aclose()
+
+
+async def test_a_put_clears_the_unknown_marker(cache: StatusCache) -> None:
+    # A uuid looked up before its session existed is marked unknown; once its status is
+    # cached it must be known again, or readers keep answering 404 for a live session.
+    await cache.mark_unknown(UUID)
+    assert await cache.is_unknown(UUID)
+    assert await cache.put(event(1_000, StreamStatus.PENDING, 1)) is True
+    assert not await cache.is_unknown(UUID)
+
+
+async def test_a_repeated_or_older_version_is_neither_cached_nor_published(
+    cache: StatusCache, settings: Settings
+) -> None:
+    assert await cache.put(event(1_000, StreamStatus.DONE, 3)) is True
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        async with subscribed(settings.redis_url, UUID) as sub:
+            assert await cache.put(event(1_000, StreamStatus.DONE, 3)) is False
+            assert await cache.put(event(1_000, StreamStatus.PENDING, 2)) is False
+            # Whatever the puts published arrived before this sentinel: only it may arrive.
+            sentinel = event(999_999, StreamStatus.PENDING, 99)
+            await redis.publish(keys.status_channel(UUID), sentinel.to_json())
+            [first] = await sub.wait_for(1)
+        assert (first.order_code, first.version) == (999_999, 99)
+    finally:
+        await redis.aclose()
+    cached = await cache.get(UUID)
+    assert cached is not None and (cached.status, cached.version) == (StreamStatus.DONE, 3)

@@ -76,7 +76,8 @@ class RateLimiter:
 
 
 def parse_networks(proxies: Sequence[str]) -> tuple[Network, ...]:
-    return tuple(ipaddress.ip_network(p, strict=False) for p in proxies)
+    """TRUSTED_PROXIES as networks; Settings has refused any with host bits set."""
+    return tuple(ipaddress.ip_network(p) for p in proxies)
 
 
 def _trusted(address: str, networks: Sequence[Network]) -> bool:
