@@ -31,6 +31,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=1,
         help="multiply the fuzz tests' example counts (`make fuzz` runs them long)",
     )
+    parser.addoption(
+        "--update-screenshots",
+        action="store_true",
+        help="write the deposit page's screenshots into docs/ (the README shows them)",
+    )
 
 
 @pytest.fixture(scope="session")

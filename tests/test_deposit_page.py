@@ -20,6 +20,15 @@ from shared.model import utcnow
 from tests.conftest import Servers
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+@pytest.fixture
+def shots(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """Where the page's screenshots go: the README's docs/ with `--update-screenshots`, a
+    temporary folder otherwise (a test run leaves the checkout as it found it)."""
+    return DOCS if request.config.getoption("--update-screenshots") else tmp_path
+
+
 PHONE: ViewportSize = {"width": 390, "height": 844}
 # The uuid of the session the page keeps for resuming after a reload.
 SAVED_UUID = "JSON.parse(localStorage.getItem('paypush.session')).uuid"
@@ -70,15 +79,15 @@ async def sim_pay(system: System, order_code: str, **body: Any) -> dict[str, Any
 
 
 async def test_paying_on_the_simulator_page_shows_success_within_a_second(
-    page: Page, system: System
+    page: Page, system: System, shots: Path
 ) -> None:
     await create_deposit(page, system, new_account(), 50_000)
-    await page.screenshot(path=DOCS / "deposit-waiting.png", full_page=True)
+    await page.screenshot(path=shots / "deposit-waiting.png", full_page=True)
     checkout = await page.get_attribute("#checkout", "href")
     assert checkout and checkout.startswith(system.settings.payos_base_url)
     payer = await page.context.new_page()
     await payer.goto(checkout)
-    await payer.screenshot(path=DOCS / "simulator-checkout.png", full_page=True)
+    await payer.screenshot(path=shots / "simulator-checkout.png", full_page=True)
     clicked_at = time.time() * 1000
     await payer.get_by_role("button", name="Pay 50,000 VND").click()
     await page.wait_for_selector("body[data-state=paid]", timeout=5_000)
@@ -87,7 +96,7 @@ async def test_paying_on_the_simulator_page_shows_success_within_a_second(
     assert "Payment received" in await page.inner_text("#status")
     assert "50.000" in await page.inner_text("#status")
     assert await page.get_attribute("body", "data-transport") == "stream"
-    await page.screenshot(path=DOCS / "deposit-paid.png", full_page=True)
+    await page.screenshot(path=shots / "deposit-paid.png", full_page=True)
 
 
 async def test_blocked_stream_falls_back_to_polling_and_still_succeeds(
@@ -150,13 +159,15 @@ async def test_reload_mid_wait_resumes_the_same_session_and_qr(page: Page, syste
     await page.wait_for_selector("body[data-state=paid]", timeout=5_000)
 
 
-async def test_partial_payment_shows_what_is_still_due(page: Page, system: System) -> None:
+async def test_partial_payment_shows_what_is_still_due(
+    page: Page, system: System, shots: Path
+) -> None:
     order_code = await create_deposit(page, system, new_account(), 40_000)
     await sim_pay(system, order_code, amount=15_000)
     await page.wait_for_selector("body[data-state=partial]", timeout=5_000)
     status = await page.inner_text("#status")
     assert "15.000" in status and "25.000" in status
-    await page.screenshot(path=DOCS / "deposit-partial.png", full_page=True)
+    await page.screenshot(path=shots / "deposit-partial.png", full_page=True)
     await sim_pay(system, order_code, amount=25_000)
     await page.wait_for_selector("body[data-state=paid]", timeout=5_000)
 
@@ -184,12 +195,12 @@ async def expire_session(system: System, uuid: str) -> None:
         assert resp.status == 200, await resp.text()
 
 
-async def test_expired_session_shows_expired(page: Page, system: System) -> None:
+async def test_expired_session_shows_expired(page: Page, system: System, shots: Path) -> None:
     await create_deposit(page, system, new_account())
     await expire_session(system, await page.evaluate(SAVED_UUID))
     await page.wait_for_selector("body[data-state=expired]", timeout=5_000)
     assert "expired" in await page.inner_text("#status")
-    await page.screenshot(path=DOCS / "deposit-expired.png", full_page=True)
+    await page.screenshot(path=shots / "deposit-expired.png", full_page=True)
 
 
 async def test_resuming_a_session_that_expired_meanwhile_deposits_again_under_a_fresh_uuid(
@@ -213,7 +224,9 @@ async def test_resuming_a_session_that_expired_meanwhile_deposits_again_under_a_
     assert await page.inner_text("#error") == ""
 
 
-async def test_sixth_pending_deposit_shows_the_limit_message(page: Page, system: System) -> None:
+async def test_sixth_pending_deposit_shows_the_limit_message(
+    page: Page, system: System, shots: Path
+) -> None:
     account = new_account()
     async with aiohttp.ClientSession() as http:
         for _ in range(5):
@@ -227,18 +240,18 @@ async def test_sixth_pending_deposit_shows_the_limit_message(page: Page, system:
     await page.get_by_role("button", name="Create QR code").click()
     await page.wait_for_selector("body[data-state=limit]")
     assert "5 of 5" in await page.inner_text("#error")
-    await page.screenshot(path=DOCS / "deposit-limit.png", full_page=True)
+    await page.screenshot(path=shots / "deposit-limit.png", full_page=True)
 
 
 async def test_waiting_gives_up_after_ten_minutes_and_offers_a_new_qr(
-    page: Page, system: System
+    page: Page, system: System, shots: Path
 ) -> None:
     await page.clock.install()
     await create_deposit(page, system, new_account())
     await page.clock.fast_forward("10:01")
     await page.wait_for_selector("body[data-state=timeout]")
     assert "10 minutes" in await page.inner_text("#error")
-    await page.screenshot(path=DOCS / "deposit-timeout.png", full_page=True)
+    await page.screenshot(path=shots / "deposit-timeout.png", full_page=True)
     await page.get_by_role("button", name="New QR code").click()
     await page.wait_for_selector("body[data-state=form]")
     assert await page.evaluate("localStorage.getItem('paypush.session')") is None
