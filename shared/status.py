@@ -80,25 +80,21 @@ class StatusReader:
         if found:
             await _best_effort(self._cache.put_many(found.values()), f"{len(found)} sessions")
         for uuid in uuids:
-            if uuid not in found:
-                try:
-                    cached = await self._cache.get(uuid)
-                except REDIS_ERRORS as exc:
-                    log.warning("status_cache_unavailable", uuid=uuid, error=str(exc))
-                    continue
-                if cached is not None:
-                    found[uuid] = cached
+            if uuid not in found and (cached := await self._cached(uuid)) is not None:
+                found[uuid] = cached
         return found
 
+    async def _cached(self, uuid: str) -> StatusEvent | None:
+        """The cached status, or None when there is none or Redis is unavailable."""
+        try:
+            return await self._cache.get(uuid)
+        except REDIS_ERRORS as exc:
+            log.warning("status_cache_unavailable", uuid=uuid, error=str(exc))
+            return None
+
     async def _load(self, uuid: str, *, recheck: bool = False) -> StatusEvent | None:
-        if recheck:
-            try:
-                cached = await self._cache.get(uuid)
-            except REDIS_ERRORS as exc:
-                log.warning("status_cache_unavailable", uuid=uuid, error=str(exc))
-            else:
-                if cached is not None:
-                    return cached
+        if recheck and (cached := await self._cached(uuid)) is not None:
+            return cached
         if self._on_db_query is not None:
             self._on_db_query()
         doc = await self._store.find_session(uuid)

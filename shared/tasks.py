@@ -54,7 +54,6 @@ class Supervised:
         if self._stopping:
             return
         self._stopping = True
-        self._watcher.cancel()
         tasks = [t for t in (self._watcher, self._child) if t is not None]
         for task in tasks:
             task.cancel()

@@ -62,7 +62,6 @@ class Resync:
         self._wakeup.set()
 
     def start(self, supervisor: Supervisor) -> None:
-        self._wakeup.set()  # sweep at once: marks left by a replica that died
         self._task = supervisor.spawn("ingest-resync", self._run)
 
     async def stop(self) -> None:
@@ -73,7 +72,8 @@ class Resync:
 
     async def _run(self) -> None:
         delay = 0.05
-        # A restart (after an unforeseen failure) sweeps again: nothing marked is skipped.
+        # Sweep at once, at start (marks left by a replica that died) and after a restart
+        # (an unforeseen failure): nothing marked is skipped.
         self._wakeup.set()
         while True:
             with contextlib.suppress(TimeoutError):
