@@ -218,14 +218,16 @@ def mongo_standin(port: int, data_dir: Path, log_dir: Path) -> Process:
 def python_service(
     name: str, module: str, port: int, env: dict[str, str], log_dir: Path
 ) -> Process:
-    """A service (`python -m module`) that is ready once its /healthz answers."""
+    """A service (`python -m module`) that is ready once its /healthz answers (on OPS_PORT
+    when the environment gives one: the service port then answers 404 for it)."""
+    probe_port = int(env.get("OPS_PORT") or 0) or port
     return Process(
         name,
         [sys.executable, "-m", module],
         port=port,
         env=env,
         log_dir=log_dir,
-        ready=lambda: http_ok(f"http://127.0.0.1:{port}/healthz"),
+        ready=lambda: http_ok(f"http://127.0.0.1:{probe_port}/healthz"),
     )
 
 

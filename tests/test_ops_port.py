@@ -3,13 +3,12 @@ routes, as the Kubernetes manifests run each service; the public port answers 40
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from devstack.servers import Process, free_port, http_ok
+from devstack.servers import free_port, http_ok, python_service, wait_until
 from shared.settings import Settings
 
 SERVICES = (
@@ -25,15 +24,9 @@ async def test_ops_endpoints_live_on_the_ops_port_only(
 ) -> None:
     port, ops = free_port(), free_port()
     env = {**settings.env(), port_field.upper(): str(port), "OPS_PORT": str(ops)}
-    proc = Process(
-        module,
-        [sys.executable, "-m", module],
-        port=port,
-        env=env,
-        log_dir=tmp_path,
-        ready=lambda: http_ok(f"http://127.0.0.1:{ops}/readyz"),
-    )
+    proc = python_service(module, module, port, env, tmp_path)
     proc.start()
+    wait_until(lambda: http_ok(f"http://127.0.0.1:{ops}/readyz"), 10, f"{module} ready")
     try:
         async with httpx.AsyncClient(timeout=5) as http:
             for path in ("/healthz", "/readyz", "/metrics"):
