@@ -114,3 +114,67 @@ def test_bounds_are_checked_before_the_signature() -> None:
         parse(webhook)
     with pytest.raises(BadSignature):
         parse({**body(), "signature": "0" * 64})
+
+
+@pytest.mark.parametrize("name", ["orderCode", "amount"])
+def test_a_boolean_is_no_integer(name: str) -> None:
+    with pytest.raises(InvalidWebhook, match=f"`data.{name}` must be an integer"):
+        parse(body(**{name: True}))
+
+
+def test_the_unsigned_envelope_is_kept_as_received() -> None:
+    webhook = {**body(), "code": "01", "desc": "failed", "success": False}
+    parsed = parse(webhook)
+    assert (parsed.code, parsed.desc, parsed.success) == ("01", "failed", False)
+
+
+def test_an_envelope_without_code_desc_or_success_is_accepted_as_empty() -> None:
+    webhook = body()
+    for name in ("code", "desc", "success"):
+        webhook.pop(name, None)
+    parsed = parse(webhook)
+    assert (parsed.code, parsed.desc, parsed.success) == ("", "", None)
+
+
+@pytest.mark.parametrize("name", ["code", "desc"])
+def test_an_envelope_code_or_desc_that_is_no_string_is_refused(name: str) -> None:
+    with pytest.raises(InvalidWebhook, match="`code` and `desc` must be strings"):
+        parse({**body(), name: 0})
+
+
+def test_an_envelope_success_that_is_no_boolean_is_refused() -> None:
+    with pytest.raises(InvalidWebhook, match="`success` must be a boolean"):
+        parse({**body(), "success": "true"})
+
+
+@pytest.mark.parametrize("signature", [None, ""])
+def test_a_null_or_empty_signature_is_missing(signature: str | None) -> None:
+    webhook = body()
+    webhook["signature"] = signature
+    with pytest.raises(BadSignature, match="signature is missing"):
+        parse(webhook)
+    webhook.pop("signature")
+    with pytest.raises(BadSignature, match="signature is missing"):
+        parse(webhook)
+
+
+def test_a_signature_that_is_no_string_is_refused() -> None:
+    with pytest.raises(InvalidWebhook, match="`signature` must be a string"):
+        parse({**body(), "signature": 12})
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param({"desc": "\ud800"}, id="lone-surrogate-in-unsigned-desc"),
+        pytest.param({"code": "\udfff"}, id="lone-surrogate-in-unsigned-code"),
+    ],
+)
+def test_a_webhook_mongodb_cannot_store_is_refused(change: dict[str, Any]) -> None:
+    with pytest.raises(InvalidWebhook, match="cannot be stored"):
+        parse({**body(), **change})
+
+
+def test_a_signed_integer_beyond_64_bits_is_refused() -> None:
+    with pytest.raises(InvalidWebhook, match="cannot be stored"):
+        parse(body(extra=2**64))

@@ -108,7 +108,8 @@ def parse_webhook(body: bytes, checksum_key: str) -> Webhook:
         # What is stored must be storable: an integer beyond 64 bits, or a lone surrogate in
         # the unsigned `code`/`desc`, would otherwise fail in MongoDB's encoder (a 500).
         bson.encode({"code": code, "desc": desc, "data": data})
-    except (BSONError, OverflowError, RecursionError):
+    except (BSONError, OverflowError, RecursionError, UnicodeEncodeError):
+        # (bson raises UnicodeEncodeError, not a BSONError, for a lone surrogate.)
         raise InvalidWebhook("the webhook holds a value that cannot be stored") from None
     return Webhook(
         code=code,
