@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
+from multidict import CIMultiDict
 from redis.asyncio import Redis
 
-from session_api.limits import RateLimiter, client_address, parse_networks
+from devstack.servers import free_port
+from session_api.limits import (
+    RateLimiter,
+    body_limit_middleware,
+    check_rate,
+    client_address,
+    parse_networks,
+)
 from shared import keys
 from shared.settings import Settings, SettingsError
 
@@ -100,3 +110,96 @@ def test_trusted_proxies_with_host_bits_set_are_refused_clearly() -> None:
         ipaddress.ip_network("10.1.2.4/32"),
         ipaddress.ip_network("::1/128"),
     )
+
+
+def test_without_trusted_proxies_the_peer_counts_whatever_the_header_says() -> None:
+    request = make_mocked_request(
+        "POST", "/api/sessions", headers={"X-Forwarded-For": CLIENT}
+    ).clone(remote="198.51.100.1")
+    assert client_address(request, ()) == "198.51.100.1"
+
+
+def test_a_request_without_a_peer_address_counts_as_unknown() -> None:
+    request = make_mocked_request("POST", "/api/sessions").clone(remote=None)
+    assert client_address(request, parse_networks(["10.0.0.0/8"])) == "unknown"
+
+
+def test_a_chain_of_trusted_proxies_is_walked_to_its_first_hop() -> None:
+    # Every hop is a trusted proxy: the leftmost is the nearest thing to a client there is.
+    assert _from("10.1.2.3", "10.0.0.9, 10.0.0.5") == "10.0.0.9"
+    assert _from("10.1.2.3", "") == "10.1.2.3"
+
+
+def test_every_x_forwarded_for_header_counts_as_one_list() -> None:
+    request = make_mocked_request(
+        "POST",
+        "/api/sessions",
+        headers=CIMultiDict([("X-Forwarded-For", CLIENT), ("X-Forwarded-For", "10.0.0.5")]),
+    ).clone(remote="10.1.2.3")
+    assert client_address(request, parse_networks(["10.0.0.0/8"])) == CLIENT
+
+
+def test_addresses_are_counted_in_one_spelling_and_other_names_cut_short() -> None:
+    assert _from("2001:DB8:0:0::1", None) == "2001:db8::1"
+    assert _from("10.1.2.3", "x" * 100) == "x" * 64
+
+
+async def _app_answer(
+    aiohttp_client: Any, handler_app: web.Application, **request: Any
+) -> tuple[int, dict[str, str], Any]:
+    client = await aiohttp_client(handler_app)
+    async with client.post("/", **request) as resp:
+        return resp.status, dict(resp.headers), await resp.json()
+
+
+def _body_limited_app(max_bytes: int) -> web.Application:
+    async def echo(request: web.Request) -> web.Response:
+        return web.json_response({"read": len(await request.read())})
+
+    app = web.Application(middlewares=[body_limit_middleware(max_bytes)])
+    app.router.add_post("/", echo)
+    return app
+
+
+async def test_a_body_of_exactly_the_limit_passes_and_one_byte_more_is_413(
+    aiohttp_client: Any,
+) -> None:
+    status, _, answer = await _app_answer(aiohttp_client, _body_limited_app(10), data=b"x" * 10)
+    assert (status, answer) == (200, {"read": 10})
+    status, _, answer = await _app_answer(aiohttp_client, _body_limited_app(10), data=b"x" * 11)
+    assert status == 413 and answer["error"] == "body exceeds 10 bytes"
+
+
+def _rate_limited_app(limiter: RateLimiter) -> web.Application:
+    async def create(request: web.Request) -> web.Response:
+        refused = await check_rate(request, limiter, ())
+        return refused if refused is not None else web.json_response({"created": True})
+
+    app = web.Application()
+    app.router.add_post("/", create)
+    return app
+
+
+async def test_a_refused_creation_is_429_with_the_time_left_in_the_window(
+    aiohttp_client: Any, redis: Redis
+) -> None:
+    app = _rate_limited_app(RateLimiter(redis, 1, window_seconds=60))
+    client = await aiohttp_client(app)
+    async with client.post("/") as resp:
+        assert resp.status == 200 and await resp.json() == {"created": True}
+    async with client.post("/") as resp:
+        answer = await resp.json()
+        assert resp.status == 429
+        assert resp.headers["Retry-After"] == "60" and answer["retryAfter"] == 60
+        assert "at most 1 per 60 s" in answer["error"]
+
+
+async def test_with_redis_down_the_limit_fails_open(aiohttp_client: Any) -> None:
+    dead = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5)
+    try:
+        client = await aiohttp_client(_rate_limited_app(RateLimiter(dead, 1)))
+        for _ in range(3):
+            async with client.post("/") as resp:
+                assert resp.status == 200
+    finally:
+        await dead.aclose()

@@ -13,7 +13,7 @@ import pytest
 from pymongo.errors import PyMongoError
 from redis.asyncio import Redis
 
-from devstack.servers import Process
+from devstack.servers import Process, free_port
 from shared import keys
 from shared.cache import StatusCache
 from shared.model import StreamStatus
@@ -189,3 +189,85 @@ async def test_a_miss_that_predates_a_finished_refill_is_answered_from_the_cache
     await redis.delete(keys.status_key(session["uuid"]))
     assert await reader.reader.read_uncached(session["uuid"]) == first
     assert reader.loads == 2
+
+
+@pytest.fixture
+async def dead_redis() -> AsyncIterator[Redis]:
+    """A client of a Redis that is not there: every command fails with ConnectionError."""
+    client = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5)
+    yield client
+    await client.aclose()
+
+
+async def test_a_read_answers_from_the_cache_once_it_is_filled(
+    reader: Reader, store: Store
+) -> None:
+    session = await add_session(store, amount=33_000)
+    first = await reader.reader.read(session["uuid"])
+    assert first is not None and (first.uuid, first.amount) == (session["uuid"], 33_000)
+    assert await reader.cache.get(session["uuid"]) == first
+    again = await reader.reader.read(session["uuid"])
+    assert again == first and reader.loads == 1
+
+
+async def test_an_unknown_uuid_reads_none_and_is_remembered_as_unknown(
+    reader: Reader, redis: Redis
+) -> None:
+    uuid = "00000000-0000-4000-8000-000000000000"
+    assert await reader.reader.read(uuid) is None
+    assert await reader.cache.is_unknown(uuid)
+    assert await reader.reader.read(uuid) is None
+    assert reader.loads == 1
+    assert not await redis.exists(keys.status_key(uuid))
+
+
+@pytest.mark.parametrize("entry", ["read", "read_uncached", "read_from_store"])
+async def test_with_redis_down_a_read_answers_from_mongodb(
+    store: Store, dead_redis: Redis, entry: str
+) -> None:
+    session = await add_session(store, amount=12_000)
+    reader = Reader(dead_redis, store)
+    event = await getattr(reader.reader, entry)(session["uuid"])
+    assert event is not None and (event.uuid, event.amount) == (session["uuid"], 12_000)
+    assert reader.loads == 1
+
+
+async def test_read_fresh_reads_mongodb_repairs_the_cache_and_falls_back_to_it(
+    reader: Reader, store: Store, redis: Redis
+) -> None:
+    live = await add_session(store, amount=10_000)
+    gone = await add_session(store, amount=20_000)
+    await reader.reader.read(gone["uuid"])  # cached...
+    await store.sessions.delete_one({"uuid": gone["uuid"]})  # ...then deleted (TTL)
+    # The cache is behind MongoDB for `live`: read_fresh must answer MongoDB's state.
+    await store.sessions.update_one(
+        {"uuid": live["uuid"]}, {"$set": {"amountPaid": 4_000}, "$inc": {"version": 1}}
+    )
+    loads = reader.loads
+    found = await reader.reader.read_fresh([live["uuid"], gone["uuid"], "no-such-uuid"])
+    assert set(found) == {live["uuid"], gone["uuid"]}
+    assert found[live["uuid"]].amount_paid == 4_000
+    assert found[gone["uuid"]].amount == 20_000
+    assert reader.loads == loads + 1
+    repaired = await reader.cache.get(live["uuid"])
+    assert repaired is not None and repaired.amount_paid == 4_000
+
+
+async def test_read_fresh_with_mongodb_down_answers_from_the_cache(
+    reader: Reader, store: Store, mongo: Process
+) -> None:
+    session = await add_session(store)
+    cached = await reader.reader.read(session["uuid"])
+    with stopped(mongo):
+        found = await reader.reader.read_fresh([session["uuid"], "no-such-uuid"])
+    assert found == {session["uuid"]: cached}
+
+
+async def test_read_fresh_with_redis_down_answers_from_mongodb(
+    store: Store, dead_redis: Redis
+) -> None:
+    session = await add_session(store, amount=15_000)
+    reader = Reader(dead_redis, store)
+    found = await reader.reader.read_fresh([session["uuid"], "no-such-uuid"])
+    assert list(found) == [session["uuid"]]
+    assert found[session["uuid"]].amount == 15_000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -104,3 +105,101 @@ async def test_a_repeated_or_older_version_is_neither_cached_nor_published(
         await redis.aclose()
     cached = await cache.get(UUID)
     assert cached is not None and (cached.status, cached.version) == (StreamStatus.DONE, 3)
+
+
+async def test_put_many_publishes_each_newer_event_once_and_counts_them(
+    cache: StatusCache, settings: Settings
+) -> None:
+    other = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
+    events = [
+        event(1_000, StreamStatus.PENDING, 1),
+        event(1_000, StreamStatus.DONE, 2),
+        event(1_000, StreamStatus.PENDING, 1),  # older than what the batch cached before it
+        dataclasses.replace(event(2_000, StreamStatus.PENDING, 1), uuid=other),
+    ]
+    async with subscribed(settings.redis_url, UUID) as sub:
+        assert await cache.put_many(iter(events)) == 3
+        published = await sub.wait_for(2)
+    assert [(e.status, e.version) for e in published] == [
+        (StreamStatus.PENDING, 1),
+        (StreamStatus.DONE, 2),
+    ]
+    cached = await cache.get(UUID)
+    assert cached is not None and (cached.status, cached.version) == (StreamStatus.DONE, 2)
+    assert await cache.count() == 2
+
+
+async def test_a_sharded_cache_publishes_on_the_sharded_channel(settings: Settings) -> None:
+    # On a Redis Cluster the gateway listens with SSUBSCRIBE: a plain PUBLISH would reach no one.
+    redis = Redis.from_url(settings.redis_url)
+    pubsub = redis.pubsub()
+    try:
+        await pubsub.ssubscribe(keys.status_channel(UUID))
+        confirmed = await pubsub.get_message(timeout=5)
+        assert confirmed is not None and confirmed["type"] == "ssubscribe"
+        cache = StatusCache(redis, sharded=True)
+        assert await cache.put(event(1_000, StreamStatus.PENDING, 1)) is True
+        olds = [event(1_000, StreamStatus.PENDING, 1), event(1_000, StreamStatus.DONE, 2)]
+        assert await cache.put_many(iter(olds)) == 1
+        versions = []
+        for _ in range(2):
+            msg = await pubsub.get_message(timeout=5)
+            assert msg is not None and msg["type"] == "smessage"
+            versions.append(StatusEvent.from_json(msg["data"]).version)
+        assert versions == [1, 2]
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await redis.aclose()
+
+
+async def test_get_json_answers_bytes_whatever_the_clients_decoding(settings: Settings) -> None:
+    redis = Redis.from_url(settings.redis_url, decode_responses=True)
+    try:
+        cache = StatusCache(redis)
+        assert await cache.get_json(UUID) is None
+        stored = event(1_000, StreamStatus.PENDING, 1)
+        await cache.put(stored)
+        raw = await cache.get_json(UUID)
+        assert isinstance(raw, bytes) and raw == stored.to_json().encode()
+    finally:
+        await redis.aclose()
+
+
+async def test_an_unknown_marker_lasts_as_long_as_configured(
+    cache: StatusCache, settings: Settings
+) -> None:
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        assert not await cache.is_unknown(UUID)
+        await cache.mark_unknown(UUID)
+        assert await cache.is_unknown(UUID)
+        ttl = await redis.ttl(keys.unknown_key(UUID))
+        assert keys.UNKNOWN_TTL_SECONDS - 2 <= ttl <= keys.UNKNOWN_TTL_SECONDS
+    finally:
+        await redis.aclose()
+
+
+@pytest.mark.parametrize(
+    ("cached", "order_code"),
+    [
+        (b'{"orderCode":1000,"status":"pending"}', 1_000),
+        (b'{"version":5,"status":"pending"}', 1),
+        (b'"a string"', 1_000),
+        (b"5", 1_000),
+        (b"not json", 1_000),
+    ],
+    ids=["without-version", "without-order-code", "json-string", "json-number", "not-json"],
+)
+async def test_a_cached_value_that_is_no_status_is_replaced_by_the_first_version(
+    cache: StatusCache, settings: Settings, cached: bytes, order_code: int
+) -> None:
+    # Only a status of the same or a newer session can hold a put back; what is missing
+    # counts as nothing (order code 0, version 0), and what is not a JSON object is replaced.
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        await redis.set(keys.status_key(UUID), cached)
+        assert await cache.put(event(order_code, StreamStatus.PENDING, 1)) is True
+        stored = await cache.get(UUID)
+        assert stored is not None and (stored.order_code, stored.version) == (order_code, 1)
+    finally:
+        await redis.aclose()

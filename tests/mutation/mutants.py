@@ -181,9 +181,12 @@ class _Walker:
             return  # a string used as a comment
         if isinstance(node, ast.Call) and self._is_log_call(node):
             return
-        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
-            if self._is_log_call(node.value):
-                return
+        if (
+            isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Call)
+            and self._is_log_call(node.value)
+        ):
+            return
         if isinstance(node, ast.Assign):
             names = {t.id for t in node.targets if isinstance(t, ast.Name)}
             if names & self.lua_names and isinstance(node.value, ast.Constant):
@@ -250,7 +253,9 @@ class _Walker:
         elif isinstance(node, ast.AugAssign):
             aug_swap = _BINOP_SWAPS.get(type(node.op))
             if aug_swap is not None:
-                self.add(qual, node, ast.unparse(ast.AugAssign(node.target, aug_swap(), node.value)))
+                self.add(
+                    qual, node, ast.unparse(ast.AugAssign(node.target, aug_swap(), node.value))
+                )
         elif isinstance(node, ast.Expr):
             self.add(qual, node, "pass")
         elif isinstance(node, ast.Assign | ast.AnnAssign):

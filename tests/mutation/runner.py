@@ -6,8 +6,8 @@ checkout), knows nothing of Lua inside Python strings (it would only garble the 
 and numbers its mutants by position, so a list of equivalent mutants would go stale with every
 edit. Here each mutant is imported from memory in a forked child (a meta-path finder serves
 the mutated source under the module's import name): the checkout is never written to, the
-parent has imported pytest and the heavy libraries once (a child starts in ~0.1 s instead of
-~5 s), and one MongoDB stand-in serves every child (each test has a database of its own).
+parent has imported pytest and the heavy libraries once (a child starts in ~1 s instead of
+~5 s). Each child starts the suite's own servers, as `make test` does.
 
 Per mutant: `pytest -x` on the module's test selection, killed when it fails or errors, killed
 by timeout when it runs 5 times longer than the unmutated run (at least 20 s).
@@ -33,7 +33,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from tests.mutation.mutants import ROOT, Config, Mutant, ModuleConfig, load_config, module_mutants
+from tests.mutation.mutants import ROOT, Config, ModuleConfig, Mutant, load_config, module_mutants
 
 # Imported once by the parent so that each forked child starts warm. No project module may be
 # among them (nor import one): the child must import the mutated module itself.
@@ -205,15 +205,6 @@ class Row:
         return 100.0 * self.killed / live if live else 100.0
 
 
-def _start_mongo(tmp: Path) -> tuple[Any, str]:
-    from devstack.servers import free_port, mongo_standin
-
-    port = free_port()
-    proc = mongo_standin(port, tmp / "mongo", tmp)
-    proc.start()
-    return proc, f"mongodb://127.0.0.1:{port}"
-
-
 def _forget_project_modules() -> None:
     for name in list(sys.modules):
         if name.split(".")[0] in _PROJECT:
@@ -281,44 +272,40 @@ def _run(
     for name in _WARM:
         __import__(name)
     tmp = Path(tempfile.mkdtemp(prefix="mutate-"))
-    mongo, mongo_url = _start_mongo(tmp)
     _forget_project_modules()
     # What the parent holds stays out of each child's collections (pytest collects ~3 times).
     gc.collect()
     gc.freeze()
-    os.environ["MONGODB_URL"] = mongo_url
+    os.environ.pop("MONGODB_URL", None)
     rows: list[Row] = []
     survivors: list[tuple[ModuleConfig, bytes, Mutant]] = []
-    try:
-        for cfg, source, mutants in plans:
-            row = Row(cfg.name, generated=len(mutants))
-            module_start = time.monotonic()
-            log = tmp / f"{cfg.name}.log"
-            base = run_tests(cfg, None, source, 600, log)
-            if base.status != "survived":
-                print(f"{cfg.name}: the tests fail without any mutant ({base.by}); see {log}")
-                return 2
-            timeout = max(20.0, 5 * base.seconds)
-            print(f"== {cfg.name}: {len(mutants)} mutants, tests {base.seconds:.1f} s unmutated")
-            for i, m in enumerate(mutants, 1):
-                if (cfg.name, m.key) in equivalents:
-                    row.equivalent += 1
-                    continue
-                if only and only not in m.key:
-                    continue
-                out = run_tests(cfg, m, source, timeout, tmp / f"{cfg.name}-{i}.log")
-                if out.status == "survived":
-                    row.survived += 1
-                    survivors.append((cfg, source, m))
-                    print(f"  SURVIVED L{m.line} {m.key}", flush=True)
-                else:
-                    row.killed += 1
-                    (tmp / f"{cfg.name}-{i}.log").unlink(missing_ok=True)
-            row.seconds = time.monotonic() - module_start
-            rows.append(row)
-            print(f"   {row.name}: {row.percent:.1f} % killed in {row.seconds:.0f} s", flush=True)
-    finally:
-        mongo.stop()
+    for cfg, source, mutants in plans:
+        row = Row(cfg.name, generated=len(mutants))
+        module_start = time.monotonic()
+        log = tmp / f"{cfg.name}.log"
+        base = run_tests(cfg, None, source, 600, log)
+        if base.status != "survived":
+            print(f"{cfg.name}: the tests fail without any mutant ({base.by}); see {log}")
+            return 2
+        timeout = max(20.0, 5 * base.seconds)
+        print(f"== {cfg.name}: {len(mutants)} mutants, tests {base.seconds:.1f} s unmutated")
+        for i, m in enumerate(mutants, 1):
+            if (cfg.name, m.key) in equivalents:
+                row.equivalent += 1
+                continue
+            if only and only not in m.key:
+                continue
+            out = run_tests(cfg, m, source, timeout, tmp / f"{cfg.name}-{i}.log")
+            if out.status == "survived":
+                row.survived += 1
+                survivors.append((cfg, source, m))
+                print(f"  SURVIVED L{m.line} {m.key}", flush=True)
+            else:
+                row.killed += 1
+                (tmp / f"{cfg.name}-{i}.log").unlink(missing_ok=True)
+        row.seconds = time.monotonic() - module_start
+        rows.append(row)
+        print(f"   {row.name}: {row.percent:.1f} % killed in {row.seconds:.0f} s", flush=True)
     total = time.monotonic() - total_start
     _table(rows, total)
     if survivors:
