@@ -120,7 +120,8 @@ def test_without_trusted_proxies_the_peer_counts_whatever_the_header_says() -> N
 
 
 def test_a_request_without_a_peer_address_counts_as_unknown() -> None:
-    request = make_mocked_request("POST", "/api/sessions").clone(remote=None)
+    # A request over a UNIX socket has no peer address (aiohttp's `remote` is None then).
+    request = make_mocked_request("POST", "/api/sessions").clone(remote=None)  # type: ignore[arg-type]
     assert client_address(request, parse_networks(["10.0.0.0/8"])) == "unknown"
 
 
