@@ -32,6 +32,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="multiply the fuzz tests' example counts (`make fuzz` runs them long)",
     )
     parser.addoption(
+        "--hub-machine-runs",
+        type=int,
+        default=200,
+        help="runs of the hub's state machine in tests/test_hub_machine.py (`make mutate` "
+        "runs fewer per mutant)",
+    )
+    parser.addoption(
         "--update-screenshots",
         action="store_true",
         help="write the deposit page's screenshots into docs/ (the README shows them)",

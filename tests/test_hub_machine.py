@@ -292,9 +292,9 @@ def run_machine(max_examples: int, steps: int) -> None:
         )
 
 
-def test_hub_state_machine_keeps_its_invariants() -> None:
+def test_hub_state_machine_keeps_its_invariants(request: pytest.FixtureRequest) -> None:
     # Bounded here; `make faults` explores far more (tests/faults/test_hub_machine_long.py).
-    run_machine(max_examples=200, steps=30)
+    run_machine(max_examples=int(request.config.getoption("--hub-machine-runs")), steps=30)
 
 
 # -- the interleavings found on the code before the fixes, kept as named sequences ---------

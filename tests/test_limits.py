@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 
 from devstack.servers import free_port
 from session_api.limits import (
+    Decision,
     RateLimiter,
     body_limit_middleware,
     check_rate,
@@ -172,8 +173,11 @@ async def test_a_body_of_exactly_the_limit_passes_and_one_byte_more_is_413(
 
 
 def _rate_limited_app(limiter: RateLimiter) -> web.Application:
+    # The test client connects from 127.0.0.1: trusted, so X-Forwarded-For names the client.
+    trusted = parse_networks(["127.0.0.0/8"])
+
     async def create(request: web.Request) -> web.Response:
-        refused = await check_rate(request, limiter, ())
+        refused = await check_rate(request, limiter, trusted)
         return refused if refused is not None else web.json_response({"created": True})
 
     app = web.Application()
@@ -186,9 +190,10 @@ async def test_a_refused_creation_is_429_with_the_time_left_in_the_window(
 ) -> None:
     app = _rate_limited_app(RateLimiter(redis, 1, window_seconds=60))
     client = await aiohttp_client(app)
-    async with client.post("/") as resp:
-        assert resp.status == 200 and await resp.json() == {"created": True}
-    async with client.post("/") as resp:
+    for address in (CLIENT, "198.51.100.2"):  # each client has a window of its own
+        async with client.post("/", headers={"X-Forwarded-For": address}) as resp:
+            assert resp.status == 200 and await resp.json() == {"created": True}
+    async with client.post("/", headers={"X-Forwarded-For": CLIENT}) as resp:
         answer = await resp.json()
         assert resp.status == 429
         assert resp.headers["Retry-After"] == "60" and answer["retryAfter"] == 60
@@ -204,3 +209,16 @@ async def test_with_redis_down_the_limit_fails_open(aiohttp_client: Any) -> None
                 assert resp.status == 200
     finally:
         await dead.aclose()
+
+
+async def test_retry_after_is_the_time_left_rounded_up_to_whole_seconds(redis: Redis) -> None:
+    limiter = RateLimiter(redis, 1, window_seconds=3_600)
+    allowed = await limiter.hit(CLIENT)
+    assert allowed == Decision(True, 1, 0)
+    await redis.pexpire(keys.session_rate_key(CLIENT), 1_000_500)  # 1,000.5 s left
+    refused = await limiter.hit(CLIENT)
+    assert refused == Decision(False, 2, 1_001)
+
+
+async def test_an_unlimited_limiter_decides_without_counting(redis: Redis) -> None:
+    assert await RateLimiter(redis, 0).hit(CLIENT) == Decision(True, 0, 0)

@@ -271,3 +271,15 @@ async def test_read_fresh_with_redis_down_answers_from_mongodb(
     found = await reader.reader.read_fresh([session["uuid"], "no-such-uuid"])
     assert list(found) == [session["uuid"]]
     assert found[session["uuid"]].amount == 15_000
+
+
+async def test_read_from_store_answers_mongodb_even_over_a_cached_status(
+    reader: Reader, store: Store
+) -> None:
+    session = await add_session(store)
+    await reader.reader.read(session["uuid"])
+    await store.sessions.update_one(
+        {"uuid": session["uuid"]}, {"$set": {"amountPaid": 1_000}, "$inc": {"version": 1}}
+    )
+    event = await reader.reader.read_from_store(session["uuid"])
+    assert event is not None and event.amount_paid == 1_000

@@ -32,6 +32,7 @@ class ModuleConfig:
     path: Path
     module: str
     tests: tuple[str, ...]
+    args: tuple[str, ...] = ()
     lua: tuple[str, ...] = ()
 
 
@@ -83,6 +84,7 @@ def load_config(directory: Path = HERE) -> Config:
             path=ROOT / row["path"],
             module=row["module"],
             tests=tuple(row["tests"]),
+            args=tuple(row.get("args", ())),
             lua=tuple(row.get("lua", ())),
         )
         for name, row in raw["modules"].items()

@@ -158,7 +158,7 @@ def run_tests(
             hypothesis.settings.load_profile("mutate")
             # The parent imported pytest's plugins before pytest could mark them for rewriting.
             warm = "ignore::pytest.PytestAssertRewriteWarning"
-            args = [*cfg.tests, "-x", "-q", "-p", "no:cacheprovider", "-W", warm]
+            args = [*cfg.tests, *cfg.args, "-x", "-q", "-p", "no:cacheprovider", "-W", warm]
             code = int(pytest.main(args, plugins=[_FirstFailure(by_file)]))
         except BaseException:
             traceback.print_exc()
