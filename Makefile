@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test fuzz faults soak lint format mypy bench bench-ingest bench-stream bench-status bench-page bench-replicas bench-resync replicas replicas-test clean
+.PHONY: setup run test fuzz faults soak mutate lint format mypy bench bench-ingest bench-stream bench-status bench-page bench-replicas bench-resync replicas replicas-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ fuzz: setup
 # The whole fault suite, long tests included (`make test` runs its bounded part).
 faults: setup
 	$(BIN)/pytest tests/faults -m "faults or faults_long" $(PYTEST_ARGS)
+
+# Mutation testing of the payment core (tests/mutation/): a table per module; not part of
+# `make test` (about 35 minutes). MUTATE_ARGS="cache limits" runs some modules only.
+MUTATE_ARGS ?=
+mutate: setup
+	nice -n 10 $(BIN)/python -m tests.mutation $(MUTATE_ARGS)
 
 # The system at a steady mixed load; memory and connection curves per process.
 SOAK_ARGS ?=

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,10 +93,16 @@ class _MutantFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 class _FirstFailure:
-    """A pytest plugin noting the first test that failed (the one that killed the mutant)."""
+    """A pytest plugin that runs first the tests that killed most mutants so far (with `-x`,
+    a mutant most tests kill costs one test instead of the whole selection), and notes the
+    first test that failed (the one that killed this mutant)."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, kills: Counter[str]) -> None:
         self.out = out
+        self.kills = kills
+
+    def pytest_collection_modifyitems(self, items: list[Any]) -> None:
+        items.sort(key=lambda item: -self.kills[item.nodeid])
 
     def pytest_runtest_logreport(self, report: Any) -> None:
         if report.failed and not self.out.exists():
@@ -132,7 +139,12 @@ def _descendants(pid: int) -> list[int]:
 
 
 def run_tests(
-    cfg: ModuleConfig, mutant: Mutant | None, source: bytes, timeout: float, log: Path
+    cfg: ModuleConfig,
+    mutant: Mutant | None,
+    source: bytes,
+    timeout: float,
+    log: Path,
+    kills: Counter[str] | None = None,
 ) -> Outcome:
     """Fork; the child imports `mutant` applied to `source` (or the original) and runs pytest."""
     by_file = log.with_suffix(".by")
@@ -159,7 +171,7 @@ def run_tests(
             # The parent imported pytest's plugins before pytest could mark them for rewriting.
             warm = "ignore::pytest.PytestAssertRewriteWarning"
             args = [*cfg.tests, *cfg.args, "-x", "-q", "-p", "no:cacheprovider", "-W", warm]
-            code = int(pytest.main(args, plugins=[_FirstFailure(by_file)]))
+            code = int(pytest.main(args, plugins=[_FirstFailure(by_file, kills or Counter())]))
         except BaseException:
             traceback.print_exc()
         finally:
@@ -289,20 +301,25 @@ def _run(
             return 2
         timeout = max(20.0, 5 * base.seconds)
         print(f"== {cfg.name}: {len(mutants)} mutants, tests {base.seconds:.1f} s unmutated")
+        kills: Counter[str] = Counter()
         for i, m in enumerate(mutants, 1):
             if (cfg.name, m.key) in equivalents:
                 row.equivalent += 1
                 continue
             if only and only not in m.key:
                 continue
-            out = run_tests(cfg, m, source, timeout, tmp / f"{cfg.name}-{i}.log")
+            out = run_tests(cfg, m, source, timeout, tmp / f"{cfg.name}-{i}.log", kills)
             if out.status == "survived":
                 row.survived += 1
                 survivors.append((cfg, source, m))
                 print(f"  SURVIVED L{m.line} {m.key}", flush=True)
             else:
                 row.killed += 1
+                kills[out.by] += 1
                 (tmp / f"{cfg.name}-{i}.log").unlink(missing_ok=True)
+            if i % 25 == 0:
+                elapsed = time.monotonic() - module_start
+                print(f"  ... {i}/{len(mutants)} in {elapsed:.0f} s", flush=True)
         row.seconds = time.monotonic() - module_start
         rows.append(row)
         print(f"   {row.name}: {row.percent:.1f} % killed in {row.seconds:.0f} s", flush=True)
