@@ -283,3 +283,16 @@ async def test_read_from_store_answers_mongodb_even_over_a_cached_status(
     )
     event = await reader.reader.read_from_store(session["uuid"])
     assert event is not None and event.amount_paid == 1_000
+
+
+async def test_a_cache_hit_costs_one_redis_command(
+    reader: Reader, store: Store, redis: Redis
+) -> None:
+    # The hot path of every poll: one GET, no negative-cache lookup, no MongoDB query.
+    session = await add_session(store)
+    await reader.reader.read(session["uuid"])
+    await redis.config_resetstat()
+    assert await reader.reader.read(session["uuid"]) is not None
+    stats = await redis.info("commandstats")
+    assert stats["cmdstat_get"]["calls"] == 1
+    assert "cmdstat_exists" not in stats

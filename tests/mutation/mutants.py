@@ -70,6 +70,7 @@ class Mutant:
     end: int
     replacement: bytes
     kind: str = "python"  # or "lua"
+    lines: tuple[int, int] = (0, 0)  # first and last line a test must run to reach it
 
     def apply(self, source: bytes) -> bytes:
         return source[: self.start] + self.replacement + source[self.end :]
@@ -137,6 +138,7 @@ class _Edit:
     node: ast.AST
     text: str  # replacement source
     label: str  # what it becomes, for the key
+    lines: tuple[int, int]  # the lines a test runs when it runs the mutated code
 
 
 @dataclass
@@ -147,6 +149,7 @@ class _Walker:
     lua_names: frozenset[str]
     edits: list[tuple[str, _Edit]] = field(default_factory=list)
     lua_nodes: dict[str, ast.Constant] = field(default_factory=dict)
+    stmt: ast.stmt | None = None  # the innermost statement being walked
 
     def segment(self, node: ast.AST) -> str:
         return ast.get_source_segment(self.source.decode(), node) or ast.unparse(node)
@@ -154,7 +157,16 @@ class _Walker:
     def add(self, qual: str, node: ast.AST, new: ast.AST | str) -> None:
         text = new if isinstance(new, str) else f"({ast.unparse(new)})"
         label = new if isinstance(new, str) else ast.unparse(new)
-        self.edits.append((qual, _Edit(node, text, label)))
+        end: int = node.end_lineno  # type: ignore[attr-defined]
+        start: int = node.lineno  # type: ignore[attr-defined]
+        stmt = self.stmt
+        if stmt is not None:
+            # From the statement's first line (where a line event is sure to come) to the
+            # mutated node's end (a compound statement's body is not part of its test).
+            start = min(start, stmt.lineno)
+            if not hasattr(stmt, "body"):
+                end = max(end, stmt.end_lineno or end)
+        self.edits.append((qual, _Edit(node, text, label, (start, end))))
 
     # The walk ---------------------------------------------------------------------------------
 
@@ -165,6 +177,16 @@ class _Walker:
             self.visit(stmt, qual, in_message=False)
 
     def visit(self, node: ast.AST, qual: str, *, in_message: bool) -> None:
+        if isinstance(node, ast.stmt):
+            outer, self.stmt = self.stmt, node
+            try:
+                self._visit(node, qual, in_message=in_message)
+            finally:
+                self.stmt = outer
+        else:
+            self._visit(node, qual, in_message=in_message)
+
+    def _visit(self, node: ast.AST, qual: str, *, in_message: bool) -> None:
         if isinstance(node, ast.Import | ast.ImportFrom):
             return
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
@@ -352,9 +374,8 @@ def python_mutants(
         produced.add(mutated)
         before = source[start:end].decode()
         key = _unique(seen, f"{qual or '<module>'}: {_short(before)} -> {_short(edit.label)}")
-        out.append(
-            Mutant(cfg.name, key, node.lineno, start, end, replacement)  # type: ignore[attr-defined]
-        )
+        line: int = node.lineno  # type: ignore[attr-defined]
+        out.append(Mutant(cfg.name, key, line, start, end, replacement, lines=edit.lines))
     return out, walker.lua_nodes
 
 
@@ -428,6 +449,7 @@ def lua_mutants(
             produced.add(mutated)
             key = _unique(seen, f"{script}: {label}")
             replacement = _lua_literal(mutated).encode()
+            # A script runs where it is called, not where it is defined: every test may.
             out.append(Mutant(cfg.name, key, node.lineno, start, end, replacement, kind="lua"))
     return out
 

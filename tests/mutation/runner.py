@@ -21,18 +21,22 @@ import gc
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import json
 import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+from types import FrameType, ModuleType
 from typing import Any
+
+from pytest import hookimpl as pytest_hookimpl
 
 from tests.mutation.mutants import ROOT, Config, ModuleConfig, Mutant, load_config, module_mutants
 
@@ -92,16 +96,21 @@ class _MutantFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         exec(compile(self.source, str(self.path), "exec"), module.__dict__)
 
 
-class _FirstFailure:
-    """A pytest plugin that runs first the tests that killed most mutants so far (with `-x`,
-    a mutant most tests kill costs one test instead of the whole selection), and notes the
-    first test that failed (the one that killed this mutant)."""
+class _Plugin:
+    """A pytest plugin for one child: runs only the tests that reach the mutant (`only`; None:
+    all), first those that killed most mutants so far (with `-x`, a mutant most tests kill
+    costs one test instead of the whole selection), and notes the first test that failed."""
 
-    def __init__(self, out: Path, kills: Counter[str]) -> None:
+    def __init__(self, out: Path, kills: Counter[str], only: frozenset[str] | None) -> None:
         self.out = out
         self.kills = kills
+        self.only = only
 
-    def pytest_collection_modifyitems(self, items: list[Any]) -> None:
+    def pytest_collection_modifyitems(self, config: Any, items: list[Any]) -> None:
+        if self.only is not None:
+            dropped = [item for item in items if item.nodeid not in self.only]
+            items[:] = [item for item in items if item.nodeid in self.only]
+            config.hook.pytest_deselected(items=dropped)
         items.sort(key=lambda item: -self.kills[item.nodeid])
 
     def pytest_runtest_logreport(self, report: Any) -> None:
@@ -111,6 +120,41 @@ class _FirstFailure:
     def pytest_collectreport(self, report: Any) -> None:
         if report.failed and not self.out.exists():
             self.out.write_text(f"collection of {report.nodeid}")
+
+
+class _LineTracer:
+    """The unmutated run's coverage of the module, per test: which lines each test runs
+    (`""`: run at import). A mutant then runs only the tests that reach it."""
+
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
+        self.current = ""
+        self.lines: dict[str, set[int]] = {}
+
+    def start(self) -> None:
+        sys.settrace(self._call)
+        threading.settrace(self._call)
+
+    def _call(self, frame: FrameType, event: str, arg: object) -> Any:
+        if frame.f_code.co_filename != self.filename:
+            return None
+        self.lines.setdefault(self.current, set()).add(frame.f_lineno)
+        return self._line
+
+    def _line(self, frame: FrameType, event: str, arg: object) -> Any:
+        if event == "line":
+            self.lines.setdefault(self.current, set()).add(frame.f_lineno)
+        return self._line
+
+    @pytest_hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(self, item: Any) -> Generator[None]:
+        self.current = item.nodeid
+        yield
+        self.current = ""
+
+    def pytest_unconfigure(self) -> None:
+        sys.settrace(None)
+        threading.settrace(None)
 
 
 @dataclass
@@ -145,8 +189,11 @@ def run_tests(
     timeout: float,
     log: Path,
     kills: Counter[str] | None = None,
+    only: frozenset[str] | None = None,
+    trace_to: Path | None = None,
 ) -> Outcome:
-    """Fork; the child imports `mutant` applied to `source` (or the original) and runs pytest."""
+    """Fork; the child imports `mutant` applied to `source` (or the original: then with
+    `trace_to`, where it writes which lines each test ran) and runs pytest."""
     by_file = log.with_suffix(".by")
     by_file.unlink(missing_ok=True)
     start = time.monotonic()
@@ -158,8 +205,13 @@ def run_tests(
             fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(fd, 1)
             os.dup2(fd, 2)
-            if mutant is not None:
-                sys.meta_path.insert(0, _MutantFinder(cfg.module, cfg.path, mutant.apply(source)))
+            text = mutant.apply(source) if mutant is not None else source
+            sys.meta_path.insert(0, _MutantFinder(cfg.module, cfg.path, text))
+            plugins: list[object] = [_Plugin(by_file, kills or Counter(), only)]
+            tracer = _LineTracer(str(cfg.path)) if trace_to is not None else None
+            if tracer is not None:
+                plugins.append(tracer)
+                tracer.start()
             import hypothesis
             import pytest
 
@@ -171,7 +223,10 @@ def run_tests(
             # The parent imported pytest's plugins before pytest could mark them for rewriting.
             warm = "ignore::pytest.PytestAssertRewriteWarning"
             args = [*cfg.tests, *cfg.args, "-x", "-q", "-p", "no:cacheprovider", "-W", warm]
-            code = int(pytest.main(args, plugins=[_FirstFailure(by_file, kills or Counter())]))
+            code = int(pytest.main(args, plugins=plugins))
+            if tracer is not None and trace_to is not None:
+                lines = {test: sorted(seen) for test, seen in tracer.lines.items()}
+                trace_to.write_text(json.dumps(lines))
         except BaseException:
             traceback.print_exc()
         finally:
@@ -295,10 +350,12 @@ def _run(
         row = Row(cfg.name, generated=len(mutants))
         module_start = time.monotonic()
         log = tmp / f"{cfg.name}.log"
-        base = run_tests(cfg, None, source, 600, log)
+        trace = tmp / f"{cfg.name}-lines.json"
+        base = run_tests(cfg, None, source, 900, log, trace_to=trace)
         if base.status != "survived":
             print(f"{cfg.name}: the tests fail without any mutant ({base.by}); see {log}")
             return 2
+        coverage = {test: set(lines) for test, lines in json.loads(trace.read_text()).items()}
         timeout = max(20.0, 5 * base.seconds)
         print(f"== {cfg.name}: {len(mutants)} mutants, tests {base.seconds:.1f} s unmutated")
         kills: Counter[str] = Counter()
@@ -308,7 +365,13 @@ def _run(
                 continue
             if only and only not in m.key:
                 continue
-            out = run_tests(cfg, m, source, timeout, tmp / f"{cfg.name}-{i}.log", kills)
+            reach = _tests_reaching(m, coverage)
+            if reach is not None and not reach:
+                row.survived += 1
+                survivors.append((cfg, source, m))
+                print(f"  SURVIVED L{m.line} {m.key} (no test runs this line)", flush=True)
+                continue
+            out = run_tests(cfg, m, source, timeout, tmp / f"{cfg.name}-{i}.log", kills, reach)
             if out.status == "survived":
                 row.survived += 1
                 survivors.append((cfg, source, m))
@@ -330,6 +393,16 @@ def _run(
         for cfg, source, m in survivors:
             print(f"\n[{cfg.name}] {m.key}\n{_diff(source, m)}")
     return 0 if all(r.percent >= 90.0 for r in rows) else 1
+
+
+def _tests_reaching(mutant: Mutant, coverage: dict[str, set[int]]) -> frozenset[str] | None:
+    """The tests whose unmutated run ran the mutated lines; None (every test) for what runs
+    at import (module constants, signatures, the Lua scripts): it shapes what every test runs."""
+    first, last = mutant.lines
+    span = set(range(first, last + 1))
+    if first <= 0 or span & coverage.get("", set()):
+        return None
+    return frozenset(test for test, lines in coverage.items() if test and lines & span)
 
 
 def _table(rows: list[Row], total: float) -> None:
