@@ -1,0 +1,217 @@
+"""The hub's parts one at a time, over the pub/sub model of tests/hub_model.py: a stream's
+inbox (`Listener`), batching of commands and re-reads, and what a bad event does.
+
+The interleavings of all of them together are tests/test_hub_machine.py's."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Sequence
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from shared.model import StatusEvent
+from stream_gateway import hub as hub_module
+from stream_gateway.hub import Hub, Listener
+from stream_gateway.links import Message
+from stream_gateway.metrics import GatewayMetrics
+from tests.hub_model import FakeLink, FakeReader, FakeRedis, event
+
+
+class Inbox:
+    """What a listener wrote, as (version, pushed); `end_at` ends the stream at that version."""
+
+    def __init__(self, end_at: int | None = None) -> None:
+        self.sent: list[tuple[int, bool]] = []
+        self.end_at = end_at
+        self.gate: asyncio.Event | None = None
+
+    async def send(self, ev: StatusEvent, pushed: bool) -> bool:
+        if self.gate is not None:
+            await self.gate.wait()
+        self.sent.append((ev.version, pushed))
+        return ev.version == self.end_at
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def test_a_listener_queues_only_versions_newer_than_it_has() -> None:
+    listener = Listener("s0", after_version=2)
+    assert listener.offer(event("s0", 2)) is False
+    assert listener.offer(event("s0", 3)) is True
+    assert listener.offer(event("s0", 3)) is False
+    assert listener.offer(event("s0", 1)) is False
+    assert listener.pending == 1
+
+
+async def test_a_listener_keeps_the_newest_events_up_to_its_queue_size() -> None:
+    listener = Listener("s0")
+    for version in range(1, hub_module.QUEUE_SIZE + 5):
+        listener.offer(event("s0", version), pushed=True)
+    assert listener.pending == hub_module.QUEUE_SIZE == 8
+    inbox = Inbox()
+    listener.attach(inbox.send)
+    await settle()
+    assert inbox.sent == [(v, True) for v in range(5, 13)]
+    assert listener.pending == 0
+
+
+async def test_a_pushed_event_also_read_before_it_was_written_counts_as_read() -> None:
+    listener = Listener("s0")
+    listener.offer(event("s0", 1), pushed=True)
+    listener.offer(event("s0", 2), pushed=True)
+    listener.offer(event("s0", 2))  # the read's answer: the same version
+    listener.offer(event("s0", 1))  # older than the newest queued: changes nothing
+    inbox = Inbox()
+    listener.attach(inbox.send)
+    await settle()
+    assert inbox.sent == [(1, True), (2, False)]
+
+
+async def test_a_listener_writes_in_order_and_stops_when_the_stream_ends() -> None:
+    listener = Listener("s0")
+    inbox = Inbox(end_at=2)
+    listener.attach(inbox.send)
+    for version in (1, 2, 3):
+        listener.offer(event("s0", version))
+    await settle()
+    assert inbox.sent == [(1, False), (2, False)]
+    assert listener.offer(event("s0", 4)) is False
+    await settle()
+    assert inbox.sent == [(1, False), (2, False)]
+
+
+async def test_closing_a_listener_stops_its_write_and_refuses_more() -> None:
+    listener = Listener("s0")
+    inbox = Inbox()
+    inbox.gate = asyncio.Event()
+    listener.attach(inbox.send)
+    listener.offer(event("s0", 1))
+    await settle()
+    await listener.close()
+    inbox.gate.set()
+    await settle()
+    assert inbox.sent == []
+    assert listener.offer(event("s0", 2)) is False
+
+
+async def test_a_listener_closed_from_its_own_write_does_not_wait_for_itself() -> None:
+    listener = Listener("s0")
+
+    async def send(ev: StatusEvent, pushed: bool) -> bool:
+        await listener.close()
+        return False
+
+    listener.attach(send)
+    listener.offer(event("s0", 1))
+    listener.offer(event("s0", 2))
+    await asyncio.wait_for(settle(), 1)
+    assert listener.pending == 1  # the second was never written
+
+
+class CountingLink(FakeLink):
+    def __init__(self, server: FakeRedis, commands: list[tuple[str, int]]) -> None:
+        super().__init__(server)
+        self.commands = commands
+
+    async def subscribe(self, uuids: Iterable[str]) -> None:
+        batch = list(uuids)
+        self.commands.append(("subscribe", len(batch)))
+        await super().subscribe(batch)
+
+    async def unsubscribe(self, uuids: Iterable[str]) -> None:
+        batch = list(uuids)
+        self.commands.append(("unsubscribe", len(batch)))
+        await super().unsubscribe(batch)
+
+
+class BatchReader(FakeReader):
+    def __init__(self, server: FakeRedis) -> None:
+        super().__init__(server)
+        self.batches: list[int] = []
+
+    async def read_fresh(self, uuids: Sequence[str]) -> dict[str, StatusEvent]:
+        self.batches.append(len(uuids))
+        return await super().read_fresh(uuids)
+
+
+class Rig:
+    def __init__(self) -> None:
+        self.server = FakeRedis()
+        self.commands: list[tuple[str, int]] = []
+        self.reader = BatchReader(self.server)
+        self.registry = CollectorRegistry()
+        self.metrics = GatewayMetrics.create(self.registry)
+        self.hub = Hub(self.open_link, self.reader, self.metrics)
+
+    def open_link(self) -> FakeLink:
+        link = CountingLink(self.server, self.commands)
+        self.server.links.append(link)
+        return link
+
+    async def until(self, check: object, timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not check():  # type: ignore[operator]
+                await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    rig = Rig()
+    rig.hub.start()
+    await rig.until(lambda: rig.hub.connected)
+    yield rig
+    await rig.hub.stop()
+
+
+async def test_many_streams_at_once_are_subscribed_in_commands_of_500(rig: Rig) -> None:
+    listeners = [Listener(f"u{i}") for i in range(1_001)]
+    await asyncio.gather(*(rig.hub.join(listener) for listener in listeners))
+    assert rig.hub.subscription_count == 1_001
+    assert sorted(n for kind, n in rig.commands if kind == "subscribe") == [1, 500, 500]
+    for listener in listeners:
+        rig.hub.leave(listener)
+    await rig.until(lambda: sum(n for k, n in rig.commands if k == "unsubscribe") == 1_001)
+    assert sorted(n for kind, n in rig.commands if kind == "unsubscribe") == [1, 500, 500]
+    assert rig.hub.subscription_count == 0
+
+
+async def test_after_a_reconnect_every_stream_is_read_again_in_batches_of_500(rig: Rig) -> None:
+    listeners = [Listener(f"u{i}") for i in range(1_001)]
+    await asyncio.gather(*(rig.hub.join(listener) for listener in listeners))
+    rig.reader.batches.clear()
+    assert rig.server.current is not None
+    rig.server.current.drop()
+    await rig.until(lambda: sum(rig.reader.batches) >= 1_001)
+    assert sorted(rig.reader.batches) == [1, 500, 500]
+    assert (rig.registry.get_sample_value("paypush_stream_resync_reads_total") or 0) >= 1_001
+
+
+async def test_a_bad_event_on_the_link_is_skipped_and_the_next_one_delivered(rig: Rig) -> None:
+    listener = Listener("s0")
+    inbox = Inbox()
+    listener.attach(inbox.send)
+    await rig.hub.join(listener)
+    link = rig.server.current
+    assert link is not None
+    link.inbox.put_nowait(Message("message", "s0", b"not json"))
+    rig.server.publish("s0")
+    await rig.until(lambda: inbox.sent)
+    assert inbox.sent == [(1, True)]
+
+
+async def test_a_stream_that_leaves_is_no_longer_held(rig: Rig) -> None:
+    listener, other = Listener("s0"), Listener("s0")
+    await rig.hub.join(listener)
+    await rig.hub.join(other)
+    assert rig.hub.holds(listener) and rig.hub.subscription_count == 1
+    rig.hub.leave(listener)
+    rig.hub.leave(listener)  # twice: nothing more happens
+    assert not rig.hub.holds(listener) and rig.hub.holds(other)
+    assert rig.hub.subscription_count == 1
+    rig.hub.leave(other)
+    assert rig.hub.subscription_count == 0
