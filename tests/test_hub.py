@@ -9,9 +9,11 @@ import asyncio
 from collections.abc import AsyncIterator, Iterable, Sequence
 
 import pytest
+from pymongo.errors import PyMongoError
 from prometheus_client import CollectorRegistry
 
 from shared.model import StatusEvent
+from shared.tasks import Supervisor
 from stream_gateway import hub as hub_module
 from stream_gateway.hub import Hub, Listener
 from stream_gateway.links import Message
@@ -130,13 +132,29 @@ class CountingLink(FakeLink):
 
 
 class BatchReader(FakeReader):
+    """Records each batch; `gate` holds reads; `fail` makes that many reads fail."""
+
     def __init__(self, server: FakeRedis) -> None:
         super().__init__(server)
         self.batches: list[int] = []
+        self.gate: asyncio.Event | None = None
+        self.fail = 0
+        self.inflight = 0
+        self.most_inflight = 0
 
     async def read_fresh(self, uuids: Sequence[str]) -> dict[str, StatusEvent]:
         self.batches.append(len(uuids))
-        return await super().read_fresh(uuids)
+        self.inflight += 1
+        self.most_inflight = max(self.most_inflight, self.inflight)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            if self.fail > 0:
+                self.fail -= 1
+                raise PyMongoError("MongoDB unavailable")
+            return await super().read_fresh(uuids)
+        finally:
+            self.inflight -= 1
 
 
 class Rig:
@@ -146,7 +164,17 @@ class Rig:
         self.reader = BatchReader(self.server)
         self.registry = CollectorRegistry()
         self.metrics = GatewayMetrics.create(self.registry)
-        self.hub = Hub(self.open_link, self.reader, self.metrics)
+        self.supervisor = Supervisor(self.registry)
+        self.hub = Hub(self.open_link, self.reader, self.metrics, self.supervisor)
+
+    def restarts(self) -> float:
+        """Deaths of the hub's tasks: a lost link is the reader's to handle, not a death."""
+        return sum(
+            sample.value
+            for metric in self.registry.collect()
+            for sample in metric.samples
+            if sample.name == "paypush_task_restarts_total"
+        )
 
     def open_link(self) -> FakeLink:
         link = CountingLink(self.server, self.commands)
@@ -166,6 +194,7 @@ async def rig() -> AsyncIterator[Rig]:
     await rig.until(lambda: rig.hub.connected)
     yield rig
     await rig.hub.stop()
+    assert rig.restarts() == 0
 
 
 async def test_many_streams_at_once_are_subscribed_in_commands_of_500(rig: Rig) -> None:
@@ -215,3 +244,63 @@ async def test_a_stream_that_leaves_is_no_longer_held(rig: Rig) -> None:
     assert rig.hub.subscription_count == 1
     rig.hub.leave(other)
     assert rig.hub.subscription_count == 0
+
+
+async def test_a_link_that_fails_to_open_is_retried_with_a_doubling_jittered_backoff(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bounds: list[float] = []
+
+    class Jitter:
+        """Records each backoff's bound and waits nothing (full jitter: uniform(0, bound))."""
+
+        @staticmethod
+        def uniform(low: float, high: float) -> float:
+            assert low == 0
+            bounds.append(high)
+            return 0.0
+
+    monkeypatch.setattr(hub_module, "random", Jitter)
+    rig = Rig()
+    rig.server.fail_opens = 9
+    rig.hub.start()
+    try:
+        await rig.until(lambda: rig.hub.connected)
+        assert bounds == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
+        # A link that lived shorter than STABLE_LINK_SECONDS: the backoff goes on growing.
+        link = rig.server.current
+        assert link is not None
+        link.drop()
+        await rig.until(lambda: rig.hub.connected and rig.server.current not in (None, link))
+        assert bounds[9:] == [5.0]
+    finally:
+        await rig.hub.stop()
+    assert rig.restarts() == 0
+
+
+async def test_a_reconnect_reads_again_at_most_four_batches_at_a_time(rig: Rig) -> None:
+    await asyncio.gather(*(rig.hub.join(Listener(f"u{i}")) for i in range(2_600)))
+    rig.reader.gate = asyncio.Event()
+    rig.reader.batches.clear()
+    assert rig.server.current is not None
+    rig.server.current.drop()
+    await rig.until(lambda: rig.reader.inflight == 4)
+    await settle()
+    assert rig.reader.most_inflight == 4
+    rig.reader.gate.set()
+    await rig.until(lambda: sum(rig.reader.batches) >= 2_600)
+    assert sorted(rig.reader.batches) == [100, 500, 500, 500, 500, 500]
+
+
+async def test_a_failed_re_read_is_tried_again(rig: Rig) -> None:
+    listener = Listener("s0")
+    inbox = Inbox()
+    listener.attach(inbox.send)
+    await rig.hub.join(listener)
+    rig.server.versions["s0"] = 3  # changed while the link was down: only a read tells
+    rig.reader.fail = 1
+    assert rig.server.current is not None
+    rig.server.current.drop()
+    await rig.until(lambda: inbox.sent, timeout=10)
+    assert inbox.sent == [(3, False)]
+    assert rig.reader.fail == 0

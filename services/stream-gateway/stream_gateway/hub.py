@@ -52,8 +52,6 @@ STABLE_LINK_SECONDS = 10.0
 REREAD_BATCH = 500
 REREAD_WORKERS = 4
 REREAD_RETRY_SECONDS = 1.0
-# How long stopping waits for the hub's tasks to end.
-STOP_TIMEOUT = 1.0
 
 
 Sender = Callable[[StatusEvent, bool], Awaitable[bool]]
