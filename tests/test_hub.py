@@ -9,8 +9,8 @@ import asyncio
 from collections.abc import AsyncIterator, Iterable, Sequence
 
 import pytest
-from pymongo.errors import PyMongoError
 from prometheus_client import CollectorRegistry
+from pymongo.errors import PyMongoError
 
 from shared.model import StatusEvent
 from shared.tasks import Supervisor
