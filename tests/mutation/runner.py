@@ -236,17 +236,18 @@ def run_tests(
     with contextlib.suppress(OSError):
         os.setpgid(pid, pid)
     deadline = start + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            for proc in [*_descendants(pid), pid]:
-                with contextlib.suppress(OSError):
-                    os.kill(proc, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return Outcome("timeout", time.monotonic() - start, "timeout")
-        time.sleep(0.02)
+    try:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                _kill_all(pid)
+                return Outcome("timeout", time.monotonic() - start, "timeout")
+            time.sleep(0.02)
+    except BaseException:
+        _kill_all(pid)  # stopped: the child and the servers it started go too
+        raise
     # Servers a killed or crashed test left behind.
     for proc in _descendants(pid):
         with contextlib.suppress(OSError):
@@ -255,6 +256,14 @@ def run_tests(
     code = os.waitstatus_to_exitcode(status)
     by = by_file.read_text() if by_file.exists() else f"exit {code}"
     return Outcome("survived" if code == 0 else "killed", seconds, by)
+
+
+def _kill_all(pid: int) -> None:
+    for proc in [*_descendants(pid), pid]:
+        with contextlib.suppress(OSError):
+            os.kill(proc, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
 
 
 @dataclass
@@ -346,15 +355,40 @@ def _run(
     os.environ.pop("MONGODB_URL", None)
     rows: list[Row] = []
     survivors: list[tuple[ModuleConfig, bytes, Mutant]] = []
+    # Stopped early (Ctrl-C, SIGTERM): the table of what ran so far is still printed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        _run_modules(plans, equivalents, only, tmp, rows, survivors)
+    except KeyboardInterrupt:
+        print("\nstopped early: the last row counts only the mutants run so far")
+    total = time.monotonic() - total_start
+    _table(rows, total)
+    if survivors:
+        print("\nSurvivors (a test should kill each, or equivalent.toml says why it cannot):")
+        for cfg, source, m in survivors:
+            print(f"\n[{cfg.name}] {m.key}\n{_diff(source, m)}")
+    return 0 if rows and all(r.percent >= 90.0 for r in rows) else 1
+
+
+def _run_modules(
+    plans: list[tuple[ModuleConfig, bytes, list[Mutant]]],
+    equivalents: dict[tuple[str, str], Any],
+    only: str | None,
+    tmp: Path,
+    rows: list[Row],
+    survivors: list[tuple[ModuleConfig, bytes, Mutant]],
+) -> None:
     for cfg, source, mutants in plans:
         row = Row(cfg.name, generated=len(mutants))
+        rows.append(row)
         module_start = time.monotonic()
         log = tmp / f"{cfg.name}.log"
         trace = tmp / f"{cfg.name}-lines.json"
         base = run_tests(cfg, None, source, 900, log, trace_to=trace)
         if base.status != "survived":
-            print(f"{cfg.name}: the tests fail without any mutant ({base.by}); see {log}")
-            return 2
+            raise SystemExit(
+                f"{cfg.name}: the tests fail without any mutant ({base.by}); see {log}"
+            )
         coverage = {test: set(lines) for test, lines in json.loads(trace.read_text()).items()}
         timeout = max(20.0, 5 * base.seconds)
         print(f"== {cfg.name}: {len(mutants)} mutants, tests {base.seconds:.1f} s unmutated")
@@ -380,19 +414,12 @@ def _run(
                 row.killed += 1
                 kills[out.by] += 1
                 (tmp / f"{cfg.name}-{i}.log").unlink(missing_ok=True)
+            row.seconds = time.monotonic() - module_start
             if i % 25 == 0:
-                elapsed = time.monotonic() - module_start
+                elapsed = row.seconds
                 print(f"  ... {i}/{len(mutants)} in {elapsed:.0f} s", flush=True)
         row.seconds = time.monotonic() - module_start
-        rows.append(row)
         print(f"   {row.name}: {row.percent:.1f} % killed in {row.seconds:.0f} s", flush=True)
-    total = time.monotonic() - total_start
-    _table(rows, total)
-    if survivors:
-        print("\nSurvivors (a test should kill each, or equivalent.toml says why it cannot):")
-        for cfg, source, m in survivors:
-            print(f"\n[{cfg.name}] {m.key}\n{_diff(source, m)}")
-    return 0 if all(r.percent >= 90.0 for r in rows) else 1
 
 
 def _tests_reaching(mutant: Mutant, coverage: dict[str, set[int]]) -> frozenset[str] | None:
