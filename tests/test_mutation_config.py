@@ -11,6 +11,8 @@ import pytest
 from tests.mutation.mutants import Mutant, load_config, lua_text_mutants, module_mutants
 
 CONFIG = load_config()
+# Each module's source and mutants, made once for every test here.
+MUTANTS = {cfg.name: module_mutants(cfg, CONFIG) for cfg in CONFIG.modules}
 
 
 @pytest.mark.parametrize("cfg", CONFIG.modules, ids=lambda c: c.name)
@@ -28,7 +30,7 @@ def test_every_mutant_of_a_module_compiles_and_differs(cfg: object) -> None:
     from tests.mutation.mutants import ModuleConfig
 
     assert isinstance(cfg, ModuleConfig)
-    source, mutants = module_mutants(cfg, CONFIG)
+    source, mutants = MUTANTS[cfg.name]
     assert mutants
     keys = [m.key for m in mutants]
     assert len(keys) == len(set(keys))
@@ -41,7 +43,7 @@ def test_every_mutant_of_a_module_compiles_and_differs(cfg: object) -> None:
 def test_every_equivalent_mutant_names_one_that_exists() -> None:
     keys: dict[str, set[str]] = {}
     for cfg in CONFIG.modules:
-        keys[cfg.name] = {m.key for m in module_mutants(cfg, CONFIG)[1]}
+        keys[cfg.name] = {m.key for m in MUTANTS[cfg.name][1]}
     stale = [e for e in CONFIG.equivalents if e.mutant not in keys.get(e.module, set())]
     assert not stale, f"equivalent.toml names mutants that no longer exist: {stale}"
     assert all(e.why.strip() for e in CONFIG.equivalents)
@@ -51,7 +53,7 @@ def test_every_hand_made_lua_mutant_is_made() -> None:
     made = {
         m.key
         for cfg in CONFIG.modules
-        for m in module_mutants(cfg, CONFIG)[1]
+        for m in MUTANTS[cfg.name][1]
         if m.kind == "lua" and ": hand: " in m.key
     }
     assert len(made) == len(CONFIG.lua_mutants)
