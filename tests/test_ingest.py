@@ -133,3 +133,13 @@ async def test_before_the_indexes_exist_nothing_is_taken(settings: Settings, sto
         assert await store.webhooks.count_documents({}) == 0
     finally:
         await redis.aclose()
+
+
+async def test_a_redelivered_failed_transaction_is_a_duplicate(
+    ingestor: Ingestor, store: Store
+) -> None:
+    session = await add_session(store, amount=9_000)
+    delivery = webhook(session["orderCode"], 9_000, code="01")
+    assert (await ingestor.ingest(delivery)).outcome is Outcome.NOT_PAID
+    assert (await ingestor.ingest(delivery)).outcome is Outcome.DUPLICATE
+    assert await store.webhooks.count_documents({"orderCode": session["orderCode"]}) == 1
