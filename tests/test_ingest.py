@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from shared import keys
 from shared.cache import StatusCache
-from shared.model import StreamStatus
+from shared.model import StreamStatus, utcnow
 from shared.mongo import Store
 from shared.settings import Settings
 from tests.helpers import TEST_CHECKSUM_KEY, add_session, signed_webhook
@@ -143,3 +143,24 @@ async def test_a_redelivered_failed_transaction_is_a_duplicate(
     assert (await ingestor.ingest(delivery)).outcome is Outcome.NOT_PAID
     assert (await ingestor.ingest(delivery)).outcome is Outcome.DUPLICATE
     assert await store.webhooks.count_documents({"orderCode": session["orderCode"]}) == 1
+
+
+async def test_counting_a_transaction_moves_updated_at_to_the_databases_now(
+    ingestor: Ingestor, store: Store
+) -> None:
+    long_ago = utcnow() - timedelta(hours=1)
+    session = await add_session(store, amount=10_000, updatedAt=long_ago)
+    result = await ingestor.ingest(webhook(session["orderCode"], 4_000))
+    assert result.event is not None and result.event.updated_at > long_ago + timedelta(minutes=59)
+    stored = await store.sessions.find_one({"uuid": session["uuid"]})
+    assert stored is not None and "completedAt" not in stored
+
+
+async def test_a_session_stored_without_amount_paid_counts_from_zero(
+    ingestor: Ingestor, store: Store
+) -> None:
+    session = await add_session(store, amount=10_000)
+    await store.sessions.update_one({"uuid": session["uuid"]}, {"$unset": {"amountPaid": ""}})
+    result = await ingestor.ingest(webhook(session["orderCode"], 9_999))
+    assert result.outcome is Outcome.PARTIAL and result.event is not None
+    assert result.event.amount_paid == 9_999
