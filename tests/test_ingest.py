@@ -12,10 +12,11 @@ from datetime import timedelta
 import pytest
 from redis.asyncio import Redis
 
+from devstack.servers import free_port
 from shared import keys
 from shared.cache import StatusCache
 from shared.model import StreamStatus, utcnow
-from shared.mongo import Store
+from shared.mongo import PUBLISH_PENDING, Store
 from shared.settings import Settings
 from tests.helpers import TEST_CHECKSUM_KEY, add_session, signed_webhook
 from webhook_ingest.errors import StoreUnavailable
@@ -164,3 +165,19 @@ async def test_a_session_stored_without_amount_paid_counts_from_zero(
     result = await ingestor.ingest(webhook(session["orderCode"], 9_999))
     assert result.outcome is Outcome.PARTIAL and result.event is not None
     assert result.event.amount_paid == 9_999
+
+
+async def test_with_redis_down_the_payment_counts_unpublished_and_is_marked_for_later(
+    store: Store,
+) -> None:
+    dead = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5)
+    try:
+        cache = StatusCache(dead)
+        ingestor = Ingestor(store, cache, Resync(store, cache))
+        session = await add_session(store, amount=9_000)
+        result = await ingestor.ingest(webhook(session["orderCode"], 9_000))
+        assert (result.outcome, result.published) == (Outcome.COMPLETED, False)
+        stored = await store.sessions.find_one({"uuid": session["uuid"]})
+        assert stored is not None and stored[PUBLISH_PENDING] is True
+    finally:
+        await dead.aclose()
