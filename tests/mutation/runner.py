@@ -291,7 +291,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make mutate", description=__doc__.split("\n")[0])
     parser.add_argument("modules", nargs="*", help="module names from modules.toml (all if none)")
     parser.add_argument("--list", action="store_true", help="list the mutants, run nothing")
-    parser.add_argument("--only", help="run only the mutants whose key contains this text")
+    parser.add_argument(
+        "--only",
+        action="append",
+        help="run only the mutants whose key contains this text (repeatable)",
+    )
     parser.add_argument("--show", help="print the mutated source lines of a mutant key")
     args = parser.parse_args(argv)
 
@@ -341,7 +345,7 @@ def _run(
     plans: list[tuple[ModuleConfig, bytes, list[Mutant]]],
     equivalents: dict[tuple[str, str], Any],
     config: Config,
-    only: str | None,
+    only: list[str] | None,
 ) -> int:
     os.chdir(ROOT)
     total_start = time.monotonic()
@@ -373,7 +377,7 @@ def _run(
 def _run_modules(
     plans: list[tuple[ModuleConfig, bytes, list[Mutant]]],
     equivalents: dict[tuple[str, str], Any],
-    only: str | None,
+    only: list[str] | None,
     tmp: Path,
     rows: list[Row],
     survivors: list[tuple[ModuleConfig, bytes, Mutant]],
@@ -397,7 +401,7 @@ def _run_modules(
             if (cfg.name, m.key) in equivalents:
                 row.equivalent += 1
                 continue
-            if only and only not in m.key:
+            if only and not any(text in m.key for text in only):
                 continue
             reach = _tests_reaching(m, coverage)
             if reach is not None and not reach:
