@@ -66,12 +66,22 @@ async def test_a_pushed_event_also_read_before_it_was_written_counts_as_read() -
     listener = Listener("s0")
     listener.offer(event("s0", 1), pushed=True)
     listener.offer(event("s0", 2), pushed=True)
-    listener.offer(event("s0", 2))  # the read's answer: the same version
-    listener.offer(event("s0", 1))  # older than the newest queued: changes nothing
+    listener.offer(event("s0", 2))  # the read's answer: the same version as the newest queued
     inbox = Inbox()
     listener.attach(inbox.send)
     await settle()
     assert inbox.sent == [(1, True), (2, False)]
+
+
+async def test_reading_an_older_version_leaves_the_queued_push_a_push() -> None:
+    listener = Listener("s0")
+    listener.offer(event("s0", 1), pushed=True)
+    listener.offer(event("s0", 2), pushed=True)
+    listener.offer(event("s0", 1))  # older than the newest queued: changes nothing
+    inbox = Inbox()
+    listener.attach(inbox.send)
+    await settle()
+    assert inbox.sent == [(1, True), (2, True)]
 
 
 async def test_a_listener_writes_in_order_and_stops_when_the_stream_ends() -> None:
@@ -99,6 +109,24 @@ async def test_closing_a_listener_stops_its_write_and_refuses_more() -> None:
     await settle()
     assert inbox.sent == []
     assert listener.offer(event("s0", 2)) is False
+
+
+async def test_closing_a_listener_returns_once_its_write_has_stopped() -> None:
+    listener = Listener("s0")
+    stopped = asyncio.Event()
+
+    async def send(ev: StatusEvent, pushed: bool) -> bool:
+        try:
+            await asyncio.Event().wait()  # a client that reads nothing
+        finally:
+            stopped.set()
+        return False
+
+    listener.attach(send)
+    listener.offer(event("s0", 1))
+    await settle()
+    await listener.close()
+    assert stopped.is_set()
 
 
 async def test_a_listener_closed_from_its_own_write_does_not_wait_for_itself() -> None:
@@ -323,3 +351,27 @@ async def test_the_hub_says_whether_it_is_connected_and_counts_its_connections(
     rig.server.fail_opens = 0
     await rig.until(lambda: rig.hub.connected)
     assert connects() == 2
+
+
+async def test_a_join_waits_for_the_last_of_several_commands_in_flight_for_its_channel(
+    rig: Rig,
+) -> None:
+    # SUBSCRIBE, UNSUBSCRIBE, SUBSCRIBE of one channel all in flight: the second stream's
+    # join returns only once Redis has processed the last of them.
+    link = rig.server.current
+    assert link is not None
+    rig.server.slow = True
+    first = asyncio.create_task(rig.hub.join(Listener("s0")))
+    await rig.until(lambda: len(link.held) == 1)
+    first.cancel()  # the browser left during its join
+    await asyncio.gather(first, return_exceptions=True)
+    await rig.until(lambda: len(link.held) == 2)
+    second = asyncio.create_task(rig.hub.join(Listener("s0")))
+    await rig.until(lambda: len(link.held) == 3)
+    for _ in range(2):
+        link._process(*link.held.pop(0))
+        await settle()
+        assert not second.done()
+    link._process(*link.held.pop(0))
+    await asyncio.wait_for(second, 1)
+    assert link.subscribed == {"s0"}
