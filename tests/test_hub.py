@@ -375,3 +375,9 @@ async def test_a_join_waits_for_the_last_of_several_commands_in_flight_for_its_c
     link._process(*link.held.pop(0))
     await asyncio.wait_for(second, 1)
     assert link.subscribed == {"s0"}
+
+
+async def test_a_stream_joining_a_channel_already_subscribed_does_not_wait(rig: Rig) -> None:
+    await rig.hub.join(Listener("s0"))
+    rig.server.slow = True  # nothing more would be confirmed: the join must not need to be
+    await asyncio.wait_for(rig.hub.join(Listener("s0")), 0.5)
