@@ -41,7 +41,7 @@ faults: setup
 	$(BIN)/pytest tests/faults -m "faults or faults_long" $(PYTEST_ARGS)
 
 # Mutation testing of the payment core (tests/mutation/): a table per module; not part of
-# `make test` (about 35 minutes). MUTATE_ARGS="cache limits" runs some modules only.
+# `make test` (about an hour on this machine). MUTATE_ARGS="cache limits" runs some modules only.
 MUTATE_ARGS ?=
 mutate: setup
 	nice -n 10 $(BIN)/python -m tests.mutation $(MUTATE_ARGS)
