@@ -381,3 +381,15 @@ async def test_a_stream_joining_a_channel_already_subscribed_does_not_wait(rig: 
     await rig.hub.join(Listener("s0"))
     rig.server.slow = True  # nothing more would be confirmed: the join must not need to be
     await asyncio.wait_for(rig.hub.join(Listener("s0")), 0.5)
+
+
+async def test_a_join_waiting_on_a_link_that_ends_returns_at_once(rig: Rig) -> None:
+    # The next link re-reads every stream: waiting out the confirmation timeout (2 s) for a
+    # link that is gone would only delay the stream's first read.
+    link = rig.server.current
+    assert link is not None
+    rig.server.slow = True
+    joining = asyncio.create_task(rig.hub.join(Listener("s0")))
+    await rig.until(lambda: len(link.held) == 1)
+    link.drop()
+    await asyncio.wait_for(joining, 1.0)
