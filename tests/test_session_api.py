@@ -22,6 +22,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from payos import APIError, AsyncPayOS
 
+from devstack.system import Backends
 from session_api import create_app
 from session_api.appkeys import SESSIONS
 from session_api.cleanup import run_cleanup
@@ -31,7 +32,6 @@ from shared.model import StatusEvent, StreamStatus, utcnow
 from shared.mongo import Store
 from shared.payos_client import payos_client
 from shared.settings import Settings
-from tests.conftest import Servers
 from tests.helpers import add_session, paused, simulator_to_ingest, subscribed
 from webhook_ingest import create_app as create_ingest
 
@@ -486,7 +486,7 @@ async def test_a_create_cancelled_while_payos_answers_late_counts_nothing_and_ca
 
 
 async def test_a_create_cancelled_while_storing_its_link_counts_nothing_and_cancels_the_link(
-    patient_api: Client, sim: Sim, store: Store, payos: AsyncPayOS, servers: Servers
+    patient_api: Client, sim: Sim, store: Store, payos: AsyncPayOS, servers: Backends
 ) -> None:
     if servers.mongo is None:
         pytest.skip("MongoDB is external; the suite cannot pause it")
@@ -510,7 +510,7 @@ async def test_a_create_cancelled_while_storing_its_link_counts_nothing_and_canc
 
 
 async def test_a_rollback_outlives_a_second_cancellation_and_shutdown_waits_for_it(
-    patient_api: Client, sim: Sim, store: Store, payos: AsyncPayOS, servers: Servers
+    patient_api: Client, sim: Sim, store: Store, payos: AsyncPayOS, servers: Backends
 ) -> None:
     if servers.mongo is None:
         pytest.skip("MongoDB is external; the suite cannot pause it")
@@ -764,7 +764,7 @@ async def test_expired_that_redis_missed_during_cleanup_is_published_by_the_inge
     aiohttp_client: Callable[..., Awaitable[Client]],
     settings: Settings,
     store: Store,
-    servers: Servers,
+    servers: Backends,
 ) -> None:
     # No PayOS simulator (and so no ingest) here: the ingest below starts only once the
     # subscriber listens, and its start-up sweep is the one that must publish.
@@ -954,7 +954,7 @@ async def test_stats_lag_the_truth_by_at_most_a_second(
     ],
 )
 async def test_public_stats_answer_counts_only_even_when_redis_is_down(
-    api: Client, servers: Servers, headers: dict[str, str]
+    api: Client, servers: Backends, headers: dict[str, str]
 ) -> None:
     servers.redis.stop()
     try:
@@ -972,7 +972,7 @@ async def test_public_stats_answer_counts_only_even_when_redis_is_down(
 
 
 async def test_admin_stats_also_tell_when_they_were_counted_and_what_failed(
-    api: Client, servers: Servers
+    api: Client, servers: Backends
 ) -> None:
     servers.redis.stop()
     try:

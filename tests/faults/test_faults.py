@@ -35,14 +35,13 @@ from httpx_sse import aconnect_sse
 from redis.asyncio import RedisCluster
 
 from devstack.servers import LocalRedisCluster, free_port
+from devstack.system import Backends, System
 from shared.mongo import Store
-from tests.conftest import Servers
 from tests.faults.conftest import paused
 from tests.faults.harness import (
     Driver,
     Payment,
     Report,
-    System,
     deliveries,
     kill,
     leftovers,
@@ -80,7 +79,7 @@ async def set_faults(http: httpx.AsyncClient, system: System, **faults: object) 
 
 @pytest.mark.parametrize("scale", SCALES)
 async def test_redis_kill_9_and_restart_while_payments_flow(
-    system: System, driver: Driver, servers: Servers, store: Store, ledger: Report, scale: int
+    system: System, driver: Driver, servers: Backends, store: Store, ledger: Report, scale: int
 ) -> None:
     """Redis loses every key and every subscription: gateways resubscribe and re-read,
     the ingest acknowledges what MongoDB stored and republishes once Redis is back."""
@@ -249,7 +248,7 @@ async def cluster_client(cluster: LocalRedisCluster) -> AsyncIterator[RedisClust
 
 @pytest.mark.parametrize("scale", SCALES)
 async def test_mongodb_stop_and_start_while_payments_flow(
-    system: System, driver: Driver, servers: Servers, store: Store, ledger: Report, scale: int
+    system: System, driver: Driver, servers: Backends, store: Store, ledger: Report, scale: int
 ) -> None:
     """MongoDB away: the ingest answers 503 (nothing acknowledged that is not stored) and
     the simulator redelivers; session creation answers 503 and the client retries."""
@@ -307,7 +306,7 @@ async def test_gateway_kill_9_mid_stream_browsers_resume_elsewhere(
 async def test_ingest_kill_9_mid_request_is_redelivered(
     system: System,
     driver: Driver,
-    servers: Servers,
+    servers: Backends,
     store: Store,
     ledger: Report,
     scale: int,
@@ -366,7 +365,7 @@ async def test_payos_deliveries_dropped_and_delayed(
 @pytest.mark.faults_long
 @pytest.mark.timeout(900)
 async def test_chaos_every_fault_again_and_again_while_payments_flow(
-    system: System, driver: Driver, servers: Servers, store: Store, ledger: Report
+    system: System, driver: Driver, servers: Backends, store: Store, ledger: Report
 ) -> None:
     """Ninety seconds of steady payments with a fault every few seconds, in random order."""
     assert servers.mongo is not None
