@@ -377,11 +377,11 @@ async def wait_ready(
         deadline = time.monotonic() + within
         while True:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
-                async with http.get(f"{base_url}/readyz") as resp:
+                async with http.get(f"{base_url.rstrip('/')}/readyz") as resp:
                     body = await resp.json(content_type=None)
                     if ready(resp.status, body):
                         return dict(body)
                     last = f"{resp.status} {body}"
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{base_url} not ready within {within:g} s: {last}")
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)

@@ -24,7 +24,7 @@ from devstack.balancer import find_nginx
 from devstack.replicas import REPLICATED, running
 from devstack.servers import Process
 from devstack.sse import EventSourceClient, sse_http_client
-from devstack.system import System
+from devstack.system import System, wait_ready
 from shared import keys
 from shared.cache import StatusCache
 from shared.clients import redis_client
@@ -346,13 +346,9 @@ async def all_ready(system: System, timeout: float) -> None:
     /readyz (a PING) first keeps that out of these tests; the race itself is redis-py's and
     is left as found.
     """
-    async with httpx.AsyncClient(timeout=2) as client, asyncio.timeout(timeout):
+    async with asyncio.timeout(timeout):
         for service in REPLICATED:
-            while True:
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get(f"{direct(system, service)}/readyz")).status_code == 200:
-                        break
-                await asyncio.sleep(0.1)
+            await wait_ready(direct(system, service), timeout)
 
 
 async def test_every_cluster_node_killed_and_restarted_pushes_flow_again(

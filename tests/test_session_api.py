@@ -11,18 +11,16 @@ import sys
 import time
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import aiohttp
 import pytest
 import redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from payos import APIError, AsyncPayOS
 
-from devstack.system import Backends
+from devstack.system import Backends, wait_ready
 from session_api import create_app
 from session_api.appkeys import SESSIONS
 from session_api.cleanup import run_cleanup
@@ -32,7 +30,7 @@ from shared.model import StatusEvent, StreamStatus, utcnow
 from shared.mongo import Store
 from shared.payos_client import payos_client
 from shared.settings import Settings
-from tests.helpers import add_session, paused, simulator_to_ingest, subscribed
+from tests.helpers import Sim, add_session, paused, simulator_to_ingest, subscribed
 from webhook_ingest import create_app as create_ingest
 
 Client = TestClient[Any, Any]
@@ -41,29 +39,10 @@ CRON = {"Authorization": "Bearer test-cron-secret"}
 ADMIN = {"Authorization": "Bearer test-admin-token"}
 
 
-@dataclass
-class Sim:
-    """The PayOS simulator (delivering webhooks to a real ingest) and its controls."""
-
-    url: str
-    http: aiohttp.ClientSession
-
-    async def faults(self, mode: str, delay: float = 0.0) -> None:
-        body = {"mode": mode, "delaySeconds": delay}
-        async with self.http.post(f"{self.url}/sim/faults", json=body) as resp:
-            assert resp.status == 200
-
-    async def pay(self, order_code: int) -> dict[str, Any]:
-        async with self.http.post(f"{self.url}/sim/pay/{order_code}", json={}) as resp:
-            assert resp.status == 200, await resp.text()
-            result: dict[str, Any] = await resp.json()
-            return result
-
-
 @pytest.fixture
 async def sim(settings: Settings, store: Store) -> AsyncIterator[Sim]:
-    async with simulator_to_ingest(settings) as (url, _ingest_url, http):
-        yield Sim(url, http)
+    async with simulator_to_ingest(settings) as running:
+        yield running
 
 
 @pytest.fixture
@@ -78,10 +57,8 @@ def api_settings(settings: Settings, sim: Sim) -> Settings:
 
 
 async def _ready(client: Client) -> Client:
-    # Index creation runs in the background at start-up; wait for it like /readyz does.
-    async with asyncio.timeout(5):
-        while (await client.get("/readyz")).status != 200:
-            await asyncio.sleep(0.02)
+    # Index creation runs in the background at start-up; /readyz waits for it.
+    await wait_ready(str(client.make_url("")), 5)
     return client
 
 

@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 
 from devstack.servers import Process, free_port, python_service
 from devstack.system import Backends
+from devstack.system import wait_ready as until_ready
 from shared import keys
 from shared.appkeys import SUPERVISOR
 from shared.cache import StatusCache
@@ -51,9 +52,7 @@ def gateway_settings(settings: Settings) -> Settings:
 
 async def wait_ready(http: httpx.AsyncClient, timeout: float = 10) -> None:
     """Until every check passes (readiness itself needs none of the backends)."""
-    async with asyncio.timeout(timeout):
-        while (await http.get("/readyz")).json()["status"] != "ready":
-            await asyncio.sleep(0.02)
+    await until_ready(str(http.base_url), timeout, ready=lambda _, body: body["status"] == "ready")
 
 
 @contextlib.asynccontextmanager
@@ -88,9 +87,7 @@ async def ingest(
     aiohttp_client: Callable[..., Awaitable[Client]], settings: Settings, store: Store
 ) -> Client:
     client = await aiohttp_client(create_ingest_app(settings))
-    async with asyncio.timeout(5):
-        while (await client.get("/readyz")).status != 200:
-            await asyncio.sleep(0.02)
+    await until_ready(str(client.make_url("")), 5)
     return client
 
 

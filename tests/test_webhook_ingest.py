@@ -13,7 +13,7 @@ import structlog
 from aiohttp.test_utils import TestClient
 
 from devstack.payos_simulator.state import new_reference
-from devstack.system import Backends
+from devstack.system import Backends, wait_ready
 from shared.appkeys import CACHE, STORE
 from shared.model import StatusEvent, StreamStatus, utcnow
 from shared.mongo import Store
@@ -30,10 +30,8 @@ async def ingest(
     aiohttp_client: Callable[..., Awaitable[Client]], settings: Settings, store: Store
 ) -> Client:
     client = await aiohttp_client(create_app(settings))
-    # Index creation runs in the background at start-up; wait for it like /readyz does.
-    async with asyncio.timeout(5):
-        while (await client.get("/readyz")).status != 200:
-            await asyncio.sleep(0.02)
+    # Index creation runs in the background at start-up; /readyz waits for it.
+    await wait_ready(str(client.make_url("")), 5)
     return client
 
 

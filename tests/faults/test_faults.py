@@ -28,14 +28,13 @@ import random
 import time
 from collections.abc import AsyncIterator
 
-import aiohttp
 import httpx
 import pytest
 from httpx_sse import aconnect_sse
 from redis.asyncio import RedisCluster
 
 from devstack.servers import LocalRedisCluster, free_port
-from devstack.system import Backends, System
+from devstack.system import Backends, System, wait_ready
 from shared.mongo import Store
 from tests.faults.conftest import paused
 from tests.faults.harness import (
@@ -444,7 +443,11 @@ async def test_ingest_restart_with_a_deferred_publish_leaves_no_browser_waiting(
     ledger.faults.append("webhook-ingest cut off from Redis")
     # Until its unique indexes are confirmed the ingest refuses deliveries (503, redelivered
     # later); this test wants the first delivery acknowledged, so it waits for MongoDB.
-    await mongodb_ready(f"http://127.0.0.1:{ingest.port}/readyz")
+    await wait_ready(
+        f"http://127.0.0.1:{ingest.port}",
+        20,
+        ready=lambda _, body: body.get("checks", {}).get("mongodb") == "ok",
+    )
     for p in victims:
         body = await driver.pay(p)
         assert body["delivered"], "stored and acknowledged, the publish deferred"
@@ -454,13 +457,3 @@ async def test_ingest_restart_with_a_deferred_publish_leaves_no_browser_waiting(
     await start(ingest)
     # Within a few sweeps (every 5 s) even if the first one finds MongoDB not yet reachable.
     await audit(driver, store, ledger, timeout=20)
-
-
-async def mongodb_ready(readyz: str, timeout: float = 20.0) -> None:
-    """Wait until a service's /readyz says MongoDB is ready (whatever it says of Redis)."""
-    async with asyncio.timeout(timeout), aiohttp.ClientSession() as http:
-        while True:
-            async with http.get(readyz) as resp:
-                if (await resp.json())["checks"].get("mongodb") == "ok":
-                    return
-            await asyncio.sleep(0.05)
