@@ -32,13 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import httpx
 from redis.asyncio import Redis
 
 from devstack.replicas import running
 from devstack.seed import store_pending_sessions
 from devstack.servers import Process
-from devstack.sse import EventSourceClient, sse_http_client
+from devstack.sse import EventSourceClient
 from devstack.system import System
 from shared.cache import StatusCache
 from shared.model import StatusEvent
@@ -75,12 +74,7 @@ OPEN_CONCURRENCY = 200
 async def client_main(base_url: str) -> None:
     """A client process: read uuids on stdin, hold a stream each, report when each is paid."""
     uuids: list[str] = json.loads(sys.stdin.readline())
-    async with sse_http_client() as http:
-        await hold_streams(http, base_url, uuids)
-
-
-async def hold_streams(http: httpx.AsyncClient, base_url: str, uuids: list[str]) -> None:
-    clients = [EventSourceClient(f"{base_url}{STREAM_PATH}?uuid={u}", http) for u in uuids]
+    clients = [EventSourceClient(f"{base_url}{STREAM_PATH}?uuid={u}") for u in uuids]
     gate = asyncio.Semaphore(OPEN_CONCURRENCY)
     tasks: list[asyncio.Task[str]] = []
 

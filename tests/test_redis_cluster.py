@@ -23,7 +23,7 @@ from redis.asyncio import Redis, RedisCluster
 from devstack.balancer import find_nginx
 from devstack.replicas import REPLICATED, running
 from devstack.servers import Process
-from devstack.sse import EventSourceClient, sse_http_client
+from devstack.sse import EventSourceClient
 from devstack.system import System, wait_ready
 from shared import keys
 from shared.cache import StatusCache
@@ -90,17 +90,16 @@ async def create_session(http: httpx.AsyncClient, uuid: str, account: str) -> di
 
 @contextlib.asynccontextmanager
 async def waiting(urls: list[str]) -> AsyncIterator[list[EventSourceClient]]:
-    async with sse_http_client() as http:
-        clients = [EventSourceClient(url, http) for url in urls]
-        tasks = [asyncio.create_task(c.run()) for c in clients]
-        try:
-            async with asyncio.timeout(10):
-                await asyncio.gather(*(c.first_event.wait() for c in clients))
-            yield clients
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+    clients = [EventSourceClient(url) for url in urls]
+    tasks = [asyncio.create_task(c.run()) for c in clients]
+    try:
+        async with asyncio.timeout(10):
+            await asyncio.gather(*(c.first_event.wait() for c in clients))
+        yield clients
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def until_final(clients: list[EventSourceClient], timeout: float = 15) -> None:

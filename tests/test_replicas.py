@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 from devstack.balancer import find_nginx
 from devstack.replicas import REPLICATED, running
 from devstack.seed import store_pending_sessions
-from devstack.sse import EventSourceClient, sse_http_client
+from devstack.sse import EventSourceClient
 from devstack.system import System
 from shared.cache import StatusCache
 from shared.model import StatusEvent, StreamStatus
@@ -109,9 +109,8 @@ async def browsers(
 ) -> AsyncIterator[list[EventSourceClient]]:
     """EventSource clients through nginx, `per_uuid` for each uuid, opened a few at a time;
     yields once every one has its first event."""
-    http = sse_http_client()
     clients = [
-        EventSourceClient(f"{replicas.url}{STREAM}?uuid={u}", http)
+        EventSourceClient(f"{replicas.url}{STREAM}?uuid={u}")
         for u in uuids
         for _ in range(per_uuid)
     ]
@@ -136,7 +135,6 @@ async def browsers(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await http.aclose()
 
 
 async def all_final(clients: list[EventSourceClient], timeout: float) -> None:

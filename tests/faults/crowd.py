@@ -2,8 +2,8 @@
 
 `python -m tests.faults.crowd` reads one JSON line on stdin (`gateways`: base URLs, `uuids`:
 one browser each, `in_flight`: how many may be opening at once) and runs one `Browser` per
-uuid: the EventSource of `devstack.sse` (all on one shared httpx client, so 2,000 fit in one
-process on a shared core) in front of a load balancer. Then it answers one line per command:
+uuid: the lightweight EventSource of `devstack.sse` (raw sockets, so 2,000 fit in one process
+on a shared core) in front of a load balancer. Then it answers one line per command:
 
 - `status`: counts so far (`first`: browsers that got their first event, `connected`: on
   a stream now and still waiting, `final`, `refused`, `broken`, `connects`, and `opened_s`:
@@ -33,9 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-
-from devstack.sse import EventSourceClient, StreamBroken, StreamEnded, sse_http_client
+from devstack.sse import EventSourceClient, StreamEnded
 
 STREAM = "/api/webhooks/stream"
 RETRYABLE = ("http 429", "http 5")
@@ -67,7 +65,7 @@ class Browser(EventSourceClient):
                 outcome = await self._connect_once()
             except StreamEnded:
                 pass  # the server ended the stream: reconnect
-            except StreamBroken:
+            except (OSError, asyncio.IncompleteReadError, TimeoutError):
                 self.broken += 1
                 self._next_gateway()
             else:
@@ -78,10 +76,10 @@ class Browser(EventSourceClient):
                 self._next_gateway()
             await asyncio.sleep(self.retry_ms / 1000)
 
-    def _dispatch(self, data: str) -> bool:
-        if self.first_at is None:
+    def _dispatch(self, block: dict[str, str]) -> bool:
+        if "data" in block and self.first_at is None:
             self.first_at = time.monotonic()
-        return super()._dispatch(data)
+        return super()._dispatch(block)
 
     def record(self) -> dict[str, Any]:
         return {
@@ -111,14 +109,9 @@ def counts(browsers: Sequence[Browser], started: float) -> dict[str, Any]:
 
 async def main() -> None:
     config = json.loads(await asyncio.to_thread(sys.stdin.readline))
-    async with sse_http_client() as http:
-        await crowd(http, config)
-
-
-async def crowd(http: httpx.AsyncClient, config: dict[str, Any]) -> None:
     gateways: list[str] = config["gateways"]
     browsers = [
-        Browser(url="", http=http, uuid=u, gateways=gateways, retry_ms=config.get("retry_ms", 300))
+        Browser(url="", uuid=u, gateways=gateways, retry_ms=config.get("retry_ms", 300))
         for u in config["uuids"]
     ]
     gate = asyncio.Semaphore(config.get("in_flight", 200))
