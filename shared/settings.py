@@ -83,7 +83,10 @@ class Settings:
     # The session-api's address as the browser sees it (return/cancel URLs of payment links).
     site_public_url: str = "http://127.0.0.1:8083"
 
+    # The ingest's body limit (PayOS's deliveries), and session-api's: every body there is
+    # a few fields of JSON.
     max_body_bytes: int = 64 * 1024
+    session_max_body_bytes: int = 16 * 1024
     sse_keepalive_seconds: float = 15.0
     sse_max_wait_seconds: float = 600.0
     sse_retry_ms: int = 3000
