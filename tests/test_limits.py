@@ -24,6 +24,7 @@ from session_api.limits import (
 )
 from shared import keys
 from shared.settings import Settings, SettingsError
+from shared.web import error_middleware
 
 CLIENT = "203.0.113.7"
 
@@ -158,7 +159,7 @@ def _body_limited_app(max_bytes: int) -> web.Application:
     async def echo(request: web.Request) -> web.Response:
         return web.json_response({"read": len(await request.read())})
 
-    app = web.Application(middlewares=[body_limit_middleware(max_bytes)])
+    app = web.Application(middlewares=[error_middleware, body_limit_middleware(max_bytes)])
     app.router.add_post("/", echo)
     return app
 
@@ -177,10 +178,10 @@ def _rate_limited_app(limiter: RateLimiter) -> web.Application:
     trusted = parse_networks(["127.0.0.0/8"])
 
     async def create(request: web.Request) -> web.Response:
-        refused = await check_rate(request, limiter, trusted)
-        return refused if refused is not None else web.json_response({"created": True})
+        await check_rate(request, limiter, trusted)
+        return web.json_response({"created": True})
 
-    app = web.Application()
+    app = web.Application(middlewares=[error_middleware])
     app.router.add_post("/", create)
     return app
 
