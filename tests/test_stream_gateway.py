@@ -524,6 +524,7 @@ async def test_a_hub_task_that_dies_is_restarted_and_pushes_flow_again(
                     "hub-reader": "running",
                     "hub-flusher": "running",
                     "hub-reread": "running",
+                    "stream-keepalive": "running",
                 },
             }
             assert (

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import gc
+import time
+from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -19,6 +22,29 @@ class GatewayMetrics:
     db_queries: Counter
     rejected: Counter
     stream_limit: Gauge
+    gc_longest: Gauge
+    gc_pauses: Histogram
+    # When the running collection started, and the longest so far (mutable: frozen class).
+    _gc: list[float] = field(default_factory=lambda: [0.0, 0.0])
+
+    def gc_probe(self, phase: str, info: dict[str, Any]) -> None:
+        """A `gc.callbacks` hook: every collection pauses every stream of the process, so
+        its length is a latency floor worth watching."""
+        if phase == "start":
+            self._gc[0] = time.perf_counter()
+            return
+        pause = time.perf_counter() - self._gc[0]
+        self.gc_pauses.labels(str(info.get("generation", "?"))).observe(pause)
+        if pause > self._gc[1]:
+            self._gc[1] = pause
+            self.gc_longest.set(pause)
+
+    def watch_gc(self) -> None:
+        gc.callbacks.append(self.gc_probe)
+
+    def unwatch_gc(self) -> None:
+        if self.gc_probe in gc.callbacks:
+            gc.callbacks.remove(self.gc_probe)
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> GatewayMetrics:
@@ -73,6 +99,18 @@ class GatewayMetrics:
             stream_limit=Gauge(
                 "paypush_stream_limit",
                 "Streams this process admits at most (MAX_STREAMS, kept below the file limit)",
+                registry=registry,
+            ),
+            gc_longest=Gauge(
+                "paypush_gc_longest_pause_seconds",
+                "The longest garbage collection of this process so far",
+                registry=registry,
+            ),
+            gc_pauses=Histogram(
+                "paypush_gc_pause_seconds",
+                "Garbage collections of this process, by generation",
+                ["generation"],
+                buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1),
                 registry=registry,
             ),
         )
