@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -475,6 +475,7 @@ async def measure(system: System, args: argparse.Namespace) -> Figures:
         version = [e.version for e in current]
         redis0, cpu_c = cpu_seconds(system.redis_pid), _cpu(pids)
         start = time.monotonic()
+        in_flight = asyncio.Semaphore(32)
 
         async def one(k: int) -> None:
             delay = start + k / args.rate - time.monotonic()
@@ -485,8 +486,9 @@ async def measure(system: System, args: argparse.Namespace) -> Figures:
             event = dataclasses.replace(
                 current[i], version=version[i], updated_at=datetime.now(UTC)
             )
-            sent[(i, version[i])] = time.time()
-            await system.publish(keys[i], event)
+            async with in_flight:
+                sent[(i, version[i])] = time.time()
+                await system.publish(keys[i], event)
 
         await asyncio.gather(*(one(k) for k in range(args.events)))
         await asyncio.sleep(1.0)
@@ -567,12 +569,25 @@ Not the same work:
 - figures are from one 2-core machine shared with the client processes: compare ratios."""
 
 
+@contextlib.contextmanager
+def _workdir(keep: str | None, which: str) -> Iterator[str]:
+    """A temporary folder for configs and logs, or `--log-dir`/<system> to keep them."""
+    if keep is None:
+        with tempfile.TemporaryDirectory(prefix=f"paypush-peer-{which}-") as tmp:
+            yield tmp
+        return
+    path = Path(keep) / which
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    yield str(path)
+
+
 async def main_async(args: argparse.Namespace) -> None:
     raise_nofile()
     results: dict[str, Figures] = {}
     order = [s for s in ("nchan", "gateway") if args.only in (None, s)]
     for which in order:
-        with tempfile.TemporaryDirectory(prefix=f"paypush-peer-{which}-") as tmp:
+        with _workdir(args.log_dir, which) as tmp:
             factory = nchan_system if which == "nchan" else gateway_system
             async with factory(Path(tmp), args) as system:
                 print(f"{system.name}: {args.streams:,} streams ...", flush=True)
@@ -605,6 +620,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=5000)
     parser.add_argument("--rate", type=float, default=500.0)
     parser.add_argument("--only", choices=("gateway", "nchan"))
+    parser.add_argument("--log-dir", help="keep configs and server logs here")
     args = parser.parse_args()
     asyncio.run(main_async(args))
 

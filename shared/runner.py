@@ -86,7 +86,7 @@ def serve(
     configure_logging(settings)
     log_process_limits(settings, raise_open_file_limit())
     app = create_app(settings)
-    app.on_startup.append(_freeze_startup_heap)
+    freeze_heap()
     web.run_app(
         app,
         host=settings.host,
@@ -101,9 +101,9 @@ def serve(
     )
 
 
-async def _freeze_startup_heap(app: web.Application) -> None:
-    """Once started (last of the startup hooks): what the process built so far (modules,
-    app, clients) lives as long as it does, so the collector need not walk it again.
+def freeze_heap() -> None:
+    """What the process built before serving (modules, the app) lives as long as it does:
+    moved out of the collector's sight, so no collection walks it again.
 
     A full collection walks every tracked object: without this, each one re-walks the
     hundreds of thousands of objects of the imported modules, and stalls every request or

@@ -525,6 +525,7 @@ async def test_a_hub_task_that_dies_is_restarted_and_pushes_flow_again(
                     "hub-flusher": "running",
                     "hub-reread": "running",
                     "stream-keepalive": "running",
+                    "gc-full-collection": "running",
                 },
             }
             assert (

@@ -17,6 +17,7 @@ from shared.web import cors_middleware, new_registry, request_context_middleware
 
 from .admission import Admission, stream_limit
 from .appkeys import ADMISSION, GATEWAY_METRICS, HUB, OPENING_READS, STATUS_READER, STREAMS
+from .heap import collect_on_schedule, hold_back_full_collections, restore_thresholds
 from .hub import Hub
 from .links import open_link, pubsub_client
 from .metrics import GatewayMetrics
@@ -53,13 +54,20 @@ async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _streams_ctx(app: web.Application) -> AsyncIterator[None]:
     """The one task that writes every stream's keep-alive and ends streams at their cap; the
-    garbage-collection probe (every collection stalls every stream)."""
-    task = app[SUPERVISOR].spawn("stream-keepalive", app[STREAMS].run)
+    garbage collection policy (`heap.py`) and its probe (every collection stalls every
+    stream)."""
+    supervisor = app[SUPERVISOR]
+    keepalive = supervisor.spawn("stream-keepalive", app[STREAMS].run)
+    seconds = app[SETTINGS].gc_full_collection_seconds
+    collector = supervisor.spawn("gc-full-collection", lambda: collect_on_schedule(seconds))
+    thresholds = hold_back_full_collections()
     metrics = app[GATEWAY_METRICS]
     metrics.watch_gc()
     yield
     metrics.unwatch_gc()
-    await task.stop()
+    restore_thresholds(thresholds)
+    await collector.stop()
+    await keepalive.stop()
 
 
 async def _admit(app: web.Application) -> None:

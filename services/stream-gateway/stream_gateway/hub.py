@@ -122,6 +122,10 @@ class Listener:
     async def close(self) -> None:
         """No more events; waits for (or stops) a write in progress."""
         self._closed = True
+        # The sender is a closure over this listener's stream: dropping it breaks the cycle,
+        # so the stream's objects are freed when it ends, not by a later full collection.
+        self._send = None
+        self._queue.clear()
         drain, self._drain = self._drain, None
         if drain is not None and drain is not asyncio.current_task():
             drain.cancel()

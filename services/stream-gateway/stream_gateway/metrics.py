@@ -7,7 +7,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+log = structlog.get_logger(__name__)
+
+# A collection this long stalls every stream past the latency the gateway aims for: logged.
+LONG_GC_SECONDS = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +41,14 @@ class GatewayMetrics:
             return
         pause = time.perf_counter() - self._gc[0]
         self.gc_pauses.labels(str(info.get("generation", "?"))).observe(pause)
+        if pause > LONG_GC_SECONDS:
+            log.warning(
+                "gc_pause_long",
+                ms=round(pause * 1000, 1),
+                generation=info.get("generation"),
+                collected=info.get("collected"),
+                tracked=len(gc.get_objects(info.get("generation", 2))),
+            )
         if pause > self._gc[1]:
             self._gc[1] = pause
             self.gc_longest.set(pause)

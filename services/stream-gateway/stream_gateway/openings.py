@@ -42,6 +42,11 @@ class OpeningReads:
         # Strong references to the batches in flight (the loop keeps only weak ones).
         self._batches: set[asyncio.Task[None]] = set()
 
+    @property
+    def pending(self) -> int:
+        """Reads waiting for their batch, plus batches in flight (for leak checks)."""
+        return len(self._waiting) + len(self._batches)
+
     async def read(self, uuid: str) -> StatusEvent | None:
         """The current status of `uuid`, or None if no live session has it."""
         fut: asyncio.Future[_Result] = asyncio.get_running_loop().create_future()

@@ -49,11 +49,16 @@ class SseStream(EventSourceResponse):
         self.enable_chunked_encoding()
         return writer
 
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        """The connection's transport (None once it is gone, or before `prepare`)."""
+        req = self._req
+        return req.transport if req is not None else None
+
     def writable(self) -> bool | None:
         """True if a keep-alive can be written now without waiting, False if this stream's
         socket still holds unsent bytes, None if it is gone (or not started)."""
-        req = self._req
-        transport = req.transport if req is not None else None
+        transport = self.transport
         if transport is None or transport.is_closing() or self._eof_sent:
             return None
         return not transport.get_write_buffer_size()
