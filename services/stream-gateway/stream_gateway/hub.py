@@ -114,6 +114,16 @@ class Listener:
         if self._queue and self._queue[-1][0].version == version:
             self._queue[-1] = (self._queue[-1][0], False)
 
+    async def start(self, send: Sender) -> None:
+        """Write what is queued now, in the caller's task (a stream's first event costs no
+        task of its own), then `attach(send)` for what comes later."""
+        while self._queue and not self._closed:
+            event, pushed = self._queue.pop(0)
+            if await send(event, pushed):
+                self._closed = True
+        # No await since the queue was last seen empty: whatever comes next is kicked.
+        self.attach(send)
+
     def attach(self, send: Sender) -> None:
         """Start writing: `send(event, pushed)` writes one event, True once the stream ends."""
         self._send = send

@@ -36,6 +36,9 @@ class SseStream(EventSourceResponse):
 
     # Set by the deadline wheel when the cap ended the stream.
     expired = False
+    # The headers go out with the first event, in one write (aiohttp's Response does the
+    # same): a stream opens with one send, not two.
+    _send_headers_immediately = False
 
     async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
         if self.prepared:

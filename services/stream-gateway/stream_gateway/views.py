@@ -125,7 +125,7 @@ async def _stream(request: web.Request, listener: Listener) -> SseStream:
                 await stream.write(f"retry: {hint.pop()}{stream.DEFAULT_SEPARATOR * 2}".encode())
                 if hub.closing:
                     stream.stop_streaming()
-            listener.attach(send)
+            await listener.start(send)
             # Until the client goes, a final status is written, shutdown stops the stream,
             # or the cap (SSE_MAX_WAIT_SECONDS) does.
             await stream.wait()
