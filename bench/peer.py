@@ -356,10 +356,14 @@ async def gateway_system(tmp: Path, args: argparse.Namespace) -> Any:
         async def gc_longest() -> float | None:
             async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
                 text = await resp.text()
+            longest, total = None, 0.0
             for line in text.splitlines():
                 if line.startswith("paypush_gc_longest_pause_seconds "):
-                    return float(line.split()[1])
-            return None
+                    longest = float(line.split()[1])
+                if line.startswith("paypush_gc_pause_seconds_sum"):
+                    total += float(line.split()[1])
+            print(f"  gateway: {total:.2f} s in garbage collection in all")
+            return longest
 
         yield System(
             "stream-gateway",

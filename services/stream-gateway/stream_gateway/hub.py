@@ -32,7 +32,7 @@ import structlog
 from shared.model import StatusEvent
 from shared.tasks import Supervised, Supervisor
 
-from .links import CONFIRM_TIMEOUT, DEAD_AFTER_SECONDS, IDLE_PING_SECONDS, Link
+from .links import CONFIRM_TIMEOUT, IDLE_PING_SECONDS, Link
 from .metrics import GatewayMetrics
 
 log = structlog.get_logger(__name__)
@@ -330,23 +330,13 @@ class Hub:
         conn.release_waiters()
 
     async def _read(self, conn: _Connection) -> None:
-        loop = asyncio.get_running_loop()
-        last_heard = loop.time()
-        pinged = False
+        # The link watches its own liveness (it raises once silent, even to PING); an idle
+        # read only gives the loop a turn to see a failed command.
         while True:
             if conn.failure is not None:
                 raise conn.failure
             msg = await conn.link.read(idle=IDLE_PING_SECONDS)
-            now = loop.time()
-            if msg is None:
-                if now - last_heard > DEAD_AFTER_SECONDS:
-                    raise TimeoutError("pub/sub connection silent, even to PING")
-                if not pinged:
-                    await conn.link.ping()
-                    pinged = True
-                continue
-            last_heard, pinged = now, False
-            if msg.uuid is None:
+            if msg is None or msg.uuid is None:
                 continue
             if msg.kind == "message":
                 self._dispatch(msg.uuid, msg.data)
