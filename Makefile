@@ -57,7 +57,7 @@ format: setup
 mypy: setup
 	$(BIN)/mypy
 
-bench: bench-ingest bench-stream bench-status bench-page bench-replicas bench-resync
+bench: bench-ingest bench-stream bench-status bench-page bench-replicas bench-resync bench-peer
 
 bench-ingest: setup
 	$(BIN)/python -m bench.ingest $(BENCH_ARGS)

@@ -69,9 +69,10 @@ class StatusSource(Protocol):
 class Listener:
     """One open stream's inbox: the events of its session newer than what it already has.
 
-    Events wait in a small queue until a sender is attached; then one short-lived task per
-    burst writes them in order (an idle stream costs no task of its own beyond the
-    connection's handler and its keep-alive).
+    Events wait in a small queue until a sender starts: the first ones are written by the
+    stream's handler itself (`start`), later ones by one short-lived task per burst, in order
+    (an idle stream costs no task of its own beyond the connection's handler: keep-alives
+    come from one pass over every stream, `streams.OpenStreams`).
     """
 
     __slots__ = ("_closed", "_drain", "_last", "_queue", "_send", "uuid")
