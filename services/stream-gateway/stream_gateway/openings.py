@@ -2,9 +2,12 @@
 
 A reconnect storm (a deploy, a gateway restart) opens thousands of streams at once, each
 reading its session's status from the cache. One GET each queues them all on the gateway's
-one command connection; here the reads of one event-loop turn go out together (up to
-`BATCH` keys per MGET). A miss, or Redis unreachable, falls back per stream to what
-`StatusReader.read` does then (the negative cache and MongoDB, single-flight).
+one command connection, where, on a busy process, the last ones wait past the pool's
+timeout. Here one MGET is in flight at a time and the reads that arrive meanwhile go out
+together in the next one (up to `BATCH` keys each): the busier the process, the larger the
+batches, and the connection never has more than one of these waiting for it. A miss, or
+Redis unreachable, falls back per stream to what `StatusReader.read` does then (the
+negative cache and MongoDB, single-flight).
 """
 
 from __future__ import annotations
@@ -39,20 +42,22 @@ class OpeningReads:
         self._reader = reader
         self._cache = cache
         self._waiting: list[tuple[str, asyncio.Future[_Result]]] = []
-        # Strong references to the batches in flight (the loop keeps only weak ones).
-        self._batches: set[asyncio.Task[None]] = set()
+        # The task sending the batches while there are any (a strong reference: the loop
+        # keeps only weak ones); it ends when nothing waits.
+        self._sender: asyncio.Task[None] | None = None
 
     @property
     def pending(self) -> int:
-        """Reads waiting for their batch, plus batches in flight (for leak checks)."""
-        return len(self._waiting) + len(self._batches)
+        """Reads waiting for their batch, plus the sender if running (for leak checks)."""
+        return len(self._waiting) + (self._sender is not None)
 
     async def read(self, uuid: str) -> StatusEvent | None:
         """The current status of `uuid`, or None if no live session has it."""
         fut: asyncio.Future[_Result] = asyncio.get_running_loop().create_future()
         self._waiting.append((uuid, fut))
-        if len(self._waiting) == 1:
-            asyncio.get_running_loop().call_soon(self._flush)
+        if self._sender is None:
+            # It first runs at the loop's next turn: the reads of this one go out together.
+            self._sender = asyncio.create_task(self._send_batches())
         outcome = await fut
         if isinstance(outcome, StatusEvent):
             return outcome
@@ -60,25 +65,27 @@ class OpeningReads:
             return await self._reader.read_from_store(uuid)
         return await self._reader.read_uncached(uuid)
 
-    def _flush(self) -> None:
-        waiting, self._waiting = self._waiting, []
-        for i in range(0, len(waiting), BATCH):
-            task = asyncio.create_task(self._read(waiting[i : i + BATCH]))
-            self._batches.add(task)
-            task.add_done_callback(self._batches.discard)
+    async def _send_batches(self) -> None:
+        try:
+            while self._waiting:
+                batch = self._waiting[:BATCH]
+                del self._waiting[:BATCH]
+                await self._read(batch)
+        finally:
+            self._sender = None
 
     async def _read(self, batch: list[tuple[str, asyncio.Future[_Result]]]) -> None:
-        results: list[_Result]
+        results: list[_Result] = [_Outcome.REDIS_DOWN] * len(batch)
         try:
             raw = await self._cache.get_many_json([uuid for uuid, _ in batch])
             results = [_decode(r) for r in raw]
         except REDIS_ERRORS as exc:
             # Redis down: MongoDB is the source of truth, keep answering from it.
             log.warning("status_cache_unavailable", sessions=len(batch), error=str(exc))
-            results = [_Outcome.REDIS_DOWN] * len(batch)
-        except BaseException:
-            results = [_Outcome.REDIS_DOWN] * len(batch)
-            raise
+        except Exception:
+            # Unforeseen (a cluster client's own errors): each stream takes the slow way,
+            # which reports its failure to its caller; the batches go on.
+            log.exception("status_batch_failed", sessions=len(batch))
         finally:
             for (_, fut), result in zip(batch, results, strict=True):
                 if not fut.done():  # its stream may have gone meanwhile
