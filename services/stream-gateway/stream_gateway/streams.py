@@ -103,7 +103,9 @@ class OpenStreams:
             head = self._expire(now)
             if now >= next_pass:
                 await self._keepalive_pass()
-                next_pass = max(next_pass + self.keepalive_seconds, now)
+                next_pass += self.keepalive_seconds
+                if next_pass <= now:  # late (a stalled process): one pass, not a burst
+                    next_pass = now + self.keepalive_seconds
             wake_at = min(next_pass, head)
             self._wake.clear()
             try:
