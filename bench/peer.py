@@ -567,14 +567,15 @@ def report(gw: Figures | None, nc: Figures | None, args: argparse.Namespace) -> 
 
 NOT_THE_SAME = """\
 Not the same work:
-- the gateway reads each session's status on open (a Redis GET from its status cache) and
-  confirms the SUBSCRIBE before it; nchan replays the message it stored for the channel;
+- the gateway reads each session's status on open (from its status cache, batched MGETs)
+  after Redis confirmed the SUBSCRIBE; nchan replays the message it stored for the channel;
 - the gateway's events are published by Redis itself (the cache-and-publish script, Redis
   CPU above); nchan's arrive as HTTP POSTs to nginx, so nginx's CPU per event includes
   parsing a publish request and storing the message in Redis;
 - the gateway checks each event (JSON decoded, versions compared) before writing it;
   nchan forwards bytes;
-- the gateway's keep-alive is an SSE comment `: ping`, nchan's is `:ping` (same size, a comment);
+- both keep-alives are an SSE comment line (the gateway's `: ping`, nchan's its ping comment);
+- the gateway runs its middlewares on every open (request id, CORS, structured logging);
 - figures are from one 2-core machine shared with the client processes: compare ratios."""
 
 
