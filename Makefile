@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test fuzz faults soak mutate lint format mypy bench bench-ingest bench-stream bench-status bench-page bench-replicas bench-resync replicas replicas-test clean
+.PHONY: setup run test fuzz faults soak mutate lint format mypy bench bench-ingest bench-stream bench-status bench-page bench-replicas bench-resync bench-peer replicas replicas-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
-	./scripts/ensure-system-packages.sh chromium nginx
+	./scripts/ensure-system-packages.sh chromium nginx nchan
 
 run: setup
 	$(BIN)/python -m devstack
@@ -63,7 +63,7 @@ format: setup
 mypy: setup
 	$(BIN)/mypy
 
-bench: bench-ingest bench-stream bench-status bench-page bench-replicas bench-resync
+bench: bench-ingest bench-stream bench-status bench-page bench-replicas bench-resync bench-peer
 
 bench-ingest: setup
 	$(BIN)/python -m bench.ingest $(BENCH_ARGS)
@@ -82,6 +82,10 @@ bench-replicas: setup
 
 bench-resync: setup
 	$(BIN)/python -m bench.resync $(BENCH_ARGS)
+
+# The gateway side by side with nginx + nchan (Debian's libnginx-mod-nchan), same clients.
+bench-peer: setup
+	$(BIN)/python -m bench.peer $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache

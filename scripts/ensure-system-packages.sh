@@ -9,6 +9,8 @@ for extra in "$@"; do
   case "$extra" in
     chromium) command -v chromium >/dev/null 2>&1 || need+=(chromium) ;;
     nginx) command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx) ;;
+    # The C push server `make bench-peer` measures the gateway against (an nginx module).
+    nchan) [ -e /usr/lib/nginx/modules/ngx_nchan_module.so ] || need+=(libnginx-mod-nchan) ;;
   esac
 done
 [ ${#need[@]} -eq 0 ] && exit 0

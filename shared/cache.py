@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -57,6 +57,16 @@ class StatusCache:
         """The cached event exactly as stored (JSON bytes), for answering without re-encoding."""
         raw: bytes | str | None = await self._redis.get(keys.status_key(uuid))
         return raw.encode() if isinstance(raw, str) else raw
+
+    async def get_many_json(self, uuids: Sequence[str]) -> list[bytes | None]:
+        """The cached events of `uuids` as stored, in order, in one round trip (per shard on a
+        cluster, where one MGET may only name keys of one slot)."""
+        names = [keys.status_key(u) for u in uuids]
+        if self._sharded:
+            raw: list[Any] = await self._redis.mget_nonatomic(names)  # type: ignore[attr-defined]
+        else:
+            raw = await self._redis.mget(names)
+        return [r.encode() if isinstance(r, str) else r for r in raw]
 
     async def put(self, event: StatusEvent) -> bool:
         """Cache `event` and publish it if it is newer (orderCode, then version) than the cached

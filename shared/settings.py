@@ -93,6 +93,9 @@ class Settings:
     sse_keepalive_seconds: float = 15.0
     sse_max_wait_seconds: float = 600.0
     sse_retry_ms: int = 3000
+    # The gateway holds back CPython's automatic full garbage collection (a pause of every
+    # stream that grows with the streams open) and runs one on this schedule instead.
+    gc_full_collection_seconds: float = 300.0
     shutdown_timeout_seconds: float = 10.0
     # The listen queue of each service's socket (the kernel caps it at net.core.somaxconn):
     # when a gateway pod goes, thousands of browsers reconnect to the others within seconds.

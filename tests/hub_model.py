@@ -107,9 +107,6 @@ class FakeLink:
     async def unsubscribe(self, uuids: Iterable[str]) -> None:
         await self._send("unsubscribe", list(uuids))
 
-    async def ping(self) -> None:
-        self._check("ping")
-
     async def read(self, *, idle: float) -> Message | None:
         self._check("read")
         try:

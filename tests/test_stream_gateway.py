@@ -32,7 +32,7 @@ from shared.cache import StatusCache
 from shared.model import StatusEvent
 from shared.mongo import Store
 from shared.settings import Settings
-from stream_gateway import create_app
+from stream_gateway import create_app, links
 from stream_gateway.appkeys import HUB
 from tests.helpers import add_session, signed_webhook
 from webhook_ingest import create_app as create_ingest_app
@@ -521,6 +521,8 @@ async def test_a_hub_task_that_dies_is_restarted_and_pushes_flow_again(
                     "hub-reader": "running",
                     "hub-flusher": "running",
                     "hub-reread": "running",
+                    "stream-keepalive": "running",
+                    "gc-full-collection": "running",
                 },
             }
             assert (
@@ -676,3 +678,28 @@ async def test_readiness_requires_accepting_and_watches_the_backends(
 
 def test_app_factory_builds_without_connecting(settings: Settings) -> None:
     assert isinstance(create_app(settings), web.Application)
+
+
+async def test_a_pubsub_link_silent_even_to_its_ping_fails_on_its_own(
+    settings: Settings, servers: Servers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The link owns its liveness: a quiet connection is pinged, a dead one raises from read."""
+    monkeypatch.setattr(links, "DEAD_AFTER_SECONDS", 0.6)
+    redis = Redis.from_url(settings.redis_url)
+    link = links.PubSubLink(redis)
+    try:
+        await link.open()
+        assert await link.read(idle=0.1) is None  # quiet: pinged
+        message = await link.read(idle=1.0)
+        assert message is not None and message.kind == "pong"  # ... and alive
+        os.kill(servers.redis.pid, signal.SIGSTOP)  # now nothing answers, not even PONG
+        try:
+            with pytest.raises(TimeoutError, match="silent, even to PING"):
+                async with asyncio.timeout(5):
+                    while True:
+                        assert await link.read(idle=0.1) is None
+        finally:
+            os.kill(servers.redis.pid, signal.SIGCONT)
+    finally:
+        await link.close()
+        await redis.aclose()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
-from weakref import WeakSet
 
 import structlog
 from aiohttp import web
@@ -17,11 +16,14 @@ from shared.status import StatusReader
 from shared.web import cors_middleware, error_middleware, new_registry, request_context_middleware
 
 from .admission import Admission, stream_limit
-from .appkeys import ADMISSION, GATEWAY_METRICS, HUB, STATUS_READER, STREAMS
+from .appkeys import ADMISSION, GATEWAY_METRICS, HUB, OPENING_READS, STATUS_READER, STREAMS
+from .heap import collect_on_schedule, hold_back_full_collections, restore_thresholds
 from .hub import Hub
 from .links import open_link, pubsub_client
 from .metrics import GatewayMetrics
+from .openings import OpeningReads
 from .routes import setup_routes
+from .streams import OpenStreams
 
 log = structlog.get_logger(__name__)
 
@@ -38,6 +40,7 @@ async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
     metrics = app[GATEWAY_METRICS]
     reader = StatusReader(app[CACHE], app[STORE], on_db_query=metrics.db_queries.inc)
     app[STATUS_READER] = reader
+    app[OPENING_READS] = OpeningReads(reader, app[CACHE])
     redis = pubsub_client(app[SETTINGS], _client_name("pubsub"))
     hub = Hub(lambda: open_link(redis), reader, metrics, app[SUPERVISOR])
     app[HUB] = hub
@@ -47,6 +50,24 @@ async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     await hub.stop()
     await redis.aclose()
+
+
+async def _streams_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The one task that writes every stream's keep-alive and ends streams at their cap; the
+    garbage collection policy (`heap.py`) and its probe (every collection stalls every
+    stream)."""
+    supervisor = app[SUPERVISOR]
+    keepalive = supervisor.spawn("stream-keepalive", app[STREAMS].run)
+    seconds = app[SETTINGS].gc_full_collection_seconds
+    collector = supervisor.spawn("gc-full-collection", lambda: collect_on_schedule(seconds))
+    thresholds = hold_back_full_collections()
+    metrics = app[GATEWAY_METRICS]
+    metrics.watch_gc()
+    yield
+    metrics.unwatch_gc()
+    restore_thresholds(thresholds)
+    await collector.stop()
+    await keepalive.stop()
 
 
 async def _admit(app: web.Application) -> None:
@@ -87,7 +108,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     metrics = GatewayMetrics.create(new_registry(app))
     app[GATEWAY_METRICS] = metrics
-    app[STREAMS] = WeakSet()
+    app[STREAMS] = OpenStreams(settings.sse_keepalive_seconds, settings.sse_max_wait_seconds)
     # The limit is settled at start-up, once the runner has raised the open file limit.
     app[ADMISSION] = Admission(settings.max_streams)
     metrics.open_streams.set_function(lambda: len(app[STREAMS]))
@@ -97,6 +118,7 @@ def create_app(settings: Settings) -> web.Application:
             bounded_redis_ctx(COMMAND_CONNECTIONS, _client_name("commands")),
             mongo_ctx,
             _hub_ctx,
+            _streams_ctx,
         ]
     )
     app.on_startup.append(_admit)

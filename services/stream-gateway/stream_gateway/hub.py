@@ -32,7 +32,7 @@ import structlog
 from shared.model import StatusEvent
 from shared.tasks import Supervised, Supervisor
 
-from .links import CONFIRM_TIMEOUT, DEAD_AFTER_SECONDS, IDLE_PING_SECONDS, Link
+from .links import CONFIRM_TIMEOUT, IDLE_PING_SECONDS, Link
 from .metrics import GatewayMetrics
 
 log = structlog.get_logger(__name__)
@@ -67,9 +67,10 @@ class StatusSource(Protocol):
 class Listener:
     """One open stream's inbox: the events of its session newer than what it already has.
 
-    Events wait in a small queue until a sender is attached; then one short-lived task per
-    burst writes them in order (an idle stream costs no task of its own beyond the
-    connection's handler and its keep-alive).
+    Events wait in a small queue until a sender starts: the first ones are written by the
+    stream's handler itself (`start`), later ones by one short-lived task per burst, in order
+    (an idle stream costs no task of its own beyond the connection's handler: keep-alives
+    come from one pass over every stream, `streams.OpenStreams`).
     """
 
     __slots__ = ("_closed", "_drain", "_last", "_queue", "_send", "uuid")
@@ -112,6 +113,16 @@ class Listener:
         if self._queue and self._queue[-1][0].version == version:
             self._queue[-1] = (self._queue[-1][0], False)
 
+    async def start(self, send: Sender) -> None:
+        """Write what is queued now, in the caller's task (a stream's first event costs no
+        task of its own), then `attach(send)` for what comes later."""
+        while self._queue and not self._closed:
+            event, pushed = self._queue.pop(0)
+            if await send(event, pushed):
+                self._closed = True
+        # No await since the queue was last seen empty: whatever comes next is kicked.
+        self.attach(send)
+
     def attach(self, send: Sender) -> None:
         """Start writing: `send(event, pushed)` writes one event, True once the stream ends."""
         self._send = send
@@ -120,6 +131,10 @@ class Listener:
     async def close(self) -> None:
         """No more events; waits for (or stops) a write in progress."""
         self._closed = True
+        # The sender is a closure over this listener's stream: dropping it breaks the cycle,
+        # so the stream's objects are freed when it ends, not by a later full collection.
+        self._send = None
+        self._queue.clear()
         drain, self._drain = self._drain, None
         if drain is not None and drain is not asyncio.current_task():
             drain.cancel()
@@ -314,23 +329,13 @@ class Hub:
         conn.release_waiters()
 
     async def _read(self, conn: _Connection) -> None:
-        loop = asyncio.get_running_loop()
-        last_heard = loop.time()
-        pinged = False
+        # The link watches its own liveness (it raises once silent, even to PING); an idle
+        # read only gives the loop a turn to see a failed command.
         while True:
             if conn.failure is not None:
                 raise conn.failure
             msg = await conn.link.read(idle=IDLE_PING_SECONDS)
-            now = loop.time()
-            if msg is None:
-                if now - last_heard > DEAD_AFTER_SECONDS:
-                    raise TimeoutError("pub/sub connection silent, even to PING")
-                if not pinged:
-                    await conn.link.ping()
-                    pinged = True
-                continue
-            last_heard, pinged = now, False
-            if msg.uuid is None:
+            if msg is None or msg.uuid is None:
                 continue
             if msg.kind == "message":
                 self._dispatch(msg.uuid, msg.data)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -70,8 +70,39 @@ class LinkClosedError(RedisConnectionError):
     """A command given to a link after it was closed (redis-py would silently reconnect)."""
 
 
+class Liveness:
+    """The watchdog of one pub/sub connection: pinged once it has been silent for
+    IDLE_PING_SECONDS, dead once silent (even to that PING) for DEAD_AFTER_SECONDS.
+
+    A connection whose peer vanished without a word (a node powered off, a partition)
+    otherwise looks like a quiet one: reads just time out, forever.
+    """
+
+    __slots__ = ("_last_heard", "_pinged", "_what")
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._last_heard = asyncio.get_running_loop().time()
+        self._pinged = False
+
+    def heard(self) -> None:
+        """Something arrived: the connection lives."""
+        self._last_heard = asyncio.get_running_loop().time()
+        self._pinged = False
+
+    async def silent(self, ping: Callable[[], Awaitable[object]]) -> None:
+        """A read timed out: ping once (the PONG counts as heard), or raise once dead."""
+        if asyncio.get_running_loop().time() - self._last_heard > DEAD_AFTER_SECONDS:
+            raise TimeoutError(f"{self._what} silent, even to PING")
+        if not self._pinged:
+            await ping()
+            self._pinged = True
+
+
 class Link(Protocol):
     """What the hub needs of a pub/sub connection (read by one coroutine only).
+
+    Each link watches its own connection(s) (`Liveness`): `read` raises once one is dead.
 
     A closed link refuses every command with `LinkClosedError`: redis-py's `PubSub` would
     open a new connection for a SUBSCRIBE after `aclose()`, subscribed and read by nobody.
@@ -84,10 +115,9 @@ class Link(Protocol):
 
     async def unsubscribe(self, uuids: Iterable[str]) -> None: ...
 
-    async def ping(self) -> None: ...
-
     async def read(self, *, idle: float) -> Message | None:
-        """The next message, or None after `idle` seconds of silence."""
+        """The next message, or None after `idle` seconds of silence (each link pings its
+        quiet connections itself, and raises once one is dead)."""
 
     async def close(self) -> None: ...
 
@@ -139,6 +169,7 @@ class PubSubLink:
     def __init__(self, redis: Redis) -> None:
         self._pubsub = redis.pubsub()
         self._closed = False
+        self._liveness: Liveness | None = None
 
     def _check_open(self) -> None:
         if self._closed:
@@ -146,6 +177,7 @@ class PubSubLink:
 
     async def open(self) -> None:
         self._check_open()
+        self._liveness = Liveness("pub/sub connection")
         await self._pubsub.subscribe(keys.GATEWAY_CHANNEL)
         while True:
             msg = await self.read(idle=CONFIRM_TIMEOUT)
@@ -160,14 +192,16 @@ class PubSubLink:
         self._check_open()
         await self._pubsub.unsubscribe(*(keys.status_channel(u) for u in uuids))
 
-    async def ping(self) -> None:
-        self._check_open()
-        await self._pubsub.ping()
-
     async def read(self, *, idle: float) -> Message | None:
         self._check_open()
+        liveness = self._liveness
+        assert liveness is not None, "read before open"
         raw = await self._pubsub.get_message(timeout=idle)
-        return None if raw is None else _message(raw)
+        if raw is None:
+            await liveness.silent(self._pubsub.ping)
+            return None
+        liveness.heard()
+        return _message(raw)
 
     async def close(self) -> None:
         self._closed = True
@@ -275,10 +309,6 @@ class ShardedPubSubLink:
             self._fail(exc)
             raise
 
-    async def ping(self) -> None:
-        """Nothing to do: each shard's reader pings its own quiet connection."""
-        self._check_open()
-
     def _fail(self, exc: Exception) -> None:
         """A failed command fails the link: the hub's next read raises it and reconnects."""
         self._inbox.put_nowait(exc)
@@ -317,21 +347,14 @@ class ShardedPubSubLink:
 
     async def _read_shard(self, shard: _Shard) -> None:
         """Read one shard until it fails; hand every message (or the failure) to the inbox."""
-        loop = asyncio.get_running_loop()
-        last_heard = loop.time()
-        pinged = False
+        liveness = Liveness(f"shard {shard.node.name}")
         try:
             while True:
                 raw = await shard.pubsub.get_message(timeout=IDLE_PING_SECONDS)
-                now = loop.time()
                 if raw is None:
-                    if now - last_heard > DEAD_AFTER_SECONDS:
-                        raise TimeoutError(f"shard {shard.node.name} silent, even to PING")
-                    if not pinged:
-                        await shard.pubsub.ping()
-                        pinged = True
+                    await liveness.silent(shard.pubsub.ping)
                     continue
-                last_heard, pinged = now, False
+                liveness.heard()
                 if raw["type"] == "sunsubscribe":
                     channel = raw["channel"]
                     if not self._leaving[channel]:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 
 import structlog
 from aiohttp import web
-from aiohttp_sse import EventSourceResponse
 from pymongo.errors import PyMongoError
 
 from shared.appkeys import SETTINGS
@@ -16,10 +14,11 @@ from shared.errors import InvalidInput, NotFound
 from shared.model import StatusEvent, is_valid_uuid
 from shared.web import add_cors_headers
 
-from .appkeys import ADMISSION, GATEWAY_METRICS, HUB, STATUS_READER, STREAMS
+from .appkeys import ADMISSION, GATEWAY_METRICS, HUB, OPENING_READS, STREAMS
 from .errors import StreamUnavailable
 from .hub import Listener
 from .metrics import GatewayMetrics
+from .streams import SseStream
 
 log = structlog.get_logger(__name__)
 
@@ -67,7 +66,7 @@ async def _admitted(request: web.Request, uuid: str) -> web.StreamResponse:
         # Inside the `try`: a browser that leaves during the join leaves nothing behind.
         await hub.join(listener)
         try:
-            status = await app[STATUS_READER].read(uuid)
+            status = await app[OPENING_READS].read(uuid)
         except PyMongoError as exc:
             log.warning("status_unavailable", uuid=uuid, error=str(exc))
             raise _unavailable(app, "status unavailable, try again") from exc
@@ -82,21 +81,17 @@ async def _admitted(request: web.Request, uuid: str) -> web.StreamResponse:
         hub.leave(listener)
 
 
-async def _stream(request: web.Request, listener: Listener) -> EventSourceResponse:
+async def _stream(request: web.Request, listener: Listener) -> SseStream:
     app = request.app
     settings = app[SETTINGS]
     metrics = app[GATEWAY_METRICS]
-    stream = EventSourceResponse(
-        ping_interval=settings.sse_keepalive_seconds, send_timeout=SEND_TIMEOUT_SECONDS
-    )
+    hub = app[HUB]
+    # Keep-alives and the cap come from the process's one pass over `STREAMS`.
+    stream = SseStream(send_timeout=SEND_TIMEOUT_SECONDS)
     add_cors_headers(request, stream, settings.cors_origins)
     await stream.prepare(request)
     streams = app[STREAMS]
     streams.add(stream)
-    if app[HUB].closing:
-        # Shutdown began while this stream was joining: `_close_streams` did not see it, so
-        # end it here (after its first event), or it would hold the drain to the timeout.
-        stream.stop_streaming()
     retry = round(settings.sse_retry_ms * random.uniform(1 - RETRY_JITTER, 1 + RETRY_JITTER))
     hint: list[int] = [retry]
 
@@ -116,25 +111,26 @@ async def _stream(request: web.Request, listener: Listener) -> EventSourceRespon
             stream.stop_streaming()
             return True
         _delivered(metrics, event, pushed)
-        if event.status.terminal:
+        if event.status.terminal or hub.closing:
+            # Shutting down: a stream that was still joining when `_close_streams` ran ends
+            # here, after its first event (or it would hold the drain to the timeout).
             stream.stop_streaming()
             return True
         return False
 
-    deadline = asyncio.timeout(settings.sse_max_wait_seconds)
     try:
         async with stream:
             if not listener.pending:
                 # Nothing new for a resuming client: still hand it the reconnect hint.
                 await stream.write(f"retry: {hint.pop()}{stream.DEFAULT_SEPARATOR * 2}".encode())
-            listener.attach(send)
-            # Until the client goes, a final status is written, or shutdown stops the stream.
-            async with deadline:
-                await stream.wait()
-    except TimeoutError:
-        if not deadline.expired():
-            raise
-        log.info("stream_max_wait", uuid=listener.uuid)
+                if hub.closing:
+                    stream.stop_streaming()
+            await listener.start(send)
+            # Until the client goes, a final status is written, shutdown stops the stream,
+            # or the cap (SSE_MAX_WAIT_SECONDS) does.
+            await stream.wait()
+        if stream.expired:
+            log.info("stream_max_wait", uuid=listener.uuid)
     except ConnectionResetError:
         log.info("stream_client_gone", uuid=listener.uuid)
     finally:

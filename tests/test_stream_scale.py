@@ -1,0 +1,241 @@
+"""The gateway's many-stream machinery: one keep-alive pass, one deadline wheel, batched
+opening reads. Behaviour at scale, not speed (figures live in `make bench-peer`).
+
+The gateway runs in this process on a real port (so its state can be inspected); the
+streams come from `tests.stream_clients` (raw sockets, a process of their own) or, where a
+test needs to read every byte, from raw sockets here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import gc
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from shared.settings import Settings
+from stream_gateway import create_app
+from stream_gateway.appkeys import HUB, OPENING_READS, STREAMS
+from tests.test_gateway_limits import cache_pending
+
+ROOT = Path(__file__).resolve().parent.parent
+STREAM = "/api/webhooks/stream"
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    settings: Settings, *, handler_cancellation: bool = True
+) -> AsyncIterator[tuple[web.Application, int]]:
+    app = create_app(settings)
+    server = TestServer(app, handler_cancellation=handler_cancellation)
+    await server.start_server()
+    try:
+        async with asyncio.timeout(10):
+            while not app[HUB].connected:
+                await asyncio.sleep(0.02)
+        assert server.port is not None
+        yield app, server.port
+    finally:
+        await server.close()
+
+
+@contextlib.asynccontextmanager
+async def client_process(port: int, uuids: list[str]) -> AsyncIterator[dict[str, object]]:
+    """`tests.stream_clients` holding a stream for each uuid; yields its report, then closes
+    every stream."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.stream_clients",
+        str(port),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write(json.dumps(uuids).encode() + b"\n")
+        await proc.stdin.drain()
+        async with asyncio.timeout(120):
+            report: dict[str, object] = json.loads(await proc.stdout.readline())
+        yield report
+        proc.stdin.write(b"stop\n")
+        await proc.stdin.drain()
+        async with asyncio.timeout(30):
+            await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def raw_stream(port: int, uuid: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        f"GET {STREAM}?uuid={uuid} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        "Accept: text/event-stream\r\n\r\n".encode()
+    )
+    async with asyncio.timeout(10):
+        await reader.readuntil(b"data: ")
+        await reader.readuntil(b"\r\n\r\n")
+    return reader, writer
+
+
+def task_name(task: asyncio.Task[object]) -> str:
+    return str(task.get_coro().__qualname__)  # type: ignore[union-attr]
+
+
+async def until_no_streams(app: web.Application, timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while len(app[STREAMS]) or app[HUB].subscription_count:
+            await asyncio.sleep(0.02)
+
+
+async def test_keepalive_comments_reach_every_stream_at_the_interval_from_one_pass(
+    settings: Settings,
+) -> None:
+    interval, window = 0.5, 3.0
+    uuids = await cache_pending(settings, 200)
+    async with serving(dataclasses.replace(settings, sse_keepalive_seconds=interval)) as (
+        app,
+        port,
+    ):
+        streams = [await raw_stream(port, u) for u in uuids]
+        # aiohttp's own per connection (its protocol's loop and the request's handler) aside.
+        ours = [t for t in asyncio.all_tasks() if "RequestHandler" not in task_name(t)]
+        passes_before = app[STREAMS].passes
+
+        async def arrivals(reader: asyncio.StreamReader) -> list[float]:
+            """When comments arrived, those read in one go (already waiting) counted once."""
+            times: list[float] = []
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(window):
+                    while True:
+                        await reader.readuntil(b": ping\r\n\r\n")
+                        now = time.monotonic()
+                        if not times or now - times[-1] > interval / 4:
+                            times.append(now)
+            return times
+
+        every = await asyncio.gather(*(arrivals(r) for r, _ in streams))
+        passes = app[STREAMS].passes - passes_before
+        for _, writer in streams:
+            writer.close()
+    expected = window / interval
+    for times in every:
+        assert expected - 2 <= len(times) <= expected + 1, times
+    # ... from one pass per interval over all of them, with no task of their own.
+    assert passes <= expected + 1
+    assert len(ours) < 20, [task_name(t) for t in ours]
+
+
+async def test_a_stream_whose_keepalive_write_fails_is_cut_at_that_write(
+    settings: Settings,
+) -> None:
+    uuids = await cache_pending(settings, 20)
+    interval = 2.0
+    async with serving(dataclasses.replace(settings, sse_keepalive_seconds=interval)) as (
+        app,
+        port,
+    ):
+        streams = [await raw_stream(port, u) for u in uuids]
+        try:
+            assert len(app[STREAMS]) == len(uuids)
+            passes = app[STREAMS].passes
+            # The server's side of every connection can no longer send (EPIPE on the next
+            # write), while nothing reads or closes anything: only a write can find out.
+            for stream in app[STREAMS]:
+                transport = stream.transport
+                assert transport is not None
+                transport.get_extra_info("socket").shutdown(socket.SHUT_WR)
+            await asyncio.sleep(0.2)
+            if app[STREAMS].passes == passes:
+                assert len(app[STREAMS]) == len(uuids), "cut before any write"
+            await until_no_streams(app, timeout=interval * 3)
+            assert app[STREAMS].passes > passes, "cut by a keep-alive pass"
+        finally:
+            for _, writer in streams:
+                writer.close()
+
+
+async def test_the_cap_ends_every_stream_on_time(settings: Settings) -> None:
+    cap = 1.0
+    uuids = await cache_pending(settings, 300)
+    async with serving(
+        dataclasses.replace(settings, sse_max_wait_seconds=cap, sse_keepalive_seconds=5)
+    ) as (app, port):
+
+        async def lifetime(uuid: str) -> float:
+            reader, writer = await raw_stream(port, uuid)
+            opened = time.monotonic()
+            # The response's last chunk (the connection itself stays open for the next one).
+            await reader.readuntil(b"\r\n0\r\n\r\n")
+            writer.close()
+            return time.monotonic() - opened
+
+        async with asyncio.timeout(15):
+            lifetimes = await asyncio.gather(*(lifetime(u) for u in uuids))
+        await until_no_streams(app)
+    # Each one at its own cap (they opened over a while, not all at once), give or take
+    # the time a busy test machine takes to run the loop.
+    assert min(lifetimes) > cap * 0.8
+    assert max(lifetimes) < cap + 1.0, sorted(lifetimes)[-5:]
+
+
+async def test_2000_streams_reconnecting_at_once_all_receive_their_first_event(
+    settings: Settings,
+) -> None:
+    uuids = await cache_pending(settings, 2000)
+    async with (
+        serving(dataclasses.replace(settings, max_streams=2100)) as (app, port),
+        client_process(port, uuids) as report,
+    ):
+        assert report == {"open": 2000, "failures": 0, "statuses": {"200": 2000}}
+        assert len(app[STREAMS]) == 2000
+
+
+async def test_ten_rounds_of_1000_streams_opened_and_closed_leave_nothing_behind(
+    settings: Settings,
+) -> None:
+    uuids = await cache_pending(settings, 1000)
+    async with serving(dataclasses.replace(settings, max_streams=1100)) as (app, port):
+        objects: list[int] = []
+        tasks: list[int] = []
+        cyclic: list[int] = []
+        for _ in range(10):
+            async with client_process(port, uuids) as report:
+                assert report["open"] == 1000
+                assert len(app[STREAMS]) == 1000
+            await until_no_streams(app)
+            await asyncio.sleep(0.1)
+            assert not app[OPENING_READS].pending
+            cyclic.append(gc.collect())
+            objects.append(len(gc.get_objects()))
+            tasks.append(len(asyncio.all_tasks()))
+    # The first rounds warm caches (interned strings, pools); after that, no growth.
+    assert max(objects[2:]) - objects[2] < 500, objects
+    assert max(tasks[2:]) == min(tasks[2:]), tasks
+    # A stream's own objects form no cycle once it ended: what a collection still finds per
+    # stream is the event loop's (asyncio's socket transport; uvloop's leaves none).
+    assert max(cyclic[1:]) < 10 * 1000, cyclic
+
+
+@pytest.fixture(autouse=True)
+def _enough_files() -> None:
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 4500:
+        pytest.skip(f"the hard open file limit here ({hard}) is too low for these tests")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
