@@ -681,7 +681,7 @@ def test_app_factory_builds_without_connecting(settings: Settings) -> None:
 
 
 async def test_a_pubsub_link_silent_even_to_its_ping_fails_on_its_own(
-    settings: Settings, servers: Servers, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, servers: Backends, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The link owns its liveness: a quiet connection is pinged, a dead one raises from read."""
     monkeypatch.setattr(links, "DEAD_AFTER_SECONDS", 0.6)
