@@ -13,8 +13,8 @@ Rules, in this order, all against one `now`:
    `webhook_ingest.resync`), cleared once Redis took the event: when Redis is down the
    mark stays, and every ingest replica's sweep publishes the session's latest state once
    Redis is back, whatever became of this run.
-2. **Delete.** Sessions whose `expiresAt` has passed and that are no longer pending, and
-   webhook records whose `expiresAt` has passed, are deleted: the backup for MongoDB's TTL
+2. **Delete.** Sessions whose `purgeAt` (a day after `expiresAt`) has passed and that are
+   no longer pending, and webhook records whose `expiresAt` has passed, are deleted: the backup for MongoDB's TTL
    monitor, which runs about once a minute and may lag. A pending session is never deleted
    here: step 1 has first turned it `expired` and published that. A session whose `expired`
    could not be published (Redis down) is not deleted by this run (the run reports it), so
@@ -42,8 +42,8 @@ from shared.cache import StatusCache
 from shared.clients import REDIS_ERRORS, redis_client
 from shared.keys import SESSION_TTL_SECONDS
 from shared.logs import configure_logging
-from shared.model import SessionStatus, StatusEvent, utcnow
-from shared.mongo import PUBLISH_PENDING, Doc, Store, mongo_client
+from shared.model import PURGE_AFTER_EXPIRY, SessionStatus, StatusEvent, utcnow
+from shared.mongo import HELD_PURGE_AT, PUBLISH_PENDING, PURGE_AT, Doc, Store, mongo_client
 from shared.settings import SERVICE_SECRETS, Settings
 
 log = structlog.get_logger(__name__)
@@ -111,10 +111,19 @@ async def run_cleanup(
             if len(batch) < BATCH or changed == 0:
                 break
 
+    closed = {"$in": [SessionStatus.COMPLETED.value, SessionStatus.EXPIRED.value]}
+    # Past their `purgeAt` (a day after `expiresAt`, so a payment made in time but delivered
+    # late still finds its session); a session held by an open ledger item has none.
     sessions = await store.sessions.delete_many(
+        {PURGE_AT: {"$lte": now}, "status": closed, "uuid": {"$nin": unpublished}}
+    )
+    # Sessions stored before `purgeAt` existed, on the same schedule.
+    legacy = await store.sessions.delete_many(
         {
-            "expiresAt": {"$lte": now},
-            "status": {"$in": [SessionStatus.COMPLETED.value, SessionStatus.EXPIRED.value]},
+            PURGE_AT: {"$exists": False},
+            HELD_PURGE_AT: {"$exists": False},
+            "expiresAt": {"$lte": now - PURGE_AFTER_EXPIRY},
+            "status": closed,
             "uuid": {"$nin": unpublished},
         }
     )
@@ -123,7 +132,7 @@ async def run_cleanup(
         expired=expired,
         published=published,
         publish_failed=len(unpublished),
-        sessions_deleted=sessions.deleted_count,
+        sessions_deleted=sessions.deleted_count + legacy.deleted_count,
         webhooks_deleted=webhooks.deleted_count,
         duration_ms=round((time.perf_counter() - started) * 1000, 2),
     )
