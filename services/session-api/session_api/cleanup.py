@@ -15,8 +15,8 @@ Rules, in this order, all against one `now`:
    Redis is back, whatever became of this run.
 2. **Delete.** Sessions whose `purgeAt` (a day after `expiresAt`) has passed and that are
    no longer pending, and webhook records whose `expiresAt` has passed, are deleted: the
-   backup for MongoDB's TTL monitor, which runs about once a minute and may lag. A pending session is never deleted
-   here: step 1 has first turned it `expired` and published that. A session whose `expired`
+   backup for MongoDB's TTL monitor, which runs about once a minute and may lag. A pending
+   session is never deleted here: step 1 has first turned it `expired` and published that. A session whose `expired`
    could not be published (Redis down) is not deleted by this run (the run reports it), so
    readers falling back to MongoDB still see `expired`; a later run deletes it.
 
