@@ -13,12 +13,13 @@ Rules, in this order, all against one `now`:
    `webhook_ingest.resync`), cleared once Redis took the event: when Redis is down the
    mark stays, and every ingest replica's sweep publishes the session's latest state once
    Redis is back, whatever became of this run.
-2. **Delete.** Sessions whose `purgeAt` (a day after `expiresAt`) has passed and that are
-   no longer pending, and webhook records whose `expiresAt` has passed, are deleted: the
-   backup for MongoDB's TTL monitor, which runs about once a minute and may lag. A pending
-   session is never deleted here: step 1 has first turned it `expired` and published that. A session whose `expired`
-   could not be published (Redis down) is not deleted by this run (the run reports it), so
-   readers falling back to MongoDB still see `expired`; a later run deletes it.
+2. **Delete.** Sessions whose `purgeAt` (a day after `expiresAt`) has passed and that
+   are no longer pending, and webhook records whose `expiresAt` has passed, are deleted:
+   the backup for MongoDB's TTL monitor, which runs about once a minute and may lag. A
+   pending session is never deleted here: step 1 has first turned it `expired` and
+   published that. A session whose `expired` could not be published (Redis down) is not
+   deleted by this run (the run reports it), so readers falling back to MongoDB still see
+   `expired`; a later run deletes it.
 
 Running it twice, in a row or at once, changes nothing the first run did not already do.
 MongoDB's TTL monitor may still delete a pending session before any run sees it; browsers
