@@ -27,7 +27,7 @@ from pymongo import ReturnDocument
 
 from .ledger import IssueKind, Ledger, NewIssue, is_test_delivery
 from .model import SessionStatus, utcnow
-from .mongo import Doc, Store
+from .mongo import CHECK_AT, NO_CHECK, Doc, Store
 
 # PayOS writes `transactionDateTime` in Vietnam's time (UTC+7) without a zone.
 VIETNAM = timezone(timedelta(hours=7))
@@ -167,7 +167,8 @@ class Payments:
         # amountPaid only grows: if the sum already covers the amount on this read, it does
         # on the stored document too, and one update both counts and completes.
         if doc.get("amountPaid", 0) + tx.amount >= doc["amount"]:
-            update["$set"] = {"status": SessionStatus.COMPLETED.value}
+            # Paid: nothing left for the reconciler to ask PayOS about.
+            update["$set"] = {"status": SessionStatus.COMPLETED.value, CHECK_AT: NO_CHECK}
             update["$currentDate"]["completedAt"] = True
         # The reference guard makes this idempotent per transaction, whatever crashed before;
         # the status in the filter lets exactly one of concurrent transactions complete it.
@@ -214,7 +215,7 @@ class Payments:
         return await self._store.sessions.find_one_and_update(
             {"_id": doc["_id"], "status": doc["status"]},
             {
-                "$set": {"status": SessionStatus.COMPLETED.value},
+                "$set": {"status": SessionStatus.COMPLETED.value, CHECK_AT: NO_CHECK},
                 "$currentDate": {"completedAt": True, "updatedAt": True},
                 "$inc": {"version": 1},
             },

@@ -4,6 +4,7 @@ exactly one item per case however often it is delivered (real ingest, real Mongo
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
@@ -240,7 +241,7 @@ def two_ingests(settings: Settings, tmp_path: Path, store: Store) -> Iterator[li
         urls.append(f"http://127.0.0.1:{port}")
     try:
         for url in urls:
-            wait_until(lambda url=url: http_ok(f"{url}/readyz"), 15, "ingest ready")
+            wait_until(functools.partial(http_ok, f"{url}/readyz"), 15, "ingest ready")
         yield urls
     finally:
         for proc in procs:

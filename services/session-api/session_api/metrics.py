@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +19,12 @@ class SessionMetrics:
     reads_not_found: Counter
     reads_invalid: Counter
     reads_store_unavailable: Counter
+    # Issue 11: reconciliation with PayOS, and the payment ledger.
+    reconcile_checked: Counter
+    reconcile_recovered: Counter
+    reconcile_payos_errors: Counter
+    reconcile_leader: Gauge
+    issues_open: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> SessionMetrics:
@@ -56,4 +62,30 @@ class SessionMetrics:
             reads_not_found=status_reads.labels("not_found"),
             reads_invalid=status_reads.labels("invalid"),
             reads_store_unavailable=status_reads.labels("store_unavailable"),
+            reconcile_checked=Counter(
+                "paypush_reconcile_sessions_checked",
+                "Sessions the reconciler asked PayOS about",
+                registry=registry,
+            ),
+            reconcile_recovered=Counter(
+                "paypush_reconcile_transactions_recovered",
+                "Transactions PayOS reported that no webhook had brought (counted or recorded)",
+                registry=registry,
+            ),
+            reconcile_payos_errors=Counter(
+                "paypush_reconcile_payos_errors",
+                "PayOS calls of the reconciler that failed (retried later)",
+                registry=registry,
+            ),
+            reconcile_leader=Gauge(
+                "paypush_reconcile_lease_held",
+                "1 while this process holds the reconciler's lease",
+                registry=registry,
+            ),
+            issues_open=Gauge(
+                "paypush_payment_issues_open",
+                "Open items of the payment ledger, by kind",
+                ["kind"],
+                registry=registry,
+            ),
         )
