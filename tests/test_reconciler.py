@@ -18,14 +18,6 @@ from payos.types import CreatePaymentLinkRequest
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from shared.cache import StatusCache
-from shared.ledger import Ledger
-from shared.model import StreamStatus, utcnow
-from shared.mongo import NO_CHECK, Store
-from shared.payments import Payments
-from shared.payos_client import payos_client
-from shared.settings import Settings
-from shared.tasks import Supervisor
 from session_api.metrics import SessionMetrics
 from session_api.reconciler import (
     BACKOFF_SECONDS,
@@ -34,6 +26,14 @@ from session_api.reconciler import (
     checks_over_life,
     next_check,
 )
+from shared.cache import StatusCache
+from shared.ledger import Ledger
+from shared.model import StreamStatus, utcnow
+from shared.mongo import NO_CHECK, Store
+from shared.payments import Payments
+from shared.payos_client import payos_client
+from shared.settings import Settings
+from shared.tasks import Supervisor
 from tests.helpers import add_session, simulator_to_ingest, subscribed
 
 AFTER = 1.0
