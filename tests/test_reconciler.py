@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -289,7 +290,7 @@ def test_the_backoff_asks_at_2_then_2_5_15_minutes_then_hourly_then_once_after_e
         if at == NO_CHECK:
             break
         checks.append(at)
-    gaps = [round(b - a) for a, b in zip(checks, checks[1:], strict=False)]
+    gaps = [round(b - a) for a, b in itertools.pairwise(checks)]
     assert gaps[:3] == [120, 300, 900]
     assert set(gaps[3:-1]) == {HOURLY}
     assert checks[-1] == pytest.approx(session["expiresAt"].timestamp() + 60, abs=1)
