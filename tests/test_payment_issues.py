@@ -334,3 +334,24 @@ async def test_two_session_api_processes_run_one_reconciler_and_the_other_takes_
     finally:
         for proc in procs:
             proc.stop()
+
+
+async def test_the_ledger_endpoints_refuse_every_wrong_credential(
+    site: Client, store: Store
+) -> None:
+    from tests.test_security import bad_credentials
+
+    item = await _one_item(site, store)
+    targets = [("GET", ISSUES), ("POST", f"{ISSUES}/{item['id']}/resolve")]
+    for method, path in targets:
+        for name, headers, query in bad_credentials("test-admin-token", "test-cron-secret"):
+            url = f"{path}?{query}" if query else path
+            resp = await site.request(
+                method, url, headers=headers, json={"resolvedBy": "a", "note": "b"}
+            )
+            assert resp.status == 401, (method, name)
+            assert resp.headers["WWW-Authenticate"] == "Bearer"
+            body = await resp.json()
+            assert body["success"] is False and "items" not in body and "item" not in body
+    [stored] = [d async for d in store.issues.find({})]
+    assert stored["status"] == "open", "a refused resolve changed the item"
