@@ -133,6 +133,11 @@ class Payments:
                 )
             )
             return Applied(Outcome.UNKNOWN_ORDER, None, False)
+        return await self._decide(tx, doc, now, tries=3)
+
+    async def _decide(self, tx: Transaction, doc: Doc, now: datetime, *, tries: int) -> Applied:
+        """What `tx` does to the session `doc` as read; decided again on a fresh read when
+        the session moved on under it (it only moves forward: a few tries at most)."""
         if tx.reference in doc.get("references", ()):
             return await self._counted_before(tx, doc)
         if tx.currency != CURRENCY:
@@ -152,10 +157,15 @@ class Payments:
             # Made in time, delivered late: the one backward move, by a counted payment.
             allowed = [SessionStatus.PENDING.value, SessionStatus.EXPIRED.value]
         else:
+            # A status no rule credits (a cancelled session, issue 13): kept, not forgotten.
+            kind = IssueKind.PAID_AFTER_CANCEL if status == "cancelled" else IssueKind.LATE
+            await self._record(kind, tx, doc)
             return Applied(Outcome.NOT_PENDING, doc, False)
-        return await self._count(tx, doc, allowed)
+        return await self._count(tx, doc, allowed, now, tries)
 
-    async def _count(self, tx: Transaction, doc: Doc, allowed: list[str]) -> Applied:
+    async def _count(
+        self, tx: Transaction, doc: Doc, allowed: list[str], now: datetime, tries: int
+    ) -> Applied:
         update: dict[str, Any] = {
             "$inc": {"amountPaid": tx.amount, "version": 1},
             # Two flat lists rather than one list of pairs: what every server (and the
@@ -178,17 +188,15 @@ class Payments:
             return_document=ReturnDocument.AFTER,
         )
         if counted is None:
-            # Another copy counted it, or the session moved on meanwhile: decide again on
-            # what is stored now (at most once more: the session only moves forward).
+            # Another copy counted it, or the session moved on (paid, expired) meanwhile:
+            # decide again on what is stored now.
             fresh = await self._store.sessions.find_one({"_id": doc["_id"]})
-            if fresh is None:
-                return Applied(Outcome.DUPLICATE, doc, False)
-            if tx.reference in fresh.get("references", ()):
-                return await self._counted_before(tx, fresh)
-            if fresh["status"] == SessionStatus.COMPLETED:
-                await self._record(IssueKind.OVERPAID, tx, fresh, excess=tx.amount)
-                return Applied(Outcome.OVERPAID, fresh, False)
-            return Applied(Outcome.NOT_PENDING, fresh, False)
+            if fresh is None or tries <= 0:
+                # Deleted under us (only ever long after expiry), or still moving after a
+                # few tries: never forgotten, kept as an item.
+                await self._record(IssueKind.LATE, tx, fresh or doc)
+                return Applied(Outcome.LATE, fresh or doc, False)
+            return await self._decide(tx, fresh, now, tries=tries - 1)
         doc = await self._complete_if_paid(counted) or counted
         await self._record_excess(tx, doc)
         completed = doc["status"] == SessionStatus.COMPLETED
