@@ -323,3 +323,18 @@ async def test_a_payment_whose_session_the_cleanup_expired_under_it_is_counted_n
     assert applied.outcome is Outcome.COMPLETED
     stored = await store.sessions.find_one({"uuid": session["uuid"]})
     assert stored is not None and (stored["status"], stored["amountPaid"]) == ("completed", 9_000)
+
+
+async def test_a_redelivery_after_the_item_was_resolved_does_not_hold_the_session_again(
+    ingest: Client, store: Store, ledger: Ledger
+) -> None:
+    session = await add_session(store, amount=10_000)
+    webhook = with_currency(signed_webhook(session["orderCode"], 10_000), "EUR")
+    await post(ingest, webhook)
+    [item] = await items(store)
+    await ledger.resolve(str(item["_id"]), by="ops", note="refunded")
+    status, body = await post(ingest, webhook)
+    assert (status, body["outcome"]) == (200, "duplicate")
+    stored = await store.sessions.find_one({"uuid": session["uuid"]})
+    assert stored is not None and "heldPurgeAt" not in stored and stored["purgeAt"] is not None
+    assert [i["status"] for i in await items(store)] == ["resolved"]
