@@ -94,13 +94,12 @@ class Store:
         await self.sessions.create_index(
             [(PURGE_AT, ASCENDING)], expireAfterSeconds=0, name="purgeAt_ttl"
         )
-        # The reconciler: pending sessions never checked (checkAt null), oldest first; then
-        # the sessions whose next check is due.
+        # The reconciler, by one index (each costs every insert): open sessions never checked
+        # (checkAt null), oldest first; then the open sessions whose next check is due.
         await self.sessions.create_index(
             [("status", ASCENDING), (CHECK_AT, ASCENDING), ("createdAt", ASCENDING)],
-            name="reconcile_new",
+            name="reconcile",
         )
-        await self.sessions.create_index([(CHECK_AT, ASCENDING)], name="reconcile_due")
         # One record per delivery: a payment link may receive several transactions, so a
         # delivery is identified by orderCode and reference together.
         await self.webhooks.create_index(

@@ -237,7 +237,9 @@ class Reconciler:
         found = [doc async for doc in new.sort("createdAt", ASCENDING).limit(limit)]
         queries = 1
         if len(found) < limit:
-            again = self._store.sessions.find({CHECK_AT: {"$gt": 0, "$lte": now}}, fields)
+            again = self._store.sessions.find(
+                {"status": {"$in": open_}, CHECK_AT: {"$gt": 0, "$lte": now}}, fields
+            )
             found += [
                 doc async for doc in again.sort(CHECK_AT, ASCENDING).limit(limit - len(found))
             ]
