@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test fuzz faults soak mutate lint format mypy bench bench-ingest bench-stream bench-status bench-page bench-replicas bench-resync bench-peer replicas replicas-test clean
+.PHONY: setup run test fuzz faults soak mutate lint format mypy bench bench-ingest bench-stream bench-status bench-page bench-replicas bench-resync bench-peer bench-reconcile replicas replicas-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,7 +63,7 @@ format: setup
 mypy: setup
 	$(BIN)/mypy
 
-bench: bench-ingest bench-stream bench-status bench-page bench-replicas bench-resync bench-peer
+bench: bench-ingest bench-stream bench-status bench-page bench-replicas bench-resync bench-peer bench-reconcile
 
 bench-ingest: setup
 	$(BIN)/python -m bench.ingest $(BENCH_ARGS)
@@ -86,6 +86,9 @@ bench-resync: setup
 # The gateway side by side with nginx + nchan (Debian's libnginx-mod-nchan), same clients.
 bench-peer: setup
 	$(BIN)/python -m bench.peer $(BENCH_ARGS)
+
+bench-reconcile: setup
+	$(BIN)/python -m bench.reconcile $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache

@@ -52,3 +52,8 @@ RATE_LIMIT_WINDOW_SECONDS = 60
 def session_rate_key(client: str) -> str:
     """The counter of session creations by one client address in the current window."""
     return f"{PREFIX}:ratelimit:sessions:{client}"
+
+
+# The reconciler's lease (session-api): one holder per deployment asks PayOS about pending
+# sessions; the value is the holder's token, so only it renews or releases the lease.
+RECONCILER_LEASE_KEY = f"{PREFIX}:reconciler:lease"

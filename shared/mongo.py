@@ -1,4 +1,4 @@
-"""MongoDB access: the two collections, their indexes, and the reads every service shares.
+"""MongoDB access: the collections, their indexes, and the reads every service shares.
 
 Every query keeps to what a real MongoDB does, and to what the local stand-in (nx-27017, the
 development and test database) does alike. Where the stand-in falls short, the code takes the
@@ -33,9 +33,21 @@ WEBHOOKS = "webhooks"
 # One document per uuid ever given to a session (`_id` is the uuid), kept long after the
 # session: a uuid names one session only (see session_api.sessions).
 USED_UUIDS = "usedUuids"
+# The payment ledger (shared.ledger): money that fits no session; no TTL.
+ISSUES = "paymentIssues"
 DEFAULT_DB = "paypush"
 # Set on a session whose latest change could not be published yet (Redis was unreachable).
 PUBLISH_PENDING = "publishPending"
+# When MongoDB's TTL monitor (and the cleanup) may delete a session: a while after its
+# `expiresAt`, so a payment made in time but delivered late still finds it (issue 11).
+PURGE_AT = "purgeAt"
+# `purgeAt` moved aside while a ledger item about the session is open (shared.ledger).
+HELD_PURGE_AT = "heldPurgeAt"
+# When session-api's reconciler next asks PayOS about a session (epoch seconds: an update
+# cannot write a date on every server), absent until its first check, NO_CHECK once none is
+# needed any more (paid, or its last check after expiry done).
+CHECK_AT = "checkAt"
+NO_CHECK = -1.0
 
 
 def mongo_client(settings: Settings) -> AsyncMongoClient[Doc]:
@@ -60,6 +72,7 @@ class Store:
         self.sessions: AsyncCollection[Doc] = self.db[SESSIONS]
         self.webhooks: AsyncCollection[Doc] = self.db[WEBHOOKS]
         self.used_uuids: AsyncCollection[Doc] = self.db[USED_UUIDS]
+        self.issues: AsyncCollection[Doc] = self.db[ISSUES]
         self.indexes_ready = False
 
     async def ensure_indexes(self) -> None:
@@ -77,8 +90,15 @@ class Store:
         await self.sessions.create_index(
             [(PUBLISH_PENDING, ASCENDING)], sparse=True, name="publish_pending"
         )
+        await self._drop_ttl_on_expires_at()
         await self.sessions.create_index(
-            [("expiresAt", ASCENDING)], expireAfterSeconds=0, name="expiresAt_ttl"
+            [(PURGE_AT, ASCENDING)], expireAfterSeconds=0, name="purgeAt_ttl"
+        )
+        # The reconciler, by one index (each costs every insert): open sessions never checked
+        # (checkAt null), oldest first; then the open sessions whose next check is due.
+        await self.sessions.create_index(
+            [("status", ASCENDING), (CHECK_AT, ASCENDING), ("createdAt", ASCENDING)],
+            name="reconcile",
         )
         # One record per delivery: a payment link may receive several transactions, so a
         # delivery is identified by orderCode and reference together.
@@ -93,7 +113,29 @@ class Store:
         await self.used_uuids.create_index(
             [("forgetAt", ASCENDING)], expireAfterSeconds=0, name="forgetAt_ttl"
         )
+        # One ledger item per case, however often it is delivered or by how many replicas.
+        await self.issues.create_index(
+            [("kind", ASCENDING), ("orderCode", ASCENDING), ("reference", ASCENDING)],
+            unique=True,
+            name="issue_unique",
+        )
+        await self.issues.create_index(
+            [("status", ASCENDING), ("kind", ASCENDING), ("createdAt", DESCENDING)],
+            name="issue_status_kind",
+        )
+        await self.issues.create_index(
+            [("orderCode", ASCENDING), ("status", ASCENDING)], name="issue_order"
+        )
         self.indexes_ready = True
+
+    async def _drop_ttl_on_expires_at(self) -> None:
+        """Before issue 11 the sessions' TTL index was on `expiresAt`, deleting a session the
+        moment a late payment would need it; dropped by its keys (the name differs on the
+        stand-in)."""
+        info = await self.sessions.index_information()
+        for spec in info.values():
+            if list(spec["key"]) == [("expiresAt", 1)] and "expireAfterSeconds" in spec:
+                await self.sessions.drop_index([("expiresAt", ASCENDING)])
 
     async def ping(self) -> None:
         await self.client.admin.command("ping")

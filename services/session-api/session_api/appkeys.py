@@ -5,8 +5,10 @@ from payos import AsyncPayOS
 
 from shared.status import StatusReader
 
+from .issues import PaymentIssues
 from .limits import Network, RateLimiter
 from .metrics import SessionMetrics
+from .reconciler import Reconciler
 from .sessions import Sessions
 from .stats import StatsSnapshot
 
@@ -16,4 +18,6 @@ STATUS_READER = web.AppKey("status_reader", StatusReader)
 SESSION_METRICS = web.AppKey("session_metrics", SessionMetrics)
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 STATS = web.AppKey("stats", StatsSnapshot)
+PAYMENT_ISSUES = web.AppKey("payment_issues", PaymentIssues)
+RECONCILER = web.AppKey("reconciler", Reconciler)
 TRUSTED_PROXIES: web.AppKey[tuple[Network, ...]] = web.AppKey("trusted_proxies")

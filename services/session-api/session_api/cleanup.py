@@ -13,12 +13,16 @@ Rules, in this order, all against one `now`:
    `webhook_ingest.resync`), cleared once Redis took the event: when Redis is down the
    mark stays, and every ingest replica's sweep publishes the session's latest state once
    Redis is back, whatever became of this run.
-2. **Delete.** Sessions whose `expiresAt` has passed and that are no longer pending, and
-   webhook records whose `expiresAt` has passed, are deleted: the backup for MongoDB's TTL
-   monitor, which runs about once a minute and may lag. A pending session is never deleted
-   here: step 1 has first turned it `expired` and published that. A session whose `expired`
-   could not be published (Redis down) is not deleted by this run (the run reports it), so
-   readers falling back to MongoDB still see `expired`; a later run deletes it.
+2. **Delete.** Sessions whose `purgeAt` (a day after `expiresAt`) has passed and that
+   are no longer pending, and webhook records whose `expiresAt` has passed, are deleted:
+   the backup for MongoDB's TTL monitor, which runs about once a minute and may lag. A
+   pending session is never deleted here: step 1 has first turned it `expired` and
+   published that. A session whose `expired` could not be published (Redis down) is not
+   deleted by this run (the run reports it), so readers falling back to MongoDB still see
+   `expired`; a later run deletes it.
+3. **Partial payments.** An expired session with 0 < amountPaid < amount becomes a
+   `partial_expired` item of the payment ledger (shared.ledger), which holds the session
+   from the TTL and this deletion until an operator resolves it.
 
 Running it twice, in a row or at once, changes nothing the first run did not already do.
 MongoDB's TTL monitor may still delete a pending session before any run sees it; browsers
@@ -41,12 +45,16 @@ from pymongo import ReturnDocument
 from shared.cache import StatusCache
 from shared.clients import REDIS_ERRORS, redis_client
 from shared.keys import SESSION_TTL_SECONDS
+from shared.ledger import SESSION_REFERENCE, IssueKind, Ledger, NewIssue
 from shared.logs import configure_logging
-from shared.model import SessionStatus, StatusEvent, utcnow
-from shared.mongo import PUBLISH_PENDING, Doc, Store, mongo_client
+from shared.model import PURGE_AFTER_EXPIRY, SessionStatus, StatusEvent, utcnow
+from shared.mongo import HELD_PURGE_AT, PUBLISH_PENDING, PURGE_AT, Doc, Store, mongo_client
 from shared.settings import SERVICE_SECRETS, Settings
 
 log = structlog.get_logger(__name__)
+
+# Set on an expired session once its `partial_expired` ledger item exists.
+PARTIAL_ITEM = "partialItem"
 
 # Sessions examined per round trip; rounds continue until none is left.
 BATCH = 500
@@ -60,6 +68,8 @@ class CleanupResult:
     sessions_deleted: int
     webhooks_deleted: int
     duration_ms: float
+    # Expired sessions with a partial payment this run made ledger items of (issue 11).
+    partial_expired: int = 0
 
     def to_dict(self) -> dict[str, int | float]:
         return {
@@ -68,6 +78,7 @@ class CleanupResult:
             "publishFailed": self.publish_failed,
             "sessionsDeleted": self.sessions_deleted,
             "webhooksDeleted": self.webhooks_deleted,
+            "partialExpired": self.partial_expired,
             "durationMs": self.duration_ms,
         }
 
@@ -110,10 +121,20 @@ async def run_cleanup(
             if len(batch) < BATCH or changed == 0:
                 break
 
+    partial = await _record_partial(store)
+    closed = {"$in": [SessionStatus.COMPLETED.value, SessionStatus.EXPIRED.value]}
+    # Past their `purgeAt` (a day after `expiresAt`, so a payment made in time but delivered
+    # late still finds its session); a session held by an open ledger item has none.
     sessions = await store.sessions.delete_many(
+        {PURGE_AT: {"$lte": now}, "status": closed, "uuid": {"$nin": unpublished}}
+    )
+    # Sessions stored before `purgeAt` existed, on the same schedule.
+    legacy = await store.sessions.delete_many(
         {
-            "expiresAt": {"$lte": now},
-            "status": {"$in": [SessionStatus.COMPLETED.value, SessionStatus.EXPIRED.value]},
+            PURGE_AT: {"$exists": False},
+            HELD_PURGE_AT: {"$exists": False},
+            "expiresAt": {"$lte": now - PURGE_AFTER_EXPIRY},
+            "status": closed,
             "uuid": {"$nin": unpublished},
         }
     )
@@ -122,12 +143,39 @@ async def run_cleanup(
         expired=expired,
         published=published,
         publish_failed=len(unpublished),
-        sessions_deleted=sessions.deleted_count,
+        sessions_deleted=sessions.deleted_count + legacy.deleted_count,
         webhooks_deleted=webhooks.deleted_count,
         duration_ms=round((time.perf_counter() - started) * 1000, 2),
+        partial_expired=partial,
     )
     log.info("cleanup_done", **asdict(result))
     return result
+
+
+async def _record_partial(store: Store) -> int:
+    """A `partial_expired` ledger item for every expired session with money on it that has
+    none yet: the ones this run expired, and any a run that died left (the mark is set only
+    once the item exists). The item holds the session from the TTL while it is open."""
+    ledger, recorded = Ledger(store), 0
+    query = {"status": SessionStatus.EXPIRED.value, "amountPaid": {"$gt": 0}, PARTIAL_ITEM: None}
+    while True:
+        batch = [doc async for doc in store.sessions.find(query).limit(BATCH)]
+        for doc in batch:
+            if doc.get("amountPaid", 0) < doc["amount"]:
+                recorded += await ledger.record(
+                    NewIssue(
+                        IssueKind.PARTIAL_EXPIRED,
+                        int(doc["orderCode"]),
+                        SESSION_REFERENCE,
+                        int(doc["amountPaid"]),
+                        None,
+                        session=doc,
+                        source="cleanup",
+                    )
+                )
+            await store.sessions.update_one({"_id": doc["_id"]}, {"$set": {PARTIAL_ITEM: True}})
+        if len(batch) < BATCH:
+            return recorded
 
 
 async def _expire(store: Store, _id: object) -> Doc | None:
