@@ -231,7 +231,7 @@ async def run(args: argparse.Namespace) -> None:
             "devstack.payos_simulator",
             sim_port,
             {**settings.env(), "PAYOS_SIMULATOR_PORT": str(sim_port)},
-            env.tmp,
+            env.dir / "logs",
         )
         sim.start()
         configure_logging(settings)

@@ -15,8 +15,10 @@ from redis.asyncio import Redis
 from devstack.servers import free_port
 from shared import keys
 from shared.cache import StatusCache
+from shared.ledger import Ledger
 from shared.model import StreamStatus, utcnow
 from shared.mongo import PUBLISH_PENDING, Store
+from shared.payments import Payments
 from shared.settings import Settings
 from tests.helpers import TEST_CHECKSUM_KEY, add_session, signed_webhook
 from webhook_ingest.errors import StoreUnavailable
@@ -25,11 +27,16 @@ from webhook_ingest.payload import Webhook, parse_webhook
 from webhook_ingest.resync import Resync
 
 
+def payments(store: Store) -> Payments:
+    """The counting core as the ingest's app builds it (the default grace)."""
+    return Payments(store, Ledger(store), grace_seconds=900)
+
+
 @pytest.fixture
 async def ingestor(settings: Settings, store: Store) -> AsyncIterator[Ingestor]:
     redis = Redis.from_url(settings.redis_url)
     cache = StatusCache(redis)
-    yield Ingestor(store, cache, Resync(store, cache))
+    yield Ingestor(store, cache, Resync(store, cache), payments(store))
     await redis.aclose()
 
 
@@ -96,10 +103,13 @@ async def test_partial_payments_count_each_and_complete_at_the_amount(
     second = await ingestor.ingest(webhook(session["orderCode"], 6_000))
     assert second.outcome is Outcome.COMPLETED and second.event is not None
     assert (second.event.amount_paid, second.event.version) == (10_000, 3)
-    late = await ingestor.ingest(webhook(session["orderCode"], 1_000))
-    assert late.outcome is Outcome.NOT_PENDING and late.event == second.event
+    # More money for a session paid in full counts nothing there: it is a ledger item.
+    extra = await ingestor.ingest(webhook(session["orderCode"], 1_000))
+    assert extra.outcome is Outcome.OVERPAID and extra.event == second.event
+    assert not extra.published
     stored = await store.sessions.find_one({"uuid": session["uuid"]})
     assert stored is not None and stored["amountPaid"] == 10_000
+    assert await store.db["paymentIssues"].count_documents({"kind": "overpaid"}) == 1
 
 
 async def test_one_more_than_the_amount_completes_and_one_less_does_not(
@@ -130,7 +140,9 @@ async def test_before_the_indexes_exist_nothing_is_taken(settings: Settings, sto
         cache = StatusCache(redis)
         store.indexes_ready = False
         with pytest.raises(StoreUnavailable, match="indexes not ready"):
-            await Ingestor(store, cache, Resync(store, cache)).ingest(webhook(123, 3_000))
+            await Ingestor(store, cache, Resync(store, cache), payments(store)).ingest(
+                webhook(123, 3_000)
+            )
         assert await store.webhooks.count_documents({}) == 0
     finally:
         await redis.aclose()
@@ -173,7 +185,7 @@ async def test_with_redis_down_the_payment_counts_unpublished_and_is_marked_for_
     dead = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.5)
     try:
         cache = StatusCache(dead)
-        ingestor = Ingestor(store, cache, Resync(store, cache))
+        ingestor = Ingestor(store, cache, Resync(store, cache), payments(store))
         session = await add_session(store, amount=9_000)
         result = await ingestor.ingest(webhook(session["orderCode"], 9_000))
         assert (result.outcome, result.published) == (Outcome.COMPLETED, False)

@@ -24,16 +24,16 @@ from shared.ledger import Ledger, NewIssue
 from shared.model import StreamStatus, utcnow
 from shared.mongo import Store
 from shared.settings import Settings
-from tests.helpers import add_session, simulator_to_ingest, subscribed
-from tests.test_session_api import Client, Sim, _ready, create
+from tests.helpers import Sim, add_session, simulator_to_ingest, subscribed
+from tests.test_session_api import Client, _ready, create
 
 ADMIN = {"Authorization": "Bearer test-admin-token"}
 
 
 @pytest.fixture
 async def simulator(settings: Settings, store: Store) -> AsyncIterator[Sim]:
-    async with simulator_to_ingest(settings) as (url, _ingest_url, http):
-        yield Sim(url, http)
+    async with simulator_to_ingest(settings) as sim:
+        yield sim
 
 
 @pytest.fixture

@@ -103,7 +103,8 @@ class World:
 
 @pytest.fixture
 async def world(settings: Settings, store: Store) -> AsyncIterator[World]:
-    async with simulator_to_ingest(settings) as (url, _ingest_url, http):
+    async with simulator_to_ingest(settings) as sim:
+        url, http = sim.url, sim.http
         client = payos_client(
             Settings.from_env(
                 {},
