@@ -5,8 +5,10 @@ from payos import AsyncPayOS
 
 from shared.status import StatusReader
 
+from .dispatcher import Dispatcher
+from .event_log import EventLog
 from .limits import Network, RateLimiter
-from .metrics import SessionMetrics
+from .metrics import OutboxMetrics, SessionMetrics
 from .sessions import Sessions
 from .stats import StatsSnapshot
 
@@ -17,3 +19,6 @@ SESSION_METRICS = web.AppKey("session_metrics", SessionMetrics)
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 STATS = web.AppKey("stats", StatsSnapshot)
 TRUSTED_PROXIES: web.AppKey[tuple[Network, ...]] = web.AppKey("trusted_proxies")
+EVENT_LOG = web.AppKey("event_log", EventLog)
+DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+OUTBOX_METRICS = web.AppKey("outbox_metrics", OutboxMetrics)

@@ -6,7 +6,7 @@ from shared.appkeys import SETTINGS
 from shared.openapi import add_openapi_route
 from shared.web import add_ops_routes, mongo_ready, redis_ready
 
-from . import openapi, page, views
+from . import events, openapi, page, views
 
 
 def setup_routes(app: web.Application) -> None:
@@ -16,6 +16,9 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/api/webhooks/cleanup", views.cleanup)
     app.router.add_post("/api/webhooks/cleanup", views.cleanup)
     app.router.add_get("/api/stats", views.stats)
+    # The shop's events (issue 17): pull, and the admins' replay.
+    app.router.add_get("/api/events", events.list_events)
+    app.router.add_post("/api/events/replay", events.replay)
     # The deposit page, its assets, and the QR image of a session.
     app.router.add_get("/", page.index)
     app.router.add_get("/api/sessions/{uuid}/qr.svg", page.qr_svg)

@@ -11,6 +11,7 @@ import structlog
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
+from shared import outbox
 from shared.cache import StatusCache
 from shared.clients import REDIS_ERRORS
 from shared.keys import SESSION_TTL_SECONDS
@@ -22,6 +23,10 @@ from .payload import Webhook
 from .resync import Resync
 
 log = structlog.get_logger(__name__)
+
+# Reads and guarded updates of one session before a delivery gives up (and PayOS retries):
+# each retry means another transaction of the same session was counted in between.
+APPLY_ATTEMPTS = 8
 
 
 class Outcome(StrEnum):
@@ -113,58 +118,94 @@ class Ingestor:
         Equality filters only (plus the reference guard): they are what every MongoDB, and
         the local stand-in, answers from an index. Expiry is checked on the document read
         first; a session is only ever moved forward, so a stale read cannot undo anything.
+
+        The update that counts (or completes) also writes the shop's event into the session's
+        outbox (shared.outbox): guarded by the version it read, so the event describes exactly
+        the state the update leaves; a concurrent change makes it read again and retry.
         """
         sessions = self._store.sessions
         doc = await sessions.find_one({"orderCode": webhook.order_code})
-        if doc is None or doc["status"] != SessionStatus.PENDING or doc["expiresAt"] <= utcnow():
-            return doc, False
-        changed = False
-        if webhook.reference not in doc.get("references", ()):
+        for _ in range(APPLY_ATTEMPTS):
+            if (
+                doc is None
+                or doc["status"] != SessionStatus.PENDING
+                or doc["expiresAt"] <= utcnow()
+            ):
+                return doc, False
+            if webhook.reference in doc.get("references", ()):
+                break
+            version = int(doc.get("version", 1))
+            paid = int(doc.get("amountPaid", 0)) + webhook.amount
+            after = {
+                **doc,
+                "amountPaid": paid,
+                "references": [*doc.get("references", ()), webhook.reference],
+                "version": version + 1,
+            }
             update: dict[str, Any] = {
                 "$inc": {"amountPaid": webhook.amount, "version": 1},
                 "$push": {"references": webhook.reference},
                 # The database's clock: one clock for every replica of every service.
                 "$currentDate": {"updatedAt": True},
             }
-            # amountPaid only grows: if the sum already covers the amount on this read, it
-            # does on the stored document too, and one update both counts and completes.
-            if doc.get("amountPaid", 0) + webhook.amount >= doc["amount"]:
+            # amountPaid only grows and the version guard pins it: if the sum covers the
+            # amount on this read, it does on the stored document, and one update both counts
+            # and completes.
+            if paid >= doc["amount"]:
                 update["$set"] = {"status": SessionStatus.COMPLETED.value}
                 update["$currentDate"]["completedAt"] = True
+                after["status"] = SessionStatus.COMPLETED.value
+                event = outbox.session_entry(outbox.EventType.COMPLETED, after)
+            else:
+                event = outbox.session_entry(
+                    outbox.EventType.PARTIAL,
+                    after,
+                    reference=webhook.reference,
+                    transactionAmount=webhook.amount,
+                )
             # The reference guard makes this idempotent per delivery, whatever crashed before;
-            # `status: pending` lets exactly one of concurrent deliveries count.
+            # `status: pending` and `version` let exactly one of concurrent deliveries count.
             counted = await sessions.find_one_and_update(
                 {
                     "_id": doc["_id"],
                     "status": SessionStatus.PENDING.value,
+                    "version": version,
                     "references": {"$nin": [webhook.reference]},
                 },
-                update,
+                outbox.with_entry(update, event),
                 return_document=ReturnDocument.AFTER,
             )
             if counted is not None:
-                doc, changed = counted, True
-            else:
-                doc = await sessions.find_one({"_id": doc["_id"]}) or doc
-        if (
-            doc["status"] == SessionStatus.PENDING
-            and webhook.reference in doc.get("references", ())
-            and doc.get("amountPaid", 0) >= doc["amount"]
-        ):
-            # Paid in full by transactions counted concurrently, or by a delivery that died
-            # between counting and completing: complete now, exactly once.
+                return counted, True
+            doc = await sessions.find_one({"_id": doc["_id"]})
+        else:
+            # Changed under us at every attempt: the caller answers 5xx, PayOS delivers again.
+            raise PyMongoError("session changed concurrently too often, not counted yet")
+        if doc["status"] == SessionStatus.PENDING and doc.get("amountPaid", 0) >= doc["amount"]:
+            # Paid in full by a delivery that died between counting and completing (before
+            # one update did both): complete now, exactly once, with the shop's event.
+            after = {**doc, "status": SessionStatus.COMPLETED.value}
+            after["version"] = int(doc.get("version", 1)) + 1
             done = await sessions.find_one_and_update(
-                {"_id": doc["_id"], "status": SessionStatus.PENDING.value},
                 {
-                    "$set": {"status": SessionStatus.COMPLETED.value},
-                    "$currentDate": {"completedAt": True, "updatedAt": True},
-                    "$inc": {"version": 1},
+                    "_id": doc["_id"],
+                    "status": SessionStatus.PENDING.value,
+                    "version": int(doc.get("version", 1)),
                 },
+                outbox.with_entry(
+                    {
+                        "$set": {"status": SessionStatus.COMPLETED.value},
+                        "$currentDate": {"completedAt": True, "updatedAt": True},
+                        "$inc": {"version": 1},
+                    },
+                    outbox.session_entry(outbox.EventType.COMPLETED, after),
+                ),
                 return_document=ReturnDocument.AFTER,
             )
             if done is not None:
-                doc, changed = done, True
-        return doc, changed
+                return done, True
+            doc = await sessions.find_one({"_id": doc["_id"]}) or doc
+        return doc, False
 
     async def _publish(self, event: StatusEvent) -> bool:
         try:

@@ -1,0 +1,359 @@
+"""The dispatcher: signed Standard Webhooks to the shop, from the event log, under a lease.
+
+Why in session-api: it already holds MongoDB, Redis and the admin and shop-facing API (the
+pull API and replay read the same log), it is not on the path PayOS's deliveries take (a slow
+shop must never slow the ingest, whose answers PayOS times), and its replicas are few and
+long-lived. One replica at a time dispatches: the Redis lease `paypush:lease:outbox-dispatcher`
+(shared.lease), taken over within `OUTBOX_LEASE_SECONDS` when its holder dies.
+
+Each round: relay new outbox entries into the log (session_api.event_log), then start the
+deliveries that are due. Per session the events go strictly in log order — a session's next
+event is sent only once every earlier one of it was delivered (or given up) at that URL —
+while different sessions are delivered concurrently (`SHOP_WEBHOOK_CONCURRENCY` per URL).
+
+A delivery is `POST` with `webhook-id` (the event id), `webhook-timestamp` and
+`webhook-signature` (`v1,` + base64 HMAC-SHA256 of `id.timestamp.body`, once per configured
+secret, space separated) as the Standard Webhooks specification says. A 2xx is delivered;
+anything else, a redirect, an error or no answer within `SHOP_WEBHOOK_TIMEOUT_SECONDS` is
+retried after an exponentially growing delay with jitter, until `SHOP_WEBHOOK_GIVE_UP_SECONDS`
+(3 days) after the first attempt: then it is marked failed. The state is written after the
+attempt, so a dispatcher that dies mid-delivery leaves it pending: its successor sends it
+again, with the same id (at least once; the shop deduplicates by id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import random
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from functools import partial
+
+import aiohttp
+import structlog
+from pymongo import ASCENDING
+from pymongo.errors import PyMongoError
+from redis.asyncio import Redis
+
+from shared.lease import Lease, run_under_lease
+from shared.model import utcnow
+from shared.mongo import Doc, Store
+from shared.settings import Settings, webhook_secret_bytes
+
+from .event_log import DeliveryState, EventLog
+from .metrics import OutboxMetrics
+
+log = structlog.get_logger(__name__)
+
+LEASE_NAME = "outbox-dispatcher"
+# Due deliveries looked at per round and URL.
+DUE_BATCH = 500
+STATS_EVERY_SECONDS = 5.0
+STORE_RETRY_SECONDS = 1.0
+USER_AGENT = "paypush-webhooks/1"
+JITTER = 0.2  # each retry delay is drawn within ±20 % of the schedule's
+
+
+def sign(secrets: Sequence[bytes], msg_id: str, timestamp: int, body: bytes) -> str:
+    """The `webhook-signature` header: one `v1,<base64>` per secret, space separated."""
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    return " ".join(
+        "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+        for key in secrets
+    )
+
+
+def retry_delay(attempts: int, first: float, cap: float, rng: random.Random) -> float:
+    """The wait after the `attempts`-th failed attempt: first·2^(attempts-1), capped, ±jitter."""
+    base = min(first * 2.0 ** max(attempts - 1, 0), cap)
+    return float(base * rng.uniform(1 - JITTER, 1 + JITTER))
+
+
+def schedule(settings: Settings) -> list[float]:
+    """The retry schedule without jitter (seconds after the first attempt), for the README."""
+    out: list[float] = []
+    total, n = 0.0, 1
+    while True:
+        total += min(
+            settings.shop_webhook_retry_first_seconds * 2 ** (n - 1),
+            settings.shop_webhook_retry_max_seconds,
+        )
+        if total >= settings.shop_webhook_give_up_seconds:
+            return out
+        out.append(total)
+        n += 1
+
+
+class Dispatcher:
+    """Relays and delivers while this process holds the lease; idle otherwise."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        redis: Redis,
+        event_log: EventLog,
+        metrics: OutboxMetrics,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._log = event_log
+        self._metrics = metrics
+        self._secrets = [webhook_secret_bytes(s) for s in settings.shop_webhook_secret]
+        self.lease = Lease(redis, LEASE_NAME, settings.outbox_lease_seconds)
+        self._rng = random.Random()
+        self._inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._http: aiohttp.ClientSession | None = None
+        self._stats_at = 0.0
+
+    async def run(self) -> None:
+        """The supervised task: lead while holding the lease, wait for it otherwise."""
+        await run_under_lease(self.lease, self._lead, on_change=self._metrics.leader.set)
+
+    async def _lead(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=self._settings.shop_webhook_timeout_seconds)
+        connector = aiohttp.TCPConnector(
+            limit=self._settings.shop_webhook_concurrency * max(len(self._log.endpoints), 1)
+        )
+        async with aiohttp.ClientSession(
+            timeout=timeout, connector=connector, headers={"User-Agent": USER_AGENT}
+        ) as http:
+            self._http = http
+            try:
+                await self._rounds()
+            finally:
+                inflight = list(self._inflight.values())
+                for task in inflight:
+                    task.cancel()
+                await asyncio.gather(*inflight, return_exceptions=True)
+                self._inflight.clear()
+                self._http = None
+                self._metrics.reset_gauges()
+
+    async def _rounds(self) -> None:
+        poll = self._settings.outbox_poll_seconds
+        while True:
+            try:
+                busy = await self.round()
+            except PyMongoError as exc:
+                log.warning("outbox_store_unavailable", error=str(exc))
+                await asyncio.sleep(STORE_RETRY_SECONDS)
+                continue
+            if not busy:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), poll)
+
+    async def round(self) -> bool:
+        """One relay and one look for due deliveries; True if it found work."""
+        moved = await self._log.relay()
+        started = 0
+        for endpoint in self._log.endpoints:
+            started += await self._start_due(endpoint)
+        if time.monotonic() - self._stats_at >= STATS_EVERY_SECONDS:
+            self._stats_at = time.monotonic()
+            await self.refresh_stats()
+        return bool(moved or started)
+
+    async def _start_due(self, endpoint: str) -> int:
+        """Start the deliveries due at `endpoint` whose session waits for nothing earlier."""
+        room = self._settings.shop_webhook_concurrency - sum(
+            1 for key in self._inflight if key[0] == endpoint
+        )
+        if room <= 0:
+            return 0
+        now = utcnow()
+        due = [
+            d
+            async for d in self._store.deliveries.find(
+                {
+                    "endpoint": endpoint,
+                    "state": DeliveryState.PENDING,
+                    "nextAt": {"$lte": now},
+                }
+            )
+            .sort("seq", ASCENDING)
+            .limit(DUE_BATCH)
+        ]
+        due = [d for d in due if (endpoint, d["session"]) not in self._inflight]
+        if not due:
+            return 0
+        by_session: dict[str, list[Doc]] = defaultdict(list)
+        for d in due:
+            by_session[d["session"]].append(d)
+        # What each of these sessions still waits for at this URL, due or not: only the
+        # earliest of them may go now.
+        earliest: dict[str, int] = {}
+        async for d in self._store.deliveries.find(
+            {
+                "session": {"$in": list(by_session)},
+                "state": DeliveryState.PENDING,
+                "endpoint": endpoint,
+            },
+            {"seq": 1, "session": 1},
+        ):
+            s = int(d["seq"])
+            earliest[d["session"]] = min(earliest.get(d["session"], s), s)
+        started = 0
+        for session, chain in by_session.items():
+            if started >= room:
+                break
+            if int(chain[0]["seq"]) != earliest.get(session):
+                continue  # an earlier event of this session is waiting for its retry
+            key = (endpoint, session)
+            task = asyncio.create_task(self._deliver_chain(endpoint, chain))
+            self._inflight[key] = task
+            task.add_done_callback(partial(self._chain_done, key))
+            started += 1
+        return started
+
+    def _chain_done(self, key: tuple[str, str], task: asyncio.Task[None]) -> None:
+        self._inflight.pop(key, None)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # Unforeseen: logged with its traceback; the deliveries stay pending and are tried
+            # again on a later round.
+            log.error("outbox_delivery_crashed", exc_info=exc)
+        self._wake.set()
+
+    async def _deliver_chain(self, endpoint: str, chain: list[Doc]) -> None:
+        """One session's due deliveries at one URL, in order, stopping at the first failure."""
+        bodies = {
+            e["_id"]: e
+            async for e in self._store.events.find(
+                {"_id": {"$in": [d["event"] for d in chain]}}, {"body": 1, "at": 1}
+            )
+        }
+        try:
+            for delivery in chain:
+                event = bodies.get(delivery["event"])
+                if event is None:
+                    # Past retention (the TTL took it): nothing left to send.
+                    await self._finish(delivery, DeliveryState.FAILED, "event expired")
+                    continue
+                if not await self._attempt(endpoint, delivery, event):
+                    return
+        except PyMongoError as exc:
+            # The attempt's outcome could not be stored: it is sent again later (same id).
+            log.warning("outbox_store_unavailable", error=str(exc))
+
+    async def _attempt(self, endpoint: str, delivery: Doc, event: Doc) -> bool:
+        """Send once; record the outcome; True if delivered."""
+        url = self._log.endpoints[endpoint]
+        body: bytes = event["body"].encode()
+        timestamp = int(time.time())
+        headers = {
+            "Content-Type": "application/json",
+            "webhook-id": delivery["event"],
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(self._secrets, delivery["event"], timestamp, body),
+        }
+        assert self._http is not None  # set for as long as the lead runs
+        error = ""
+        try:
+            async with self._http.post(
+                url, data=body, headers=headers, allow_redirects=False
+            ) as response:
+                ok = 200 <= response.status < 300
+                if not ok:
+                    error = f"HTTP {response.status}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            ok, error = False, f"{type(exc).__name__}: {exc}"
+        if ok:
+            await self._finish(delivery, DeliveryState.DELIVERED, "")
+            lag = (utcnow() - _aware(event["at"])).total_seconds()
+            self._metrics.delivered.inc()
+            self._metrics.lag.observe(max(lag, 0.0))
+            return True
+        await self._failed(delivery, error)
+        return False
+
+    async def _failed(self, delivery: Doc, error: str) -> None:
+        attempts = int(delivery.get("attempts", 0)) + 1
+        now = utcnow()
+        age = (now - _aware(delivery["createdAt"])).total_seconds()
+        s = self._settings
+        wait = retry_delay(
+            attempts,
+            s.shop_webhook_retry_first_seconds,
+            s.shop_webhook_retry_max_seconds,
+            self._rng,
+        )
+        if age + wait >= s.shop_webhook_give_up_seconds:
+            log.error(
+                "shop_webhook_failed",
+                event_id=delivery["event"],
+                endpoint=delivery["endpoint"],
+                attempts=attempts,
+                error=error,
+            )
+            await self._finish(delivery, DeliveryState.FAILED, error, attempts=attempts)
+            self._metrics.failed.inc()
+            return
+        log.info(
+            "shop_webhook_retry",
+            event_id=delivery["event"],
+            endpoint=delivery["endpoint"],
+            attempts=attempts,
+            retry_in=round(wait, 3),
+            error=error,
+        )
+        await self._store.deliveries.update_one(
+            {"_id": delivery["_id"], "state": DeliveryState.PENDING},
+            {
+                "$set": {
+                    "attempts": attempts,
+                    "nextAt": now + timedelta(seconds=wait),
+                    "lastError": error[:200],
+                }
+            },
+        )
+        self._metrics.retried.inc()
+
+    async def _finish(
+        self, delivery: Doc, state: str, error: str, *, attempts: int | None = None
+    ) -> None:
+        fields: Doc = {
+            "state": state,
+            "attempts": attempts if attempts is not None else int(delivery.get("attempts", 0)) + 1,
+            "finishedAt": utcnow(),
+        }
+        if error:
+            fields["lastError"] = error[:200]
+        await self._store.deliveries.update_one(
+            {"_id": delivery["_id"], "state": DeliveryState.PENDING}, {"$set": fields}
+        )
+
+    async def refresh_stats(self) -> None:
+        """The queue's gauges (read by the leader only; others show 0 with `leader` 0)."""
+        endpoints = list(self._log.endpoints)
+        pending = await self._store.deliveries.count_documents(
+            {"state": DeliveryState.PENDING, "endpoint": {"$in": endpoints}}
+        )
+        oldest = [
+            d
+            async for d in self._store.deliveries.find(
+                {"state": DeliveryState.PENDING, "endpoint": {"$in": endpoints}},
+                {"createdAt": 1},
+            )
+            .sort("createdAt", ASCENDING)
+            .limit(1)
+        ]
+        unrelayed = 0
+        for source in self._log.sources:
+            unrelayed += await source.count_documents({"outboxPending": {"$gt": 0}})
+        self._metrics.pending.set(pending)
+        self._metrics.unrelayed.set(unrelayed)
+        age = (utcnow() - _aware(oldest[0]["createdAt"])).total_seconds() if oldest else 0.0
+        self._metrics.oldest_age.set(max(age, 0.0))
+
+
+def _aware(value: datetime) -> datetime:
+    # The client is tz-aware; a naive value is UTC all the same.
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
