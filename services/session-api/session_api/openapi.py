@@ -7,6 +7,7 @@ from shared.model import UUID_RE, SessionStatus, StreamStatus
 from shared.openapi import Doc
 from shared.settings import Settings
 
+from . import events_openapi
 from .sessions import (
     ACCOUNT_RE,
     DESCRIPTION_RE,
@@ -192,10 +193,12 @@ def document(settings: Settings) -> Doc:
             "CheckResult": CHECK,
             "CleanupResult": CLEANUP,
             "Stats": STATS,
+            **events_openapi.SCHEMAS,
         },
         security_schemes={
             "adminToken": {"type": "http", "scheme": "bearer", "description": "ADMIN_TOKEN"},
             "cronSecret": {"type": "http", "scheme": "bearer", "description": "CRON_SECRET"},
+            **events_openapi.SECURITY_SCHEMES,
         },
         paths={
             "/api/sessions": {
@@ -284,6 +287,7 @@ def document(settings: Settings) -> Doc:
                 }
             },
             "/api/webhooks/cleanup": {"get": _cleanup("get"), "post": _cleanup("post")},
+            **events_openapi.PATHS,
             "/api/stats": {
                 "get": {
                     "operationId": "stats",
