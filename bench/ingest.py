@@ -23,7 +23,9 @@ from devstack.seed import store_pending_sessions
 from devstack.servers import Process, free_port, python_service
 from shared.cache import StatusCache
 from shared.clients import redis_client
+from shared.ledger import Ledger
 from shared.mongo import Store, mongo_client
+from shared.payments import Payments, Transaction
 from shared.settings import Settings
 from webhook_ingest.ingest import Ingestor
 from webhook_ingest.payload import parse_webhook
@@ -80,7 +82,8 @@ async def steps_alone(settings: Settings, n: int, concurrency: int) -> list[list
     store = Store(mongo_client(settings))
     redis = redis_client(settings)
     cache = StatusCache(redis)
-    ingestor = Ingestor(store, cache, Resync(store, cache))
+    payments = Payments(store, Ledger(store), grace_seconds=900)
+    ingestor = Ingestor(store, cache, Resync(store, cache), payments)
     await store.ensure_indexes()
     bodies = await sessions_to_pay(store, n)
     webhooks = []
@@ -104,10 +107,11 @@ async def steps_alone(settings: Settings, n: int, concurrency: int) -> list[list
         return time.perf_counter() - start, results
 
     record_s, _ = await timed(ingestor._record, webhooks)
-    apply_s, applied = await timed(ingestor._apply, webhooks)
+    txs = [Transaction(w.order_code, w.reference, w.amount, w.data) for w in webhooks]
+    apply_s, applied = await timed(payments.apply, txs)
     from shared.model import StatusEvent
 
-    events = [StatusEvent.from_session(doc) for doc, _ in applied]
+    events = [StatusEvent.from_session(a.session) for a in applied]
     redis_s, _ = await timed(cache.put, events)
     await redis.aclose()
     await store.client.close()

@@ -106,6 +106,12 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+# How long a session outlives its `expiresAt` before the TTL may delete it: far beyond the
+# late-payment grace, so a payment made in time and delivered late is counted, and one made
+# outside the grace is recorded against the session it was meant for.
+PURGE_AFTER_EXPIRY = timedelta(hours=24)
+
+
 def new_session(
     *,
     uuid: str,
@@ -135,5 +141,6 @@ def new_session(
         "createdAt": now,
         "updatedAt": now,
         "expiresAt": now + timedelta(seconds=ttl_seconds),
+        "purgeAt": now + timedelta(seconds=ttl_seconds) + PURGE_AFTER_EXPIRY,
         "version": 1,
     }

@@ -1,4 +1,4 @@
-"""MongoDB access: the two collections, their indexes, and the reads every service shares."""
+"""MongoDB access: the collections, their indexes, and the reads every service shares."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ WEBHOOKS = "webhooks"
 # One document per uuid ever given to a session (`_id` is the uuid), kept long after the
 # session: a uuid names one session only (see session_api.sessions).
 USED_UUIDS = "usedUuids"
+# The payment ledger (shared.ledger): money that fits no session; no TTL.
+ISSUES = "paymentIssues"
 # The shop's event log (issue 17, shared.outbox): events moved out of the documents' outboxes,
 # kept for the pull API; their deliveries to each receiver URL; the log's sequence counter.
 EVENTS = "events"
@@ -29,6 +31,11 @@ COUNTERS = "counters"
 DEFAULT_DB = "paypush"
 # Set on a session whose latest change could not be published yet (Redis was unreachable).
 PUBLISH_PENDING = "publishPending"
+# When MongoDB's TTL monitor (and the cleanup) may delete a session: a while after its
+# `expiresAt`, so a payment made in time but delivered late still finds it (issue 11).
+PURGE_AT = "purgeAt"
+# `purgeAt` moved aside while a ledger item about the session is open (shared.ledger).
+HELD_PURGE_AT = "heldPurgeAt"
 
 
 def mongo_client(settings: Settings) -> AsyncMongoClient[Doc]:
@@ -53,6 +60,7 @@ class Store:
         self.sessions: AsyncCollection[Doc] = self.db[SESSIONS]
         self.webhooks: AsyncCollection[Doc] = self.db[WEBHOOKS]
         self.used_uuids: AsyncCollection[Doc] = self.db[USED_UUIDS]
+        self.issues: AsyncCollection[Doc] = self.db[ISSUES]
         self.events: AsyncCollection[Doc] = self.db[EVENTS]
         self.deliveries: AsyncCollection[Doc] = self.db[DELIVERIES]
         self.counters: AsyncCollection[Doc] = self.db[COUNTERS]
@@ -73,8 +81,13 @@ class Store:
         await self.sessions.create_index(
             [(PUBLISH_PENDING, ASCENDING)], sparse=True, name="publish_pending"
         )
+        await self._drop_ttl_on_expires_at()
         await self.sessions.create_index(
-            [("expiresAt", ASCENDING)], expireAfterSeconds=0, name="expiresAt_ttl"
+            [(PURGE_AT, ASCENDING)], expireAfterSeconds=0, name="purgeAt_ttl"
+        )
+        # The reconciler's pending sessions, oldest first.
+        await self.sessions.create_index(
+            [("status", ASCENDING), ("createdAt", ASCENDING)], name="status_created"
         )
         # One record per delivery: a payment link may receive several transactions, so a
         # delivery is identified by orderCode and reference together.
@@ -89,14 +102,37 @@ class Store:
         await self.used_uuids.create_index(
             [("forgetAt", ASCENDING)], expireAfterSeconds=0, name="forgetAt_ttl"
         )
+        # One ledger item per case, however often it is delivered or by how many replicas.
+        await self.issues.create_index(
+            [("kind", ASCENDING), ("orderCode", ASCENDING), ("reference", ASCENDING)],
+            unique=True,
+            name="issue_unique",
+        )
+        await self.issues.create_index(
+            [("status", ASCENDING), ("kind", ASCENDING), ("createdAt", DESCENDING)],
+            name="issue_status_kind",
+        )
+        await self.issues.create_index(
+            [("orderCode", ASCENDING), ("status", ASCENDING)], name="issue_order"
+        )
         await self._ensure_event_indexes()
         self.indexes_ready = True
 
+    async def _drop_ttl_on_expires_at(self) -> None:
+        """Before issue 11 the sessions' TTL index was on `expiresAt`, deleting a session the
+        moment a late payment would need it; dropped by its keys (the name differs on the
+        stand-in)."""
+        info = await self.sessions.index_information()
+        for spec in info.values():
+            if list(spec["key"]) == [("expiresAt", 1)] and "expireAfterSeconds" in spec:
+                await self.sessions.drop_index([("expiresAt", ASCENDING)])
+
     async def _ensure_event_indexes(self) -> None:
         # Documents whose outbox holds events the dispatcher has not moved yet.
-        await self.sessions.create_index(
-            [(OUTBOX_PENDING, ASCENDING)], sparse=True, name="outbox_pending"
-        )
+        for source in (self.sessions, self.issues):
+            await source.create_index(
+                [(OUTBOX_PENDING, ASCENDING)], sparse=True, name="outbox_pending"
+            )
         # The pull API's order and cursor.
         await self.events.create_index([("seq", ASCENDING)], unique=True, name="seq_unique")
         await self.events.create_index([("at", ASCENDING)], name="at")

@@ -120,6 +120,11 @@ def with_entry(update: dict[str, Any], *entries: str) -> dict[str, Any]:
     return out
 
 
+def initial(*entries: str) -> dict[str, Any]:
+    """The outbox fields of a document inserted with its events."""
+    return {OUTBOX: list(entries), OUTBOX_PENDING: len(entries)}
+
+
 def parse(raw: str) -> dict[str, Any]:
     """An outbox entry back as the event's fields."""
     value = json.loads(raw)

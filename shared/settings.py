@@ -108,6 +108,15 @@ class Settings:
     # it, 503 with Retry-After before any stream starts, so the Ingress tries another pod.
     max_streams: int = 10_000
     max_pending_per_account: int = 5
+    # A paid webhook for a session past its expiry counts when the payment was made at most
+    # this long after `expiresAt` (PayOS refuses payment after the link's expiry; the grace
+    # absorbs clock skew between the bank, PayOS and us). Outside it: a `late` ledger item.
+    late_payment_grace_seconds: int = 900
+    # A session still pending this long after its creation is asked about at PayOS
+    # (`payment_requests.get`), in case its webhook never came.
+    reconcile_after_seconds: float = 120.0
+    # PayOS calls the reconciler makes per second at most, across the deployment.
+    reconcile_max_per_second: float = 5.0
     # Session creations per client address and minute (0: no limit): a client cannot burn
     # orderCodes and PayOS links in a loop. Behind NAT many users share an address.
     session_rate_limit_per_minute: int = 30
@@ -152,6 +161,12 @@ class Settings:
             raise SettingsError("LISTEN_BACKLOG must be positive")
         if self.max_streams < 1:
             raise SettingsError("MAX_STREAMS must be positive")
+        if self.late_payment_grace_seconds < 0:
+            raise SettingsError("LATE_PAYMENT_GRACE_SECONDS must not be negative")
+        if self.reconcile_after_seconds < 0:
+            raise SettingsError("RECONCILE_AFTER_SECONDS must not be negative")
+        if not self.reconcile_max_per_second > 0:
+            raise SettingsError("RECONCILE_MAX_PER_SECOND must be positive")
         if self.session_rate_limit_per_minute < 0:
             raise SettingsError("SESSION_RATE_LIMIT_PER_MINUTE must not be negative")
         for proxy in self.trusted_proxies:

@@ -10,6 +10,7 @@ import secrets
 import signal
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -17,7 +18,7 @@ from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
 from devstack.payos_simulator import create_app as create_simulator
-from devstack.payos_simulator.state import Transaction, new_reference, vn_now
+from devstack.payos_simulator.state import VN, Transaction, new_reference, vn_now
 from devstack.payos_simulator.webhooks import webhook_body
 from devstack.servers import Process
 from shared import keys
@@ -55,13 +56,17 @@ def signed_webhook(
     reference: str | None = None,
     key: str = TEST_CHECKSUM_KEY,
     code: str = "00",
+    made_at: datetime | None = None,
+    description: str = "NAPTIEN",
 ) -> dict[str, Any]:
-    """A webhook body exactly as PayOS (and our simulator) sends it."""
-    tx = Transaction(reference or new_reference(), amount, "NAPTIEN", vn_now())
+    """A webhook body exactly as PayOS (and our simulator) sends it; `made_at`: when the
+    transfer was made (default now), written in Vietnam time as PayOS does."""
+    when = vn_now() if made_at is None else made_at.astimezone(VN).replace(microsecond=0)
+    tx = Transaction(reference or new_reference(), amount, description, when)
     return webhook_body(
         order_code=order_code,
         link_id="link-" + secrets.token_hex(4),
-        description="NAPTIEN",
+        description=description,
         tx=tx,
         checksum_key=key,
         code=code,

@@ -36,6 +36,7 @@ from session_api.dispatcher import retry_delay, schedule, sign
 from session_api.event_log import EventLog
 from shared import outbox
 from shared.cache import StatusCache
+from shared.ledger import IssueKind, Ledger, NewIssue
 from shared.model import utcnow
 from shared.mongo import Store
 from shared.settings import Settings, SettingsError
@@ -640,3 +641,18 @@ def test_other_processes_hold_neither_the_shop_secret_nor_its_url() -> None:
     env = {"SHOP_WEBHOOK_URL": "http://shop.example/h", "SHOP_WEBHOOK_SECRET": new_secret()}
     ingest = Settings.from_env(env, secrets=("payos_checksum_key",))
     assert (ingest.shop_webhook_url, ingest.shop_webhook_secret) == ((), ())
+
+
+async def test_a_new_ledger_item_raises_one_payment_needs_attention_event(
+    api: Client, store: Store
+) -> None:
+    ledger = Ledger(store)
+    issue = NewIssue(IssueKind.UNKNOWN_ORDER, 987_654, "FT-LOST-1", 5_000, {"amount": 5_000})
+    assert await ledger.record(issue)
+    assert not await ledger.record(issue)  # the same case again: no second item, no event
+    await relayed(store, 1)
+    page = await (await api.get("/api/events", headers=SHOP)).json()
+    [event] = page["events"]
+    assert event["type"] == "payment.needs_attention"
+    assert (event["data"]["kind"], event["data"]["orderCode"]) == ("unknown_order", 987_654)
+    assert await store.events.count_documents({}) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -180,3 +181,64 @@ async def test_checkout_page_pays_less_then_cancels(sim: Sim, store: Store) -> N
     assert stored is not None and (stored["status"], stored["amountPaid"]) == ("pending", 7_500)
     link = await sim.payos.payment_requests.get(session["orderCode"])
     assert link.status == "CANCELLED"
+
+
+async def _faults(sim: Sim, **faults: Any) -> None:
+    async with sim.http.post(f"{sim.url}/sim/faults", json=faults) as resp:
+        assert resp.status == 200
+
+
+async def test_get_reports_every_transaction_like_payos_when_no_webhook_got_through(
+    sim: Sim, store: Store
+) -> None:
+    session = await add_session(store, amount=15_000)
+    await sim.payos.payment_requests.create(_request(session["orderCode"]))
+    await _faults(sim, dropAllDeliveries=True)
+    first = await sim.pay(session["orderCode"], amount=5_000)
+    second = await sim.pay(session["orderCode"], amount=10_000)
+    assert (first["delivered"], second["delivered"]) == (False, False)
+    # Read through the unmodified SDK, which checks the response's signature.
+    link = await sim.payos.payment_requests.get(session["orderCode"])
+    assert (link.status, link.amount_paid, link.amount_remaining) == ("PAID", 15_000, 0)
+    assert [(t.reference, t.amount) for t in link.transactions] == [
+        (first["reference"], 5_000),
+        (second["reference"], 10_000),
+    ]
+    assert (
+        link.transactions[0].transaction_date_time
+        == first["webhook"]["data"]["transactionDateTime"]
+    )
+    stored = await store.sessions.find_one({"uuid": session["uuid"]})
+    assert stored is not None and (stored["status"], stored["amountPaid"]) == ("pending", 0)
+
+
+async def test_dropped_deliveries_arrive_when_redelivered_later(sim: Sim, store: Store) -> None:
+    session = await add_session(store, amount=15_000)
+    await sim.payos.payment_requests.create(_request(session["orderCode"]))
+    await _faults(sim, dropAllDeliveries=True)
+    await sim.pay(session["orderCode"])
+    await _faults(sim)
+    async with sim.http.post(f"{sim.url}/sim/deliveries/redeliver") as resp:
+        assert await resp.json() == {"attempted": 1, "delivered": 1}
+    stored = await store.sessions.find_one({"uuid": session["uuid"]})
+    assert stored is not None and stored["status"] == "completed"
+
+
+async def test_get_calls_are_counted_per_order(sim: Sim) -> None:
+    order_code = secrets.randbelow(10**9) + 1
+    await sim.payos.payment_requests.create(_request(order_code))
+    for _ in range(3):
+        await sim.payos.payment_requests.get(order_code)
+    async with sim.http.get(f"{sim.url}/sim/calls") as resp:
+        assert (await resp.json())["get"] == {str(order_code): 3}
+
+
+async def test_a_link_past_its_expiry_takes_no_payment(sim: Sim) -> None:
+    order_code = secrets.randbelow(10**9) + 1
+    request = _request(order_code)
+    request.expired_at = int(time.time()) - 1
+    await sim.payos.payment_requests.create(request)
+    async with sim.http.post(f"{sim.url}/sim/pay/{order_code}", json={}) as resp:
+        assert resp.status == 409
+    link = await sim.payos.payment_requests.get(order_code)
+    assert (link.status, link.transactions) == ("EXPIRED", [])

@@ -222,8 +222,9 @@ async def test_a_used_uuid_whose_session_expired_and_was_deleted_is_409_not_a_ne
     uuid = new_uuid()
     status, first = await create(api, {"accountNumber": ACCOUNT, "amount": 10_000, "uuid": uuid})
     assert status == 201
-    # A day later the cron job expires the session (`expired` cached for 15 min) and deletes it.
-    later = utcnow() + timedelta(days=1, seconds=1)
+    # Two days later the cron job expires the session (`expired` cached for 15 min) and
+    # deletes it (a day after its expiry, when a late payment can no longer need it).
+    later = utcnow() + timedelta(days=2, seconds=1)
     cleaned = await run_cleanup(store, api.app[CACHE], now=later)
     assert (cleaned.expired, cleaned.sessions_deleted) == (1, 1)
     status, body = await create(api, {"accountNumber": ACCOUNT, "amount": 10_000, "uuid": uuid})
@@ -238,9 +239,7 @@ async def test_a_used_uuid_whose_session_expired_and_was_deleted_is_409_not_a_ne
 async def test_a_used_uuid_whose_expired_document_still_exists_is_409_not_503(
     api: Client, store: Store
 ) -> None:
-    # MongoDB's TTL monitor has not run yet (dropped by its keys: the stand-in names indexes
-    # its own way): the document is past its expiresAt but still there.
-    await store.sessions.drop_index([("expiresAt", 1)])
+    # The document is past its expiresAt but still there (its TTL runs a day after that).
     old = await add_session(store, account=ACCOUNT, expiresAt=utcnow() - timedelta(seconds=1))
     assert await store.sessions.count_documents({"uuid": old["uuid"]}) == 1
     status, body = await create(
@@ -823,7 +822,7 @@ async def test_cleanup_twice_at_once_expires_and_publishes_each_session_once(
 async def test_cleanup_deletes_expired_records(api: Client, store: Store) -> None:
     past = utcnow() - timedelta(minutes=1)
     await store.webhooks.insert_one({"orderCode": 1, "reference": "FT1", "expiresAt": past})
-    await add_session(store, status="completed", expiresAt=past)
+    await add_session(store, status="completed", expiresAt=past - timedelta(days=1), purgeAt=past)
     live = await store.webhooks.insert_one(
         {"orderCode": 2, "reference": "FT2", "expiresAt": utcnow() + timedelta(hours=1)}
     )

@@ -293,21 +293,24 @@ async def test_completed_session_never_moves_back(ingest: Client, store: Store) 
     status, body = await post(ingest, signed_webhook(session["orderCode"], 1_000, code="01"))
     late = await post(ingest, signed_webhook(session["orderCode"], 5_000))
     assert (status, body["outcome"]) == (200, "not_paid")
-    assert late[1]["outcome"] == "not_pending"
+    # A second payment is not credited to the paid session: it becomes a ledger item.
+    assert late[1]["outcome"] == "overpaid"
     stored = await store.sessions.find_one({"uuid": session["uuid"]})
     assert stored is not None and (stored["status"], stored["amountPaid"]) == ("completed", 5_000)
 
 
-async def test_expired_session_is_not_completed(
+async def test_a_payment_made_after_the_grace_does_not_touch_the_session(
     ingest: Client, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The session's expiry is reached by the ingest's clock only, so the document is still
     # there (as under a real TTL monitor, which lags ~60 s), whatever the database's TTL does.
-    session = await add_session(store, amount=5_000, expiresAt=utcnow() + timedelta(minutes=5))
-    later = utcnow() + timedelta(minutes=10)
-    monkeypatch.setattr("webhook_ingest.ingest.utcnow", lambda: later)
-    status, body = await post(ingest, signed_webhook(session["orderCode"], 5_000))
-    assert (status, body["outcome"]) == (200, "not_pending")
+    expires = utcnow() + timedelta(minutes=5)
+    session = await add_session(store, amount=5_000, expiresAt=expires)
+    later = utcnow() + timedelta(minutes=30)
+    monkeypatch.setattr("shared.payments.utcnow", lambda: later)
+    webhook = signed_webhook(session["orderCode"], 5_000, made_at=expires + timedelta(minutes=20))
+    status, body = await post(ingest, webhook)
+    assert (status, body["outcome"]) == (200, "late")
     stored = await store.sessions.find_one({"uuid": session["uuid"]})
     assert stored is not None
     assert (stored["status"], stored["amountPaid"], stored["version"]) == ("pending", 0, 1)

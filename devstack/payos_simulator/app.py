@@ -133,9 +133,11 @@ async def create_payment_request(request: web.Request) -> web.Response:
 async def get_payment_request(request: web.Request) -> web.Response:
     if (fault := await _apply_faults(request)) is not None:
         return fault
-    link = request.app[WORLD].find(request.match_info["ref"])
+    world = request.app[WORLD]
+    link = world.find(request.match_info["ref"])
     if link is None:
         return payos_error(200, "101", "Payment link not found")
+    world.get_calls[link.order_code] += 1
     return payos_ok(link.to_payos(), request.app[SETTINGS].payos_checksum_key)
 
 
@@ -197,7 +199,7 @@ async def pay(request: web.Request) -> web.Response:
             body = await request.json()
         except json.JSONDecodeError:
             return web.json_response({"error": "invalid JSON"}, status=400)
-    if link.status in ("PAID", "CANCELLED") and not body.get("force"):
+    if link.status in ("PAID", "CANCELLED", "EXPIRED") and not body.get("force"):
         return web.json_response({"error": f"payment link is {link.status}"}, status=409)
     amount = body.get("amount", max(link.amount - link.amount_paid, 0) or link.amount)
     if not isinstance(amount, int) or amount <= 0:
@@ -215,12 +217,14 @@ async def pay(request: web.Request) -> web.Response:
 
 
 async def set_faults(request: web.Request) -> web.Response:
-    """`POST /sim/faults` `{mode, delaySeconds, dropDeliveries, deliveryDelaySeconds}`.
+    """`POST /sim/faults` `{mode, delaySeconds, dropDeliveries, dropAllDeliveries,
+    deliveryDelaySeconds}`.
 
     For fault tests: `mode` and `delaySeconds` make the payment-link API misbehave (`slow`
     answers every call late, `late` answers a creation late after creating the link),
-    `dropDeliveries` loses that many webhook delivery attempts, `deliveryDelaySeconds` holds
-    back every delivery attempt. Each call replaces all of them.
+    `dropDeliveries` loses that many webhook delivery attempts, `dropAllDeliveries` every
+    one while set, `deliveryDelaySeconds` holds back every delivery attempt. Each call
+    replaces all of them.
     """
     body = await request.json()
     world = request.app[WORLD]
@@ -229,8 +233,27 @@ async def set_faults(request: web.Request) -> web.Response:
         delay_seconds=float(body.get("delaySeconds", 0)),
         drop_deliveries=int(body.get("dropDeliveries", 0)),
         delivery_delay_seconds=float(body.get("deliveryDelaySeconds", 0)),
+        drop_all_deliveries=bool(body.get("dropAllDeliveries", False)),
     )
     return web.json_response({"mode": world.faults.mode})
+
+
+async def redeliver_pending(request: web.Request) -> web.Response:
+    """`POST /sim/deliveries/redeliver`: one more attempt of every delivery not acknowledged
+    yet (PayOS's retry that finally gets through); how many were acknowledged now."""
+    app = request.app
+    url = app[SETTINGS].payos_webhook_url
+    waiting = [d for d in app[WORLD].deliveries if not d.delivered]
+    statuses = await asyncio.gather(*(attempt(app, url, d) for d in waiting))
+    return web.json_response(
+        {"attempted": len(waiting), "delivered": sum(200 <= s < 300 for s in statuses)}
+    )
+
+
+async def payos_calls(request: web.Request) -> web.Response:
+    """`GET /sim/calls`: `payment_requests.get` calls per orderCode."""
+    calls = request.app[WORLD].get_calls
+    return web.json_response({"get": {str(k): v for k, v in calls.items()}})
 
 
 async def list_deliveries(request: web.Request) -> web.Response:
@@ -270,6 +293,8 @@ def create_app(
     app.router.add_post("/sim/pay/{ref}", pay)
     app.router.add_post("/sim/faults", set_faults)
     app.router.add_get("/sim/deliveries", list_deliveries)
+    app.router.add_post("/sim/deliveries/redeliver", redeliver_pending)
+    app.router.add_get("/sim/calls", payos_calls)
     app.router.add_get("/healthz", healthz)
     add_checkout_routes(app)
     return app

@@ -73,6 +73,9 @@ def signed_delivery(
 
 async def attempt(app: web.Application, url: str, delivery: Delivery) -> int:
     world = app[WORLD]
+    if world.faults.drop_all_deliveries:
+        delivery.attempts.append(0)
+        return 0
     if world.faults.drop_deliveries > 0:
         world.faults.drop_deliveries -= 1
         delivery.attempts.append(0)

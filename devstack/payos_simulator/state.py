@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import secrets
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -59,6 +61,11 @@ class PaymentLink:
         return sum(t.amount for t in self.transactions)
 
     @property
+    def expired(self) -> bool:
+        """Past its `expiredAt`: PayOS takes no more payment on it."""
+        return self.expired_at is not None and time.time() >= self.expired_at
+
+    @property
     def status(self) -> str:
         if self.canceled_at is not None:
             return "CANCELLED"
@@ -66,6 +73,8 @@ class PaymentLink:
             return "PAID"
         if self.amount_paid > 0:
             return "UNDERPAID"
+        if self.expired:
+            return "EXPIRED"
         return "PENDING"
 
     def to_payos(self) -> dict[str, Any]:
@@ -107,6 +116,8 @@ class Faults:
     drop_deliveries: int = 0
     # How long every webhook delivery attempt waits before it goes out (a slow PayOS).
     delivery_delay_seconds: float = 0.0
+    # Every delivery attempt lost while set (our endpoint unreachable from PayOS for good).
+    drop_all_deliveries: bool = False
 
 
 @dataclass
@@ -115,6 +126,8 @@ class World:
     by_order: dict[int, str] = field(default_factory=dict)
     deliveries: list[Delivery] = field(default_factory=list)
     faults: Faults = field(default_factory=Faults)
+    # `GET /v2/payment-requests/{id}` calls per orderCode (what a reconciler costs PayOS).
+    get_calls: Counter[int] = field(default_factory=Counter)
 
     def find(self, ref: str) -> PaymentLink | None:
         """A link by its id or its orderCode, as PayOS's API accepts both."""

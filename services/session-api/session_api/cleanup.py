@@ -15,13 +15,14 @@ Rules, in this order, all against one `now`:
    Redis is back, whatever became of this run. The same update writes the shop's
    `session.expired` event into the session's outbox (shared.outbox), guarded by the
    version it read, so the event can be neither lost nor describe another state.
-2. **Delete.** Sessions whose `expiresAt` has passed and that are no longer pending, and
-   webhook records whose `expiresAt` has passed, are deleted: the backup for MongoDB's TTL
-   monitor, which runs about once a minute and may lag. A pending session is never deleted
-   here: step 1 has first turned it `expired` and published that. A session whose `expired`
-   could not be published (Redis down) is not deleted by this run (the run reports it), so
-   readers falling back to MongoDB still see `expired`; a later run deletes it. Nor is a
-   session whose outbox still holds an event the dispatcher has not taken yet.
+2. **Delete.** Sessions whose `purgeAt` (a day after `expiresAt`) has passed and that
+   are no longer pending, and webhook records whose `expiresAt` has passed, are deleted:
+   the backup for MongoDB's TTL monitor, which runs about once a minute and may lag. A
+   pending session is never deleted here: step 1 has first turned it `expired` and
+   published that. A session whose `expired` could not be published (Redis down) is not
+   deleted by this run (the run reports it), so readers falling back to MongoDB still see
+   `expired`; a later run deletes it. Nor is a session whose outbox still holds an event
+   the dispatcher has not taken yet.
 
 Running it twice, in a row or at once, changes nothing the first run did not already do.
 MongoDB's TTL monitor may still delete a pending session before any run sees it; browsers
@@ -46,8 +47,8 @@ from shared.cache import StatusCache
 from shared.clients import REDIS_ERRORS, redis_client
 from shared.keys import SESSION_TTL_SECONDS
 from shared.logs import configure_logging
-from shared.model import SessionStatus, StatusEvent, utcnow
-from shared.mongo import PUBLISH_PENDING, Doc, Store, mongo_client
+from shared.model import PURGE_AFTER_EXPIRY, SessionStatus, StatusEvent, utcnow
+from shared.mongo import HELD_PURGE_AT, PUBLISH_PENDING, PURGE_AT, Doc, Store, mongo_client
 from shared.settings import SERVICE_SECRETS, Settings
 
 log = structlog.get_logger(__name__)
@@ -117,14 +118,29 @@ async def run_cleanup(
             if len(batch) < BATCH or changed == 0:
                 break
 
+    closed = {"$in": [SessionStatus.COMPLETED.value, SessionStatus.EXPIRED.value]}
+    # Past their `purgeAt` (a day after `expiresAt`, so a payment made in time but delivered
+    # late still finds its session); a session held by an open ledger item has none.
+    # Not while an event of the session waits in its outbox (the dispatcher moves it to the
+    # event log within moments; a session is not deleted from under it).
+    outbox_empty = {"$in": [0, None]}
     sessions = await store.sessions.delete_many(
         {
-            "expiresAt": {"$lte": now},
-            "status": {"$in": [SessionStatus.COMPLETED.value, SessionStatus.EXPIRED.value]},
+            PURGE_AT: {"$lte": now},
+            "status": closed,
             "uuid": {"$nin": unpublished},
-            # Not while an event of the session waits in its outbox (the dispatcher moves it
-            # to the event log within moments; a session is not deleted from under it).
-            outbox.OUTBOX_PENDING: {"$in": [0, None]},
+            outbox.OUTBOX_PENDING: outbox_empty,
+        }
+    )
+    # Sessions stored before `purgeAt` existed, on the same schedule.
+    legacy = await store.sessions.delete_many(
+        {
+            PURGE_AT: {"$exists": False},
+            HELD_PURGE_AT: {"$exists": False},
+            "expiresAt": {"$lte": now - PURGE_AFTER_EXPIRY},
+            "status": closed,
+            "uuid": {"$nin": unpublished},
+            outbox.OUTBOX_PENDING: outbox_empty,
         }
     )
     webhooks = await store.webhooks.delete_many({"expiresAt": {"$lte": now}})
@@ -132,7 +148,7 @@ async def run_cleanup(
         expired=expired,
         published=published,
         publish_failed=len(unpublished),
-        sessions_deleted=sessions.deleted_count,
+        sessions_deleted=sessions.deleted_count + legacy.deleted_count,
         webhooks_deleted=webhooks.deleted_count,
         duration_ms=round((time.perf_counter() - started) * 1000, 2),
     )

@@ -84,7 +84,7 @@ class EventLog:
         self.endpoints = {endpoint_key(url): url for url in urls}
         self._retention = timedelta(seconds=retention_seconds)
         # Every collection whose documents carry an outbox (the ledger's items join it).
-        self.sources: list[AsyncCollection[Doc]] = [store.sessions]
+        self.sources: list[AsyncCollection[Doc]] = [store.sessions, store.issues]
 
     async def relay(self, limit: int = RELAY_BATCH) -> int:
         """Move up to `limit` documents' outbox entries into the log; how many it moved."""

@@ -8,6 +8,8 @@ from aiohttp import web
 
 from shared.appkeys import CACHE, SETTINGS, STORE, SUPERVISOR
 from shared.clients import mongo_ctx, redis_ctx, supervisor_ctx
+from shared.ledger import Ledger
+from shared.payments import Payments
 from shared.settings import Settings
 from shared.web import new_registry, request_context_middleware
 
@@ -21,7 +23,12 @@ from .routes import setup_routes
 async def _ingest_ctx(app: web.Application) -> AsyncIterator[None]:
     resync = Resync(app[STORE], app[CACHE])
     app[RESYNC] = resync
-    app[INGESTOR] = Ingestor(app[STORE], app[CACHE], resync)
+    payments = Payments(
+        app[STORE],
+        Ledger(app[STORE]),
+        grace_seconds=app[SETTINGS].late_payment_grace_seconds,
+    )
+    app[INGESTOR] = Ingestor(app[STORE], app[CACHE], resync, payments)
     app[INGEST_METRICS].resync_backlog.set_function(lambda: resync.backlog)
     resync.start(app[SUPERVISOR])
     yield

@@ -1,22 +1,19 @@
-"""The ingest itself: store first, complete the session once, then cache and publish."""
+"""The ingest itself: store first, apply through the counting core once, then cache and publish."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from enum import StrEnum
-from typing import Any
 
 import structlog
-from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from shared import outbox
 from shared.cache import StatusCache
 from shared.clients import REDIS_ERRORS
 from shared.keys import SESSION_TTL_SECONDS
-from shared.model import SessionStatus, StatusEvent, utcnow
-from shared.mongo import Doc, Store
+from shared.model import StatusEvent, utcnow
+from shared.mongo import Store
+from shared.payments import Outcome, Payments, Transaction
 
 from .errors import StoreUnavailable
 from .payload import Webhook
@@ -24,18 +21,11 @@ from .resync import Resync
 
 log = structlog.get_logger(__name__)
 
-# Reads and guarded updates of one session before a delivery gives up (and PayOS retries):
-# each retry means another transaction of the same session was counted in between.
-APPLY_ATTEMPTS = 8
+__all__ = ["IngestResult", "Ingestor", "Outcome"]
 
-
-class Outcome(StrEnum):
-    COMPLETED = "completed"  # the session is now paid in full
-    PARTIAL = "partial"  # a transaction counted, the session still waits for more
-    DUPLICATE = "duplicate"  # this orderCode + reference was received before
-    NOT_PAID = "not_paid"  # PayOS reported a failed transaction: recorded only
-    UNKNOWN_ORDER = "unknown_order"  # e.g. PayOS's confirm-webhook test: recorded only
-    NOT_PENDING = "not_pending"  # a new transaction for a closed session: recorded only
+# Outcomes that describe what a delivery's first arrival did; a later copy of it (the
+# webhook was stored before) is a duplicate, whatever the ledger re-derived on the way.
+_FIRST_SEEN = frozenset({Outcome.UNKNOWN_ORDER, Outcome.LATE, Outcome.OVERPAID, Outcome.CURRENCY})
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,40 +38,36 @@ class IngestResult:
 class Ingestor:
     """Applies authenticated webhooks to MongoDB (the source of truth) and the status feed."""
 
-    def __init__(self, store: Store, cache: StatusCache, resync: Resync) -> None:
+    def __init__(
+        self, store: Store, cache: StatusCache, resync: Resync, payments: Payments
+    ) -> None:
         self._store = store
         self._cache = cache
         self._resync = resync
+        self._payments = payments
 
     async def ingest(self, webhook: Webhook) -> IngestResult:
         """Record `webhook` and apply it; raises StoreUnavailable if MongoDB cannot take it."""
         if not self._store.indexes_ready:
-            # Without the unique index, duplicates could not be told apart: refuse for now.
+            # Without the unique indexes, duplicates could not be told apart: refuse for now.
             raise StoreUnavailable("database indexes not ready")
         try:
             fresh = await self._record(webhook)
             if webhook.paid:
-                doc, changed = await self._apply(webhook)
-            else:
-                doc, changed = (
-                    await self._store.sessions.find_one({"orderCode": webhook.order_code}),
-                    False,
+                applied = await self._payments.apply(
+                    Transaction(webhook.order_code, webhook.reference, webhook.amount, webhook.data)
                 )
+                doc, outcome = applied.session, applied.outcome
+                if not fresh and outcome in _FIRST_SEEN:
+                    # Stored before by this very delivery: what it did is done.
+                    outcome = Outcome.DUPLICATE
+            else:
+                doc = await self._store.sessions.find_one({"orderCode": webhook.order_code})
+                outcome = Outcome.NOT_PAID if fresh else Outcome.DUPLICATE
+                if doc is None:
+                    outcome = Outcome.UNKNOWN_ORDER
         except PyMongoError as exc:
             raise StoreUnavailable(str(exc)) from exc
-
-        if doc is None:
-            outcome = Outcome.UNKNOWN_ORDER
-        elif changed:
-            completed = doc["status"] == SessionStatus.COMPLETED
-            outcome = Outcome.COMPLETED if completed else Outcome.PARTIAL
-        elif not fresh or webhook.reference in doc.get("references", ()):
-            # Received before, or counted by a concurrent copy of this very delivery.
-            outcome = Outcome.DUPLICATE
-        elif not webhook.paid:
-            outcome = Outcome.NOT_PAID
-        else:
-            outcome = Outcome.NOT_PENDING
         if doc is None:
             return IngestResult(outcome, None, published=False)
 
@@ -111,101 +97,6 @@ class Ingestor:
         except DuplicateKeyError:
             return False
         return True
-
-    async def _apply(self, webhook: Webhook) -> tuple[Doc | None, bool]:
-        """Count the transaction once, and complete the session once it is paid in full.
-
-        Equality filters only (plus the reference guard): they are what every MongoDB, and
-        the local stand-in, answers from an index. Expiry is checked on the document read
-        first; a session is only ever moved forward, so a stale read cannot undo anything.
-
-        The update that counts (or completes) also writes the shop's event into the session's
-        outbox (shared.outbox): guarded by the version it read, so the event describes exactly
-        the state the update leaves; a concurrent change makes it read again and retry.
-        """
-        sessions = self._store.sessions
-        doc = await sessions.find_one({"orderCode": webhook.order_code})
-        for _ in range(APPLY_ATTEMPTS):
-            if (
-                doc is None
-                or doc["status"] != SessionStatus.PENDING
-                or doc["expiresAt"] <= utcnow()
-            ):
-                return doc, False
-            if webhook.reference in doc.get("references", ()):
-                break
-            version = int(doc.get("version", 1))
-            paid = int(doc.get("amountPaid", 0)) + webhook.amount
-            after = {
-                **doc,
-                "amountPaid": paid,
-                "references": [*doc.get("references", ()), webhook.reference],
-                "version": version + 1,
-            }
-            update: dict[str, Any] = {
-                "$inc": {"amountPaid": webhook.amount, "version": 1},
-                "$push": {"references": webhook.reference},
-                # The database's clock: one clock for every replica of every service.
-                "$currentDate": {"updatedAt": True},
-            }
-            # amountPaid only grows and the version guard pins it: if the sum covers the
-            # amount on this read, it does on the stored document, and one update both counts
-            # and completes.
-            if paid >= doc["amount"]:
-                update["$set"] = {"status": SessionStatus.COMPLETED.value}
-                update["$currentDate"]["completedAt"] = True
-                after["status"] = SessionStatus.COMPLETED.value
-                event = outbox.session_entry(outbox.EventType.COMPLETED, after)
-            else:
-                event = outbox.session_entry(
-                    outbox.EventType.PARTIAL,
-                    after,
-                    reference=webhook.reference,
-                    transactionAmount=webhook.amount,
-                )
-            # The reference guard makes this idempotent per delivery, whatever crashed before;
-            # `status: pending` and `version` let exactly one of concurrent deliveries count.
-            counted = await sessions.find_one_and_update(
-                {
-                    "_id": doc["_id"],
-                    "status": SessionStatus.PENDING.value,
-                    "version": version,
-                    "references": {"$nin": [webhook.reference]},
-                },
-                outbox.with_entry(update, event),
-                return_document=ReturnDocument.AFTER,
-            )
-            if counted is not None:
-                return counted, True
-            doc = await sessions.find_one({"_id": doc["_id"]})
-        else:
-            # Changed under us at every attempt: the caller answers 5xx, PayOS delivers again.
-            raise PyMongoError("session changed concurrently too often, not counted yet")
-        if doc["status"] == SessionStatus.PENDING and doc.get("amountPaid", 0) >= doc["amount"]:
-            # Paid in full by a delivery that died between counting and completing (before
-            # one update did both): complete now, exactly once, with the shop's event.
-            after = {**doc, "status": SessionStatus.COMPLETED.value}
-            after["version"] = int(doc.get("version", 1)) + 1
-            done = await sessions.find_one_and_update(
-                {
-                    "_id": doc["_id"],
-                    "status": SessionStatus.PENDING.value,
-                    "version": int(doc.get("version", 1)),
-                },
-                outbox.with_entry(
-                    {
-                        "$set": {"status": SessionStatus.COMPLETED.value},
-                        "$currentDate": {"completedAt": True, "updatedAt": True},
-                        "$inc": {"version": 1},
-                    },
-                    outbox.session_entry(outbox.EventType.COMPLETED, after),
-                ),
-                return_document=ReturnDocument.AFTER,
-            )
-            if done is not None:
-                return done, True
-            doc = await sessions.find_one({"_id": doc["_id"]}) or doc
-        return doc, False
 
     async def _publish(self, event: StatusEvent) -> bool:
         try:
