@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -29,7 +30,8 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 from standardwebhooks.webhooks import Webhook
 
-from devstack.servers import Process, free_port, python_service, redis_server
+from devstack.servers import Process, free_port, http_ok, python_service, redis_server
+from devstack.servers import wait_until as servers_wait_until
 from session_api import create_app as create_api
 from session_api.cleanup import run_cleanup
 from session_api.dispatcher import retry_delay, schedule, sign
@@ -90,6 +92,9 @@ class System:
         proc = python_service(name, module, port, variables, self.log_dir)
         await asyncio.to_thread(proc.start)
         self.procs.append(proc)
+        # Alive is not ready: the indexes (deduplication rests on them) come first.
+        ready = functools.partial(http_ok, f"http://127.0.0.1:{port}/readyz")
+        await asyncio.to_thread(servers_wait_until, ready, 15, f"{name} ready")
         return proc
 
     def stop(self) -> None:
@@ -543,12 +548,13 @@ async def test_bad_replay_requests_are_4xx_and_change_nothing(
 ) -> None:
     await expire_sessions(store, settings, 1)
     await relayed(store, 1)
-    before = [d async for d in store.deliveries.find({}, {"nextAt": 0})]
+    await wait_until(lambda: all_delivered(store), 10, "the delivery done")
+    before = [d async for d in store.deliveries.find({}, {"nextMs": 0})]
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     resp = await api.post("/api/events/replay", data=raw, headers=headers)
     assert resp.status == status
     assert (await resp.json())["success"] is False
-    assert [d async for d in store.deliveries.find({}, {"nextAt": 0})] == before
+    assert [d async for d in store.deliveries.find({}, {"nextMs": 0})] == before
 
 
 async def test_replay_of_one_event_delivers_it_again_with_the_same_id(

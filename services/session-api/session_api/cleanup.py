@@ -88,8 +88,7 @@ async def run_cleanup(
     cutoff = now - timedelta(seconds=SESSION_TTL_SECONDS)
     expired = published = 0
     unpublished: list[str] = []
-    # Two simple filters rather than one `$or`: the MongoDB stand-in ignores a condition
-    # beside a top-level `$or`.
+    # Two simple filters rather than one `$or` (shared.mongo: stand-in).
     for stale in (
         {"status": SessionStatus.PENDING.value, "expiresAt": {"$lte": now}},
         {"status": SessionStatus.PENDING.value, "createdAt": {"$lte": cutoff}},
@@ -174,8 +173,8 @@ async def _expire(store: Store, _id: object) -> Doc | None:
                     # Marked before Redis is written, so a failed publish outlives this run.
                     "$set": {"status": SessionStatus.EXPIRED.value, PUBLISH_PENDING: True},
                     "$inc": {"version": 1},
-                    # The database's clock, and no `$set` of a datetime (the stand-in stores
-                    # a string).
+                    # The database's clock, and no `$set` of a datetime (shared.mongo:
+                    # stand-in).
                     "$currentDate": {"updatedAt": True, "expiredAt": True},
                 },
                 outbox.session_entry(outbox.EventType.EXPIRED, after),

@@ -46,7 +46,7 @@ from shared.model import utcnow
 from shared.mongo import Doc, Store
 from shared.settings import Settings, webhook_secret_bytes
 
-from .event_log import DeliveryState, EventLog
+from .event_log import DeliveryState, EventLog, epoch_ms
 from .metrics import OutboxMetrics
 
 log = structlog.get_logger(__name__)
@@ -176,7 +176,7 @@ class Dispatcher:
                 {
                     "endpoint": endpoint,
                     "state": DeliveryState.PENDING,
-                    "nextAt": {"$lte": now},
+                    "nextMs": {"$lte": epoch_ms(now)},
                 }
             )
             .sort("seq", ASCENDING)
@@ -277,7 +277,7 @@ class Dispatcher:
     async def _failed(self, delivery: Doc, error: str) -> None:
         attempts = int(delivery.get("attempts", 0)) + 1
         now = utcnow()
-        age = (now - _aware(delivery["createdAt"])).total_seconds()
+        age = (epoch_ms(now) - int(delivery["createdMs"])) / 1000
         s = self._settings
         wait = retry_delay(
             attempts,
@@ -309,7 +309,7 @@ class Dispatcher:
             {
                 "$set": {
                     "attempts": attempts,
-                    "nextAt": now + timedelta(seconds=wait),
+                    "nextMs": epoch_ms(now + timedelta(seconds=wait)),
                     "lastError": error[:200],
                 }
             },
@@ -322,12 +322,12 @@ class Dispatcher:
         fields: Doc = {
             "state": state,
             "attempts": attempts if attempts is not None else int(delivery.get("attempts", 0)) + 1,
-            "finishedAt": utcnow(),
         }
         if error:
             fields["lastError"] = error[:200]
         await self._store.deliveries.update_one(
-            {"_id": delivery["_id"], "state": DeliveryState.PENDING}, {"$set": fields}
+            {"_id": delivery["_id"], "state": DeliveryState.PENDING},
+            {"$set": fields, "$currentDate": {"finishedAt": True}},
         )
 
     async def refresh_stats(self) -> None:
@@ -340,9 +340,9 @@ class Dispatcher:
             d
             async for d in self._store.deliveries.find(
                 {"state": DeliveryState.PENDING, "endpoint": {"$in": endpoints}},
-                {"createdAt": 1},
+                {"createdMs": 1},
             )
-            .sort("createdAt", ASCENDING)
+            .sort("createdMs", ASCENDING)
             .limit(1)
         ]
         unrelayed = 0
@@ -350,7 +350,7 @@ class Dispatcher:
             unrelayed += await source.count_documents({"outboxPending": {"$gt": 0}})
         self._metrics.pending.set(pending)
         self._metrics.unrelayed.set(unrelayed)
-        age = (utcnow() - _aware(oldest[0]["createdAt"])).total_seconds() if oldest else 0.0
+        age = (epoch_ms(utcnow()) - int(oldest[0]["createdMs"])) / 1000 if oldest else 0.0
         self._metrics.oldest_age.set(max(age, 0.0))
 
 

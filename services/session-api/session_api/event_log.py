@@ -29,6 +29,8 @@ from shared import outbox
 from shared.model import utcnow
 from shared.mongo import Doc, Store
 
+from .errors import InvalidRequest, NotFound, ServiceError
+
 # Documents (and so events) taken per relay round.
 RELAY_BATCH = 200
 # Events one replay may put back in the queue at most (a wider range: several calls).
@@ -60,20 +62,19 @@ class Page:
     has_more: bool
 
 
-class ReplayError(Exception):
-    """A replay that cannot be done as asked (the view maps it to 404 or 409)."""
+class EventNotFound(NotFound):
+    """No event with this id (any more: events are kept 7 days)."""
 
 
-class EventNotFound(ReplayError):
-    pass
+class NothingToDeliverTo(ServiceError):
+    """A replay with no SHOP_WEBHOOK_URL configured (409)."""
+
+    status = 409
+    label = "no_receiver"
 
 
-class NothingToDeliverTo(ReplayError):
-    pass
-
-
-class TooMany(ReplayError):
-    pass
+class TooMany(InvalidRequest):
+    """A replay range holding more than MAX_REPLAY events (400): replay a narrower one."""
 
 
 class EventLog:
@@ -166,8 +167,10 @@ class EventLog:
             "endpoint": endpoint,
             "state": DeliveryState.PENDING,
             "attempts": 0,
-            "createdAt": now,
-            "nextAt": now,
+            # Epoch milliseconds, not dates: the dispatcher moves them with `$set`
+            # (shared.mongo: stand-in).
+            "createdMs": epoch_ms(now),
+            "nextMs": epoch_ms(now),
             "expiresAt": now + self._retention,
         }
 
@@ -220,11 +223,24 @@ class EventLog:
         for event in events:
             for key in self.endpoints:
                 fresh = self._delivery(event["_id"], int(event["seq"]), event["session"], key, now)
-                fresh.pop("_id")
-                await self._store.deliveries.update_one(
-                    {"_id": delivery_id(event["_id"], key)}, {"$set": fresh}, upsert=True
-                )
+                await self._requeue(fresh)
         return len(events)
+
+    async def _requeue(self, fresh: Doc) -> None:
+        """Put one delivery back in the queue as if new (its dates stay as first written)."""
+        deliveries = self._store.deliveries
+        reset = {k: fresh[k] for k in ("state", "attempts", "createdMs", "nextMs", "seq")}
+        for _ in range(2):
+            result = await deliveries.update_one({"_id": fresh["_id"]}, {"$set": reset})
+            if result.matched_count:
+                return
+            # Never queued (no URL back then) or gone with the TTL: a whole new document.
+            if not await _insert_ignoring_duplicates(deliveries, [fresh]):
+                return
+
+
+def epoch_ms(value: datetime) -> int:
+    return int(value.timestamp() * 1000)
 
 
 async def _insert_ignoring_duplicates(

@@ -8,28 +8,32 @@ more are waiting. `POST /api/events/replay` (Bearer ADMIN_TOKEN), body `{"id": "
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any
 
 import structlog
 from aiohttp import web
-from pymongo.errors import PyMongoError
 
 from shared import outbox
 from shared.appkeys import SETTINGS
-from shared.web import json_error
+from shared.errors import storage
+from shared.web import read_body
 
 from .appkeys import EVENT_LOG, OUTBOX_METRICS
-from .errors import InvalidRequest
-from .event_log import MAX_PAGE, EventNotFound, NothingToDeliverTo, TooMany
-from .views import MAX_BODY_BYTES, _authorized, _store_down, _unauthorized
+from .errors import InvalidRequest, NotFound
+from .event_log import MAX_PAGE
+from .validation import parse_json
+from .views import _authorized, _unauthorized
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_LIMIT = 100
 # Cursors are sequence numbers; anything longer is not one of ours.
 MAX_CURSOR_DIGITS = 18
+
+
+class EventsApiOff(NotFound):
+    """The pull API is off: SHOP_API_TOKEN is not set (404)."""
 
 
 def parse_cursor(raw: str | None) -> int:
@@ -43,32 +47,24 @@ def parse_cursor(raw: str | None) -> int:
 def parse_limit(raw: str | None) -> int:
     if raw is None or raw == "":
         return DEFAULT_LIMIT
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 6:
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 6 or not 1 <= int(raw) <= MAX_PAGE:
         raise InvalidRequest(f"`limit` must be an integer between 1 and {MAX_PAGE}")
-    value = int(raw)
-    if not 1 <= value <= MAX_PAGE:
-        raise InvalidRequest(f"`limit` must be an integer between 1 and {MAX_PAGE}")
-    return value
+    return int(raw)
 
 
 async def list_events(request: web.Request) -> web.Response:
     token = request.app[SETTINGS].shop_api_token
     if not token:
-        return json_error(404, "the events API is off: SHOP_API_TOKEN is not set")
+        raise EventsApiOff("the events API is off: SHOP_API_TOKEN is not set")
     if not _authorized(request, token):
         return _unauthorized()
     unknown = set(request.query) - {"after", "limit"}
-    try:
-        if unknown:
-            raise InvalidRequest(f"unknown query parameters: {', '.join(sorted(unknown))}")
-        after = parse_cursor(request.query.get("after"))
-        limit = parse_limit(request.query.get("limit"))
-    except InvalidRequest as exc:
-        return json_error(400, str(exc))
-    try:
+    if unknown:
+        raise InvalidRequest(f"unknown query parameters: {', '.join(sorted(unknown))}")
+    after = parse_cursor(request.query.get("after"))
+    limit = parse_limit(request.query.get("limit"))
+    with storage():
         page = await request.app[EVENT_LOG].page(after, limit)
-    except PyMongoError as exc:
-        return _store_down(exc)
     return web.json_response(
         {
             "success": True,
@@ -117,27 +113,10 @@ def _time(body: dict[str, Any], name: str) -> datetime:
 async def replay(request: web.Request) -> web.Response:
     if not _authorized(request, request.app[SETTINGS].admin_token):
         return _unauthorized()
-    raw = await request.read()
-    if len(raw) > MAX_BODY_BYTES:
-        return json_error(413, f"body exceeds {MAX_BODY_BYTES} bytes")
-    try:
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise InvalidRequest("body is not valid JSON") from None
-        args = parse_replay(body)
-    except InvalidRequest as exc:
-        return json_error(400, str(exc))
-    try:
+    body = await read_body(request, request.app[SETTINGS].session_max_body_bytes)
+    args = parse_replay(parse_json(body))
+    with storage():
         count = await request.app[EVENT_LOG].replay(**args)
-    except EventNotFound as exc:
-        return json_error(404, str(exc))
-    except NothingToDeliverTo as exc:
-        return json_error(409, str(exc))
-    except TooMany as exc:
-        return json_error(400, str(exc))
-    except PyMongoError as exc:
-        return _store_down(exc)
     request.app[OUTBOX_METRICS].replayed.inc(count)
     log.info("events_replayed", count=count, **{k: str(v) for k, v in args.items()})
     return web.json_response({"success": True, "replayed": count})

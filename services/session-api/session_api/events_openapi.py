@@ -8,7 +8,6 @@ from shared.openapi import Doc
 
 from .event_log import MAX_PAGE, MAX_REPLAY
 from .events import DEFAULT_LIMIT, MAX_CURSOR_DIGITS
-from .views import MAX_BODY_BYTES
 
 _REF = "#/components/schemas/"
 
@@ -124,7 +123,7 @@ PATHS: Doc = {
                 "401": openapi.BEARER_UNAUTHORIZED,
                 "404": openapi.error("No event with this id."),
                 "409": openapi.error("No SHOP_WEBHOOK_URL is configured."),
-                "413": openapi.error(f"Body over {MAX_BODY_BYTES} bytes; nothing changed."),
+                "413": openapi.error("Body over SESSION_MAX_BODY_BYTES; nothing changed."),
                 "503": openapi.STORE_UNAVAILABLE,
             },
         }

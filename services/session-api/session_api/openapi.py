@@ -3,30 +3,28 @@
 from __future__ import annotations
 
 from shared import openapi
-from shared.model import UUID_RE, SessionStatus, StreamStatus
+from shared.model import UUID_RE, SessionStatus
 from shared.openapi import Doc
 from shared.settings import Settings
 
 from . import events_openapi
-from .sessions import (
+from .stats import MAX_AGE_SECONDS
+from .validation import (
     ACCOUNT_RE,
+    DEFAULT_PAGE_SIZE,
     DESCRIPTION_RE,
     MAX_AMOUNT,
     MAX_DESCRIPTION,
-    MAX_ORDER_CODE,
+    MAX_PAGE,
+    MAX_PAGE_SIZE,
     MIN_AMOUNT,
 )
-from .stats import MAX_AGE_SECONDS
-from .views import DEFAULT_PAGE_SIZE, MAX_BODY_BYTES, MAX_PAGE, MAX_PAGE_SIZE
 
-UUID: Doc = {"type": "string", "pattern": UUID_RE.pattern, "description": "A lowercase uuid4."}
 ACCOUNT: Doc = {
     "type": "string",
     "pattern": ACCOUNT_RE.pattern,
     "description": "The bank account number: 6 to 20 digits.",
 }
-ORDER_CODE: Doc = {"type": "integer", "minimum": 1, "maximum": MAX_ORDER_CODE}
-TIMESTAMP: Doc = {"type": "string", "format": "date-time"}
 
 CREATE_REQUEST: Doc = {
     "type": "object",
@@ -58,14 +56,14 @@ CREATE_REQUEST: Doc = {
 
 SESSION: Doc = openapi.success_object(
     {
-        "uuid": UUID,
-        "orderCode": ORDER_CODE,
+        "uuid": openapi.UUID,
+        "orderCode": openapi.ORDER_CODE,
         "amount": {"type": "integer"},
         "description": {"type": "string"},
         "checkoutUrl": {"type": "string"},
         "qrCode": {"type": "string"},
         "status": {"enum": [s.value for s in SessionStatus]},
-        "expiresAt": TIMESTAMP,
+        "expiresAt": openapi.TIMESTAMP,
         "resumed": {"type": "boolean"},
     },
     required=[
@@ -81,16 +79,7 @@ SESSION: Doc = openapi.success_object(
 )
 
 STATUS: Doc = openapi.success_object(
-    {
-        "uuid": UUID,
-        "orderCode": ORDER_CODE,
-        "status": {"enum": [s.value for s in StreamStatus]},
-        "amount": {"type": "integer"},
-        "amountPaid": {"type": "integer"},
-        "updatedAt": TIMESTAMP,
-        "version": {"type": "integer", "minimum": 1},
-    },
-    required=["uuid", "orderCode", "status", "amount", "amountPaid", "updatedAt", "version"],
+    openapi.STATUS_EVENT_PROPERTIES, required=openapi.STATUS_EVENT_REQUIRED
 )
 
 SESSION_LIST: Doc = openapi.success_object(
@@ -141,7 +130,7 @@ STATS: Doc = openapi.success_object(
         "cachedOrders": _COUNT,
         "activeSubscriptions": _COUNT,
         "pendingSessions": _COUNT,
-        "takenAt": TIMESTAMP | {"description": "When the counts were taken; admins only."},
+        "takenAt": openapi.TIMESTAMP | {"description": "When the counts were taken; admins only."},
         "errors": {
             "type": "object",
             "additionalProperties": {"type": "string"},
@@ -159,10 +148,11 @@ def _or_empty(maximum: int) -> Doc:
     return {"anyOf": [{"type": "integer", "minimum": 1, "maximum": maximum}, {"const": ""}]}
 
 
-TOO_LARGE = openapi.error(f"Body over {MAX_BODY_BYTES} bytes; nothing stored.")
+def _too_large(settings: Settings) -> Doc:
+    return openapi.error(f"Body over {settings.session_max_body_bytes} bytes; nothing stored.")
 
 
-def _cleanup(method: str) -> Doc:
+def _cleanup(method: str, settings: Settings) -> Doc:
     op: Doc = {
         "operationId": f"cleanup{method.capitalize()}",
         "summary": "Expire stale pending sessions (publishing `expired`), delete expired "
@@ -175,7 +165,7 @@ def _cleanup(method: str) -> Doc:
         },
     }
     if method == "post":
-        op["responses"]["413"] = TOO_LARGE
+        op["responses"]["413"] = _too_large(settings)
     return op
 
 
@@ -224,7 +214,7 @@ def document(settings: Settings) -> Doc:
                             "one session only): `retryable: false`, make a new uuid. Or that "
                             "session is still being created: `retryable: true`, retry."
                         ),
-                        "413": TOO_LARGE,
+                        "413": _too_large(settings),
                         "429": openapi.error(
                             "The account's pending limit (`pendingCount`, `maxAllowed`) or the "
                             "client's rate limit (`retryAfter`, and the header) is reached.",
@@ -242,7 +232,9 @@ def document(settings: Settings) -> Doc:
                     "summary": "`?uuid=`: a session's status (polling); otherwise the admins' "
                     "paginated list (bearer ADMIN_TOKEN).",
                     "parameters": [
-                        openapi.query_param("uuid", UUID, "The session whose status to read."),
+                        openapi.query_param(
+                            "uuid", openapi.UUID, "The session whose status to read."
+                        ),
                         openapi.query_param(
                             "page", _or_empty(MAX_PAGE), "List page (default 1); admins only."
                         ),
@@ -276,7 +268,7 @@ def document(settings: Settings) -> Doc:
                     "summary": "Exactly one of `uuid` (does it exist, its status) and "
                     "`accountNumber` (may it create one more).",
                     "parameters": [
-                        openapi.query_param("uuid", UUID, "A session's uuid."),
+                        openapi.query_param("uuid", openapi.UUID, "A session's uuid."),
                         openapi.query_param("accountNumber", ACCOUNT, "An account number."),
                     ],
                     "responses": {
@@ -286,7 +278,10 @@ def document(settings: Settings) -> Doc:
                     },
                 }
             },
-            "/api/webhooks/cleanup": {"get": _cleanup("get"), "post": _cleanup("post")},
+            "/api/webhooks/cleanup": {
+                "get": _cleanup("get", settings),
+                "post": _cleanup("post", settings),
+            },
             **events_openapi.PATHS,
             "/api/stats": {
                 "get": {
@@ -317,7 +312,7 @@ def document(settings: Settings) -> Doc:
                     "operationId": "qrCode",
                     "summary": "The session's VietQR code as SVG.",
                     "parameters": [
-                        {"name": "uuid", "in": "path", "required": True, "schema": UUID}
+                        {"name": "uuid", "in": "path", "required": True, "schema": openapi.UUID}
                     ],
                     "responses": {
                         "200": {
