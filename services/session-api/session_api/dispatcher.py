@@ -37,7 +37,7 @@ from functools import partial
 
 import aiohttp
 import structlog
-from pymongo import ASCENDING
+from pymongo import ASCENDING, UpdateOne
 from pymongo.errors import PyMongoError
 from redis.asyncio import Redis
 
@@ -111,6 +111,13 @@ class Dispatcher:
         self._inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._http: aiohttp.ClientSession | None = None
+        # Delivered, not yet marked in MongoDB: marked together at the next round's start
+        # (one write for many), before that round looks for what is due. A dispatcher that
+        # dies before marking them sends them again: at least once, same ids.
+        self._delivered: list[tuple[str, int]] = []  # (delivery id, its generation)
+        # Deliveries whose outcome was written since this round began: a due query running
+        # meanwhile may have read them as they were before (and their chain is over).
+        self._touched: set[str] = set()
         self._stats_at = 0.0
 
     async def run(self) -> None:
@@ -134,6 +141,10 @@ class Dispatcher:
                     task.cancel()
                 await asyncio.gather(*inflight, return_exceptions=True)
                 self._inflight.clear()
+                with contextlib.suppress(PyMongoError, asyncio.CancelledError):
+                    # What was delivered is marked now, or sent again by the next holder.
+                    await asyncio.wait_for(self._flush_delivered(), STORE_RETRY_SECONDS)
+                self._delivered.clear()
                 self._http = None
                 self._metrics.reset_gauges()
 
@@ -153,6 +164,8 @@ class Dispatcher:
 
     async def round(self) -> bool:
         """One relay and one look for due deliveries; True if it found work."""
+        self._touched.clear()
+        await self._flush_delivered()
         moved = await self._log.relay()
         started = 0
         for endpoint in self._log.endpoints:
@@ -164,10 +177,11 @@ class Dispatcher:
 
     async def _start_due(self, endpoint: str) -> int:
         """Start the deliveries due at `endpoint` whose session waits for nothing earlier."""
-        room = self._settings.shop_webhook_concurrency - sum(
-            1 for key in self._inflight if key[0] == endpoint
-        )
-        if room <= 0:
+        limit = self._settings.shop_webhook_concurrency
+        busy = sum(1 for key in self._inflight if key[0] == endpoint)
+        room = limit - busy
+        if room <= 0 or (busy and room < limit // 2):
+            # Three queries find what is due: worth it for a batch, not for one free slot.
             return 0
         now = utcnow()
         due = [
@@ -182,7 +196,12 @@ class Dispatcher:
             .sort("seq", ASCENDING)
             .limit(DUE_BATCH)
         ]
-        due = [d for d in due if (endpoint, d["session"]) not in self._inflight]
+        settled = self._touched.union(_id for _id, _ in self._delivered)
+        due = [
+            d
+            for d in due
+            if (endpoint, d["session"]) not in self._inflight and d["_id"] not in settled
+        ]
         if not due:
             return 0
         by_session: dict[str, list[Doc]] = defaultdict(list)
@@ -201,18 +220,53 @@ class Dispatcher:
         ):
             s = int(d["seq"])
             earliest[d["session"]] = min(earliest.get(d["session"], s), s)
+        chains = [
+            chain
+            for session, chain in by_session.items()
+            # Otherwise an earlier event of this session is waiting for its retry.
+            if int(chain[0]["seq"]) == earliest.get(session)
+        ][:room]
+        if not chains:
+            return 0
+        bodies = {
+            e["_id"]: e
+            async for e in self._store.events.find(
+                {"_id": {"$in": [d["event"] for chain in chains for d in chain]}},
+                {"body": 1, "at": 1},
+            )
+        }
         started = 0
-        for session, chain in by_session.items():
-            if started >= room:
-                break
-            if int(chain[0]["seq"]) != earliest.get(session):
-                continue  # an earlier event of this session is waiting for its retry
-            key = (endpoint, session)
-            task = asyncio.create_task(self._deliver_chain(endpoint, chain))
+        for chain in chains:
+            key = (endpoint, chain[0]["session"])
+            task = asyncio.create_task(self._deliver_chain(endpoint, chain, bodies))
             self._inflight[key] = task
             task.add_done_callback(partial(self._chain_done, key))
             started += 1
         return started
+
+    async def _flush_delivered(self) -> None:
+        if not self._delivered:
+            return
+        done, self._delivered = self._delivered, []
+        try:
+            # One round trip for all; each guarded by its generation (a replay since the
+            # delivery keeps the delivery pending).
+            await self._store.deliveries.bulk_write(
+                [
+                    UpdateOne(
+                        {"_id": _id, "state": DeliveryState.PENDING, "generation": generation},
+                        {
+                            "$set": {"state": DeliveryState.DELIVERED},
+                            "$currentDate": {"finishedAt": True},
+                        },
+                    )
+                    for _id, generation in done
+                ],
+                ordered=False,
+            )
+        except PyMongoError:
+            self._delivered.extend(done)  # marked at a later round
+            raise
 
     def _chain_done(self, key: tuple[str, str], task: asyncio.Task[None]) -> None:
         self._inflight.pop(key, None)
@@ -222,14 +276,8 @@ class Dispatcher:
             log.error("outbox_delivery_crashed", exc_info=exc)
         self._wake.set()
 
-    async def _deliver_chain(self, endpoint: str, chain: list[Doc]) -> None:
+    async def _deliver_chain(self, endpoint: str, chain: list[Doc], bodies: dict[str, Doc]) -> None:
         """One session's due deliveries at one URL, in order, stopping at the first failure."""
-        bodies = {
-            e["_id"]: e
-            async for e in self._store.events.find(
-                {"_id": {"$in": [d["event"] for d in chain]}}, {"body": 1, "at": 1}
-            )
-        }
         try:
             for delivery in chain:
                 event = bodies.get(delivery["event"])
@@ -266,7 +314,7 @@ class Dispatcher:
         except (aiohttp.ClientError, TimeoutError) as exc:
             ok, error = False, f"{type(exc).__name__}: {exc}"
         if ok:
-            await self._finish(delivery, DeliveryState.DELIVERED, "")
+            self._delivered.append((delivery["_id"], int(delivery.get("generation", 0))))
             lag = (utcnow() - _aware(event["at"])).total_seconds()
             self._metrics.delivered.inc()
             self._metrics.lag.observe(max(lag, 0.0))
@@ -314,6 +362,7 @@ class Dispatcher:
                 }
             },
         )
+        self._touched.add(delivery["_id"])
         self._metrics.retried.inc()
 
     async def _finish(
@@ -329,6 +378,7 @@ class Dispatcher:
             {"_id": delivery["_id"], "state": DeliveryState.PENDING},
             {"$set": fields, "$currentDate": {"finishedAt": True}},
         )
+        self._touched.add(delivery["_id"])
 
     async def refresh_stats(self) -> None:
         """The queue's gauges (read by the leader only; others show 0 with `leader` 0)."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from pymongo import ASCENDING, ReturnDocument
+from pymongo import ASCENDING, ReturnDocument, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError
 
@@ -136,16 +136,22 @@ class EventLog:
             for key in self.endpoints
         ]
         await _insert_ignoring_duplicates(self._store.deliveries, deliveries)
-        for doc in docs:
-            # Guarded by the count read: an entry pushed since then keeps the document for
-            # the next round (whose appends of these entries are recognised as repeats).
-            await source.update_one(
-                {"_id": doc["_id"], outbox.OUTBOX_PENDING: doc[outbox.OUTBOX_PENDING]},
-                {
-                    "$pullAll": {outbox.OUTBOX: list(doc[outbox.OUTBOX])},
-                    "$inc": {outbox.OUTBOX_PENDING: -len(doc[outbox.OUTBOX])},
-                },
-            )
+        # Guarded by the count read: an entry pushed since then keeps the document for the
+        # next round (whose appends of these entries are recognised as repeats). One round
+        # trip for every document (shared.mongo: stand-in).
+        await source.bulk_write(
+            [
+                UpdateOne(
+                    {"_id": doc["_id"], outbox.OUTBOX_PENDING: doc[outbox.OUTBOX_PENDING]},
+                    {
+                        "$pullAll": {outbox.OUTBOX: list(doc[outbox.OUTBOX])},
+                        "$inc": {outbox.OUTBOX_PENDING: -len(doc[outbox.OUTBOX])},
+                    },
+                )
+                for doc in docs
+            ],
+            ordered=False,
+        )
         return len(entries)
 
     async def _insert_events(self, events: list[Doc]) -> dict[str, int]:
@@ -167,6 +173,9 @@ class EventLog:
             "endpoint": endpoint,
             "state": DeliveryState.PENDING,
             "attempts": 0,
+            # Grows with every replay: a delivery marked done late (the dispatcher marks in
+            # batches) must not undo a replay made meanwhile.
+            "generation": 0,
             # Epoch milliseconds, not dates: the dispatcher moves them with `$set`
             # (shared.mongo: stand-in).
             "createdMs": epoch_ms(now),
@@ -231,7 +240,9 @@ class EventLog:
         deliveries = self._store.deliveries
         reset = {k: fresh[k] for k in ("state", "attempts", "createdMs", "nextMs", "seq")}
         for _ in range(2):
-            result = await deliveries.update_one({"_id": fresh["_id"]}, {"$set": reset})
+            result = await deliveries.update_one(
+                {"_id": fresh["_id"]}, {"$set": reset, "$inc": {"generation": 1}}
+            )
             if result.matched_count:
                 return
             # Never queued (no URL back then) or gone with the TTL: a whole new document.

@@ -1,0 +1,258 @@
+"""The shop's events (issue 17): lag, catch-up after an outage, dispatcher CPU.
+
+    python -m bench.outbox [--rate 100] [--seconds 20] [--backlog 10000]
+
+One webhook-ingest and one session-api process (the dispatcher) over a redis-server and a
+MongoDB stand-in of the benchmark's own; the shop is a receiver in this process that verifies
+every signature (the `standardwebhooks` library) and notes when each event id first arrived.
+
+1. Lag: signed PayOS webhooks at `--rate` payments/s for `--seconds`, each completing a
+   session; lag = first arrival at the shop minus the event's timestamp (taken by the ingest in
+   the update that completes the session), p50/p99/max. Dispatcher CPU per delivered event:
+   session-api's CPU time over the phase / events delivered (it does nothing else here).
+2. Catch-up: the shop is down (its port closed) while `--backlog` completed sessions with
+   their events are stored (written as the ingest writes them, in bulk, to hold the phase to
+   seconds rather than minutes); the dispatcher relays them and its attempts fail. Then the
+   shop comes back: time until every event was delivered, and CPU per event. The retry
+   delays are shortened for this phase (first 0.5 s, at most 2 s) so the figure is the
+   dispatcher's throughput; with the production schedule a queue 10 minutes old waits for its
+   next attempt first (at most ~5 min: see the README's schedule).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import secrets
+import time
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from standardwebhooks.webhooks import Webhook
+
+from devstack.seed import store_pending_sessions
+from devstack.servers import Process, free_port, python_service
+from shared import outbox
+from shared.model import SessionStatus, new_session, utcnow
+from shared.mongo import Store, mongo_client
+from shared.settings import Settings
+
+from ._common import AMOUNT, CHECKSUM_KEY, backends, cpu_seconds, percentile, signed_body, table
+
+SECRET = "whsec_" + "QmVuY2hTZWNyZXRGb3JUaGVPdXRib3hCZW5jaG1hcms="
+
+
+class Shop:
+    """A receiver noting the first arrival of each event id (and verifying every one)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.first: dict[str, float] = {}
+        self.timestamps: dict[str, datetime] = {}
+        self.requests = 0
+        self._verifier = Webhook(SECRET)
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/hook", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port, backlog=1024).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        event = self._verifier.verify(body, dict(request.headers))
+        self.requests += 1
+        if event["id"] not in self.first:
+            self.first[event["id"]] = time.time()
+            self.timestamps[event["id"]] = datetime.fromisoformat(
+                event["timestamp"].replace("Z", "+00:00")
+            )
+        return web.Response(status=204)
+
+
+async def until(condition: Any, limit_s: float, what: str) -> None:
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        await asyncio.sleep(0.05)
+
+
+async def ready(url: str) -> None:
+    async with aiohttp.ClientSession() as http:
+        for _ in range(300):
+            try:
+                async with http.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise TimeoutError(url)
+
+
+async def lag_phase(
+    ingest_url: str, store: Store, shop: Shop, api: Process, rate: float, seconds: float
+) -> list[object]:
+    n = int(rate * seconds)
+    docs = await store_pending_sessions(store, n, amount=AMOUNT)
+    bodies = [signed_body(d["orderCode"]) for d in docs]
+    expected = {outbox.event_id(d["uuid"], "payment.completed") for d in docs}
+    cpu0 = cpu_seconds(api.pid)
+    conn = aiohttp.TCPConnector(limit=200)
+    async with aiohttp.ClientSession(connector=conn) as http:
+        start = time.monotonic()
+
+        async def one(i: int, body: bytes) -> None:
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            async with http.post(
+                ingest_url, data=body, headers={"Content-Type": "application/json"}
+            ) as resp:
+                await resp.read()
+
+        await asyncio.gather(*(one(i, b) for i, b in enumerate(bodies)))
+        sent_for = time.monotonic() - start
+    await until(lambda: expected <= shop.first.keys(), 300, "every event delivered")
+    cpu = cpu_seconds(api.pid) - cpu0
+    lags = [shop.first[i] - shop.timestamps[i].timestamp() for i in expected]
+    return [
+        f"{n} payments at {n / sent_for:.0f}/s",
+        f"{percentile(lags, 50) * 1000:.0f} ms",
+        f"{percentile(lags, 99) * 1000:.0f} ms",
+        f"{max(lags) * 1000:.0f} ms",
+        f"{cpu / n * 1000:.2f} ms",
+    ]
+
+
+async def backlog_phase(store: Store, shop: Shop, api: Process, n: int) -> list[object]:
+    target = await store.events.count_documents({}) + n
+    now = utcnow()
+    for start in range(0, n, 1000):
+        batch = []
+        for _ in range(min(1000, n - start)):
+            doc = new_session(
+                uuid=secrets.token_hex(16),
+                order_code=secrets.randbelow(10**12) + 1,
+                account_number="0001112223",
+                amount=AMOUNT,
+                description="NAPTIEN",
+                now=now,
+                ttl_seconds=86400,
+            )
+            ref = "FT" + secrets.token_hex(6)
+            doc.update(
+                status=SessionStatus.COMPLETED.value,
+                amountPaid=AMOUNT,
+                references=[ref],
+                version=2,
+            )
+            doc.update(outbox.initial(outbox.session_entry(outbox.EventType.COMPLETED, doc)))
+            batch.append(doc)
+        await store.sessions.insert_many(batch)
+    held = time.monotonic()
+    await until_async(lambda: relayed(store, target), 600, "the backlog relayed")
+    relay_s = time.monotonic() - held
+    before = len(shop.first)
+    cpu0 = cpu_seconds(api.pid)
+    await shop.start()
+    back = time.monotonic()
+    await until(lambda: len(shop.first) >= before + n, 900, "the backlog delivered")
+    took = time.monotonic() - back
+    cpu = cpu_seconds(api.pid) - cpu0
+    return [
+        f"{n} queued events",
+        f"{relay_s:.1f} s",
+        f"{took:.1f} s",
+        f"{n / took:.0f}/s",
+        f"{cpu / n * 1000:.2f} ms",
+    ]
+
+
+async def relayed(store: Store, target: int) -> bool:
+    return await store.events.count_documents({}) >= target
+
+
+async def until_async(check: Any, limit_s: float, what: str) -> None:
+    deadline = time.monotonic() + limit_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        await asyncio.sleep(0.2)
+
+
+async def run(args: argparse.Namespace) -> None:
+    with backends() as env:
+        shop = Shop(free_port())
+        settings = Settings.from_env(
+            {},
+            redis_url=env.redis_url,
+            mongodb_url=env.mongodb_url(),
+            payos_checksum_key=CHECKSUM_KEY,
+            log_level="WARNING",
+            webhook_ingest_port=free_port(),
+            session_api_port=free_port(),
+            shop_webhook_url=(f"http://127.0.0.1:{shop.port}/hook",),
+            shop_webhook_secret=(SECRET,),
+            shop_webhook_retry_first_seconds=0.5,
+            shop_webhook_retry_max_seconds=2.0,
+            outbox_poll_seconds=0.05,
+        )
+        procs: list[Process] = []
+        try:
+            for name, module, port in (
+                ("webhook-ingest", "webhook_ingest", settings.webhook_ingest_port),
+                ("session-api", "session_api", settings.session_api_port),
+            ):
+                proc = python_service(name, module, port, settings.env(), env.tmp)
+                proc.start()
+                procs.append(proc)
+                await ready(f"http://127.0.0.1:{port}/readyz")
+            api = procs[1]
+            store = Store(mongo_client(settings))
+            await shop.start()
+            lag = await lag_phase(
+                f"http://127.0.0.1:{settings.webhook_ingest_port}/api/webhooks",
+                store,
+                shop,
+                api,
+                args.rate,
+                args.seconds,
+            )
+            await shop.stop()
+            backlog = await backlog_phase(store, shop, api, args.backlog)
+            await shop.stop()
+            await store.client.close()
+        finally:
+            for proc in reversed(procs):
+                proc.stop()
+    print("\nEvent lag, change → first delivery (healthy shop)")
+    print(table(["load", "p50", "p99", "max", "dispatcher CPU/event"], [lag]))
+    print("\nCatch-up after an outage (shop down while the backlog queued)")
+    print(
+        table(["backlog", "relayed in", "delivered in", "rate", "dispatcher CPU/event"], [backlog])
+    )
+    print(json.dumps({"lag": lag, "catchUp": backlog}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--rate", type=float, default=100.0)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--backlog", type=int, default=10_000)
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
