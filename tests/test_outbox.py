@@ -662,3 +662,29 @@ async def test_a_new_ledger_item_raises_one_payment_needs_attention_event(
     assert event["type"] == "payment.needs_attention"
     assert (event["data"]["kind"], event["data"]["orderCode"]) == ("unknown_order", 987_654)
     assert await store.events.count_documents({}) == 1
+
+
+async def test_a_delivery_refused_past_the_give_up_time_is_failed_and_a_ledger_item(
+    aiohttp_client: Callable[..., Awaitable[Client]],
+    settings: Settings,
+    store: Store,
+    receiver: ShopReceiver,
+) -> None:
+    receiver.mode = "fail"
+    quick = shop_settings(settings, receiver, shop_webhook_give_up_seconds=0.5)
+    client = await aiohttp_client(create_api(quick))
+    [session] = await expire_sessions(store, settings, 1)
+    event_id = outbox.event_id(session["uuid"], "session.expired")
+
+    async def failed() -> bool:
+        return await store.deliveries.count_documents({"state": "failed"}) == 1
+
+    await wait_until(failed, 10, "the delivery given up")
+    [item] = [i async for i in store.issues.find({"kind": "shop_not_told"})]
+    assert item["data"]["event"] == event_id and item["status"] == "open"
+    assert item["orderCode"] == session["orderCode"]
+    assert len(receiver.requests) >= 1
+    metrics = await (await client.get("/metrics")).text()
+    assert "paypush_outbox_failed_total 1.0" in metrics
+    # No `payment.needs_attention` about it: it would go where every attempt failed.
+    assert await store.events.count_documents({"type": "payment.needs_attention"}) == 0

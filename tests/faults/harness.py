@@ -41,12 +41,13 @@ from redis.asyncio import Redis, RedisCluster
 from devstack.payos_simulator.app import create_app as create_simulator
 from devstack.seed import store_pending_sessions
 from devstack.servers import Process, free_port, python_service
-from shared import keys
+from shared import keys, outbox
 from shared.cache import StatusCache
 from shared.model import StatusEvent
 from shared.mongo import Doc, Store
 from shared.settings import Settings
 from shared.signing import sign_payment_request
+from tests.shop import ShopReceiver, new_secret
 
 STREAM = "/api/webhooks/stream"
 # Redeliveries of the in-process simulator: quick at first, then once a second for ~40 s.
@@ -65,6 +66,8 @@ class System:
     gateways: list[Process]
     session_api: Process
     simulator: Process | None  # None: the simulator runs in this process
+    # The shop's receiver of signed events (issue 17), in this process: reconciled too.
+    shop: ShopReceiver | None = None
 
     @property
     def sim_url(self) -> str:
@@ -126,7 +129,19 @@ async def running_system(
     `settings` should come from `devstack.servers.local_settings` (every service pointing at
     the others); the gateways after the first get ports of their own.
     """
+    shop = ShopReceiver(new_secret())
     env = settings.env()
+    # Only session-api delivers to the shop (the others are given neither URL nor secret);
+    # quick retries and a short lease, so faults play out within a test.
+    api_env = {
+        **env,
+        "SHOP_WEBHOOK_URL": shop.url,
+        "SHOP_WEBHOOK_SECRET": shop.secret,
+        "SHOP_WEBHOOK_TIMEOUT_SECONDS": "2",
+        "SHOP_WEBHOOK_RETRY_FIRST_SECONDS": "0.2",
+        "SHOP_WEBHOOK_RETRY_MAX_SECONDS": "1",
+        "OUTBOX_LEASE_SECONDS": "3",
+    }
     ingest = python_service(
         "webhook-ingest", "webhook_ingest", settings.webhook_ingest_port, env, log_dir
     )
@@ -137,7 +152,7 @@ async def running_system(
         gateway_procs.append(
             python_service(f"stream-gateway-{i}", "stream_gateway", port, gateway_env, log_dir)
         )
-    api = python_service("session-api", "session_api", settings.session_api_port, env, log_dir)
+    api = python_service("session-api", "session_api", settings.session_api_port, api_env, log_dir)
     simulator = None
     if not simulator_in_process:
         simulator = python_service(
@@ -147,8 +162,10 @@ async def running_system(
             env,
             log_dir,
         )
-    system = System(settings, ingest, gateway_procs, api, simulator)
+    system = System(settings, ingest, gateway_procs, api, simulator, shop)
     async with contextlib.AsyncExitStack() as stack:
+        await shop.start()
+        stack.push_async_callback(shop.stop)
         if simulator_in_process:
             await stack.enter_async_context(_simulator_in_process(settings, retry_delays))
         try:
@@ -440,6 +457,8 @@ class Report:
     delivery_attempts: int = 0
     failed_attempts: int = 0
     webhook_records: int = 0
+    shop_notified: int = 0  # completed sessions whose payment.completed reached the shop
+    shop_redeliveries: int = 0  # the same event id accepted again (at least once)
     watchers: int = 0
     reconnects: int = 0
     faults: list[str] = field(default_factory=list)
@@ -503,6 +522,7 @@ async def reconcile(driver: Driver, store: Store, report: Report | None = None) 
         else:
             await _check_unpaid(store, payment, sent, problems)
     report.lost = report.payments - report.completed
+    await _check_shop(driver, store, report)
     codes = [p.order_code for p in driver.payments]
     # An equality find, not count_documents: the stand-in counts by scanning the collection.
     report.webhook_records = sum(
@@ -515,6 +535,43 @@ async def reconcile(driver: Driver, store: Store, report: Report | None = None) 
             f"MongoDB holds {report.webhook_records}"
         )
     return report
+
+
+async def _check_shop(driver: Driver, store: Store, report: Report, timeout: float = 60) -> None:
+    """Every session completed in MongoDB has its one `payment.completed` id at the shop
+    (deduplicated by id: redeliveries are allowed, a missing or a second id is not); no
+    session still pending was announced as paid."""
+    shop = driver.system.shop
+    if shop is None:
+        return
+    uuids = [p.uuid for p in driver.payments]
+    completed = {
+        d["uuid"]
+        async for d in store.sessions.find(
+            {"uuid": {"$in": uuids}, "status": "completed"}, {"uuid": 1}
+        )
+    }
+    expected = {outbox.event_id(u, "payment.completed"): u for u in completed}
+    deadline = time.monotonic() + timeout
+    while not expected.keys() <= shop.accepted_ids().keys() and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    got = shop.accepted_ids("payment.completed")
+    report.shop_notified = sum(1 for i in expected if i in got)
+    report.shop_redeliveries = sum(n - 1 for n in got.values())
+    for event_id, uuid in expected.items():
+        if event_id not in got:
+            report.problems.append(f"{uuid}: completed, the shop never got payment.completed")
+    ids_per_session: dict[str, set[str]] = {}
+    for a in shop.accepted:
+        if a.type == "payment.completed":
+            ids_per_session.setdefault(a.data["uuid"], set()).add(a.id)
+    for uuid, ids in ids_per_session.items():
+        if len(ids) != 1:
+            report.problems.append(f"{uuid}: {len(ids)} distinct payment.completed ids")
+        if uuid not in completed:
+            report.problems.append(f"{uuid}: payment.completed for a session not completed")
+    if shop.rejected_signatures:
+        report.problems.append(f"shop: {shop.rejected_signatures} deliveries failed to verify")
 
 
 async def _check_paid(

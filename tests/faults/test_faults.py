@@ -13,7 +13,10 @@ injects one kind of fault while they flow, then reconciles (`harness.reconcile`)
   across reconnects, and then a 204 (final, stop); the polling endpoint says `done` too;
 - a session never paid is still pending, version 1, and none of its browsers saw anything
   but `pending`;
-- the webhooks the simulator reports acknowledged == the webhook records stored; none lost.
+- the webhooks the simulator reports acknowledged == the webhook records stored; none lost;
+- every session completed in MongoDB has exactly one `payment.completed` id at the shop's
+  receiver (signed events from session-api's dispatcher, issue 17; redeliveries of that id
+  allowed), none missing, none for a session not completed.
 
 Tests marked `redis_cluster` run the same system on a local 3-primary Redis Cluster of their
 own. The `faults_long` variants (`make faults`) run at four times the load, and a chaos run

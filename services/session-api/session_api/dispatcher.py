@@ -16,9 +16,10 @@ A delivery is `POST` with `webhook-id` (the event id), `webhook-timestamp` and
 secret, space separated) as the Standard Webhooks specification says. A 2xx is delivered;
 anything else, a redirect, an error or no answer within `SHOP_WEBHOOK_TIMEOUT_SECONDS` is
 retried after an exponentially growing delay with jitter, until `SHOP_WEBHOOK_GIVE_UP_SECONDS`
-(3 days) after the first attempt: then it is marked failed. The state is written after the
-attempt, so a dispatcher that dies mid-delivery leaves it pending: its successor sends it
-again, with the same id (at least once; the shop deduplicates by id).
+(3 days) after the first attempt: then it is raised as a ledger item (`shop_not_told`) and
+marked failed. The state is written after the attempt, so a dispatcher that dies
+mid-delivery leaves it pending: its successor sends it again, with the same id (at least
+once; the shop deduplicates by id).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import json
 import random
 import time
 from collections import defaultdict
@@ -42,6 +44,7 @@ from pymongo.errors import PyMongoError
 from redis.asyncio import Redis
 
 from shared.lease import Lease, run_under_lease
+from shared.ledger import IssueKind, Ledger, NewIssue
 from shared.model import utcnow
 from shared.mongo import Doc, Store
 from shared.settings import Settings, webhook_secret_bytes
@@ -105,6 +108,7 @@ class Dispatcher:
         self._store = store
         self._log = event_log
         self._metrics = metrics
+        self._ledger = Ledger(store)
         self._secrets = [webhook_secret_bytes(s) for s in settings.shop_webhook_secret]
         self.lease = Lease(redis, LEASE_NAME, settings.outbox_lease_seconds)
         self._rng = random.Random()
@@ -341,6 +345,7 @@ class Dispatcher:
                 attempts=attempts,
                 error=error,
             )
+            await self._raise_item(delivery, error)
             await self._finish(delivery, DeliveryState.FAILED, error, attempts=attempts)
             self._metrics.failed.inc()
             return
@@ -364,6 +369,22 @@ class Dispatcher:
         )
         self._touched.add(delivery["_id"])
         self._metrics.retried.inc()
+
+    async def _raise_item(self, delivery: Doc, error: str) -> None:
+        """A delivery given up becomes a ledger item (before it is marked failed: a crash in
+        between records the item again, which the ledger's unique key makes one)."""
+        event = await self._store.events.find_one({"_id": delivery["event"]}, {"body": 1})
+        data = json.loads(event["body"])["data"] if event is not None else {}
+        await self._ledger.record(
+            NewIssue(
+                IssueKind.SHOP_NOT_TOLD,
+                int(data.get("orderCode") or 0),
+                delivery["_id"],
+                int(data.get("amountPaid") or data.get("amount") or 0),
+                {"event": delivery["event"], "lastError": error[:200], **data},
+                source="dispatcher",
+            )
+        )
 
     async def _finish(
         self, delivery: Doc, state: str, error: str, *, attempts: int | None = None
