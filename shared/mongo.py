@@ -49,6 +49,11 @@ PUBLISH_PENDING = "publishPending"
 PURGE_AT = "purgeAt"
 # `purgeAt` moved aside while a ledger item about the session is open (shared.ledger).
 HELD_PURGE_AT = "heldPurgeAt"
+# When session-api's reconciler next asks PayOS about a session (epoch seconds: an update
+# cannot write a date on every server), absent until its first check, NO_CHECK once none is
+# needed any more (paid, or its last check after expiry done).
+CHECK_AT = "checkAt"
+NO_CHECK = -1.0
 
 
 def mongo_client(settings: Settings) -> AsyncMongoClient[Doc]:
@@ -98,10 +103,13 @@ class Store:
         await self.sessions.create_index(
             [(PURGE_AT, ASCENDING)], expireAfterSeconds=0, name="purgeAt_ttl"
         )
-        # The reconciler's pending sessions, oldest first.
+        # The reconciler: pending sessions never checked (checkAt null), oldest first; then
+        # the sessions whose next check is due.
         await self.sessions.create_index(
-            [("status", ASCENDING), ("createdAt", ASCENDING)], name="status_created"
+            [("status", ASCENDING), (CHECK_AT, ASCENDING), ("createdAt", ASCENDING)],
+            name="reconcile_new",
         )
+        await self.sessions.create_index([(CHECK_AT, ASCENDING)], name="reconcile_due")
         # One record per delivery: a payment link may receive several transactions, so a
         # delivery is identified by orderCode and reference together.
         await self.webhooks.create_index(

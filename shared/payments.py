@@ -29,7 +29,7 @@ from pymongo.errors import PyMongoError
 from . import outbox
 from .ledger import IssueKind, Ledger, NewIssue, is_test_delivery
 from .model import SessionStatus, utcnow
-from .mongo import Doc, Store
+from .mongo import CHECK_AT, NO_CHECK, Doc, Store
 
 # Guarded updates of one session before a transaction gives up (and PayOS retries): each
 # retry means another transaction of the same session was counted in between.
@@ -211,7 +211,8 @@ class Payments:
         # amountPaid only grows and the version guard pins it: if the sum covers the amount
         # on this read, it does on the stored document, and one update counts and completes.
         if paid >= doc["amount"]:
-            update["$set"] = {"status": SessionStatus.COMPLETED.value}
+            # Paid: nothing left for the reconciler to ask PayOS about.
+            update["$set"] = {"status": SessionStatus.COMPLETED.value, CHECK_AT: NO_CHECK}
             update["$currentDate"]["completedAt"] = True
             after["status"] = SessionStatus.COMPLETED.value
             event = outbox.session_entry(outbox.EventType.COMPLETED, after)
@@ -257,7 +258,7 @@ class Payments:
             {"_id": doc["_id"], "status": doc["status"], "version": version},
             outbox.with_entry(
                 {
-                    "$set": {"status": SessionStatus.COMPLETED.value},
+                    "$set": {"status": SessionStatus.COMPLETED.value, CHECK_AT: NO_CHECK},
                     "$currentDate": {"completedAt": True, "updatedAt": True},
                     "$inc": {"version": 1},
                 },

@@ -123,6 +123,10 @@ class Settings:
     reconcile_after_seconds: float = 120.0
     # PayOS calls the reconciler makes per second at most, across the deployment.
     reconcile_max_per_second: float = 5.0
+    # How often the reconciler looks for sessions due a check.
+    reconcile_interval_seconds: float = 5.0
+    # The reconciler's Redis lease: a replica that dies holding it is replaced within this.
+    reconcile_lease_seconds: float = 15.0
     # Session creations per client address and minute (0: no limit): a client cannot burn
     # orderCodes and PayOS links in a loop. Behind NAT many users share an address.
     session_rate_limit_per_minute: int = 30
@@ -173,6 +177,10 @@ class Settings:
             raise SettingsError("RECONCILE_AFTER_SECONDS must not be negative")
         if not self.reconcile_max_per_second > 0:
             raise SettingsError("RECONCILE_MAX_PER_SECOND must be positive")
+        if not self.reconcile_interval_seconds > 0 or not self.reconcile_lease_seconds > 0:
+            raise SettingsError(
+                "RECONCILE_INTERVAL_SECONDS and RECONCILE_LEASE_SECONDS must be positive"
+            )
         if self.session_rate_limit_per_minute < 0:
             raise SettingsError("SESSION_RATE_LIMIT_PER_MINUTE must not be negative")
         for proxy in self.trusted_proxies:

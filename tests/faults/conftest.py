@@ -47,6 +47,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         f"payments made {sum(r.payments for r in counted)}, "
         f"payments lost {sum(r.lost for r in counted)}, "
         f"paid but not told {sum(r.unnotified for r in counted)}, "
+        f"money neither credited nor an open ledger item {sum(r.uncredited for r in counted)}, "
         f"browsers {sum(r.watchers for r in counted)}, "
         f"failed delivery attempts {sum(r.failed_attempts for r in counted)}"
     )

@@ -43,6 +43,7 @@ from devstack.seed import store_pending_sessions
 from devstack.servers import Process, free_port, python_service
 from shared import keys, outbox
 from shared.cache import StatusCache
+from shared.ledger import is_test_delivery
 from shared.model import StatusEvent
 from shared.mongo import Doc, Store
 from shared.settings import Settings
@@ -451,6 +452,9 @@ class Report:
     payments: int = 0  # transfers made
     completed: int = 0  # of those, completed once in MongoDB, with their one webhook record
     lost: int = 0  # transfers not (or not exactly once) in MongoDB
+    # Money PayOS received (every paid transaction the simulator made) that is neither
+    # credited to a session nor an open item of the payment ledger (issue 11): must be 0.
+    uncredited: int = 0
     unnotified: int = 0  # paid sessions whose browsers or pollers were not told `done`
     unpaid_sessions: int = 0
     deliveries: int = 0
@@ -528,6 +532,7 @@ async def reconcile(driver: Driver, store: Store, report: Report | None = None) 
     report.webhook_records = sum(
         [len(await store.webhooks.find({"orderCode": c}, {"_id": 1}).to_list()) for c in codes]
     )
+    report.uncredited = await _uncredited(store, by_code, problems)
     delivered = sum(1 for c in codes for d in by_code.get(c, []) if d["delivered"])
     if delivered != report.webhook_records:
         problems.append(
@@ -572,6 +577,34 @@ async def _check_shop(driver: Driver, store: Store, report: Report, timeout: flo
             report.problems.append(f"{uuid}: payment.completed for a session not completed")
     if shop.rejected_signatures:
         report.problems.append(f"shop: {shop.rejected_signatures} deliveries failed to verify")
+
+
+async def _uncredited(
+    store: Store, by_code: dict[int, list[dict[str, Any]]], problems: list[str]
+) -> int:
+    """Every paid transaction the simulator made: credited to its session (its reference
+    counted there) or an open ledger item about it; how many are neither."""
+    missing = 0
+    for order_code, sent in by_code.items():
+        paid = [d["body"]["data"] for d in sent if d["body"]["data"].get("code") == "00"]
+        paid = [t for t in paid if not is_test_delivery(order_code, t)]
+        if not paid:
+            continue
+        doc = await store.sessions.find_one({"orderCode": order_code}, {"references": 1})
+        counted = set(doc.get("references", ())) if doc else set()
+        for tx in paid:
+            if tx["reference"] in counted:
+                continue
+            item = await store.issues.find_one(
+                {"orderCode": order_code, "reference": tx["reference"], "status": "open"}
+            )
+            if item is None:
+                missing += 1
+                problems.append(
+                    f"order {order_code}: {tx['amount']} VND ({tx['reference']}) received, "
+                    "neither credited nor an open ledger item"
+                )
+    return missing
 
 
 async def _check_paid(

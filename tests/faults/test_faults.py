@@ -14,6 +14,8 @@ injects one kind of fault while they flow, then reconciles (`harness.reconcile`)
 - a session never paid is still pending, version 1, and none of its browsers saw anything
   but `pending`;
 - the webhooks the simulator reports acknowledged == the webhook records stored; none lost;
+- every paid transaction the simulator made is credited to its session or an open item of
+  the payment ledger (issue 11): 0 money received and forgotten;
 - every session completed in MongoDB has exactly one `payment.completed` id at the shop's
   receiver (signed events from session-api's dispatcher, issue 17; redeliveries of that id
   allowed), none missing, none for a session not completed.
@@ -364,6 +366,32 @@ async def test_payos_deliveries_dropped_and_delayed(
     await set_faults(driver.http, system)
     await audit(driver, store, ledger)
     assert ledger.failed_attempts >= 10 * scale
+
+
+@pytest.mark.fault_env(RECONCILE_AFTER_SECONDS="1", RECONCILE_INTERVAL_SECONDS="0.5")
+async def test_payos_never_delivers_and_the_reconciler_tells_every_browser(
+    system: System, driver: Driver, store: Store, ledger: Report
+) -> None:
+    """Every webhook lost for good (our endpoint unreachable from PayOS): session-api's
+    reconciler asks PayOS, every paid session completes and every browser learns it; the
+    webhooks that finally arrive afterwards are duplicates and count nothing again."""
+    await set_faults(driver.http, system, dropAllDeliveries=True)
+    ledger.faults.append("every webhook delivery dropped")
+    await driver.flow(rate=6, duration=3, duplicate_every=1000)
+    tasks = [t for p in driver.paid for t in p.tasks]
+    await asyncio.wait(tasks, timeout=30)
+    late = [p.order_code for p in driver.paid for w in p.watchers if "done" not in w.statuses]
+    assert late == [], "browsers not told `done` through reconciliation"
+    recovered = await metric(
+        driver.http, system.api_url, "paypush_reconcile_transactions_recovered_total"
+    )
+    assert recovered == len(driver.paid)
+    # PayOS's retries finally get through: each is a duplicate.
+    await set_faults(driver.http, system)
+    resp = await driver.http.post(f"{system.sim_url}/sim/deliveries/redeliver")
+    assert resp.json()["delivered"] == len(driver.paid)
+    await audit(driver, store, ledger)
+    assert ledger.uncredited == 0
 
 
 @pytest.mark.faults_long

@@ -8,6 +8,8 @@ from aiohttp import web
 
 from shared.appkeys import CACHE, REDIS, SETTINGS, STORE, SUPERVISOR
 from shared.clients import mongo_ctx, redis_ctx, supervisor_ctx
+from shared.ledger import Ledger
+from shared.payments import Payments
 from shared.payos_client import payos_client
 from shared.settings import Settings
 from shared.status import StatusReader
@@ -22,8 +24,10 @@ from .appkeys import (
     DISPATCHER,
     EVENT_LOG,
     OUTBOX_METRICS,
+    PAYMENT_ISSUES,
     PAYOS,
     RATE_LIMITER,
+    RECONCILER,
     SESSION_METRICS,
     SESSIONS,
     STATS,
@@ -32,9 +36,11 @@ from .appkeys import (
 )
 from .dispatcher import Dispatcher
 from .event_log import EventLog
+from .issues import PaymentIssues
 from .limits import RateLimiter, body_limit_middleware, parse_networks
 from .metrics import OutboxMetrics, SessionMetrics
 from .page import security_headers
+from .reconciler import Reconciler
 from .routes import setup_routes
 from .sessions import LinkUrls, Sessions
 from .stats import StatsSnapshot
@@ -67,6 +73,33 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     # Before the PayOS and MongoDB clients close (contexts end in reverse order): a creation
     # cancelled by shutdown may still be rolling back.
     await app[SESSIONS].aclose()
+
+
+async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The payment ledger's admin side and the reconciler with PayOS (issue 11)."""
+    settings, metrics = app[SETTINGS], app[SESSION_METRICS]
+    ledger = Ledger(app[STORE], on_new=lambda item: metrics.issues_open.labels(item["kind"]).inc())
+    issues = PaymentIssues(ledger, metrics)
+    reconciler = Reconciler(
+        store=app[STORE],
+        cache=app[CACHE],
+        redis=app[REDIS],
+        payos=app[PAYOS],
+        payments=Payments(app[STORE], ledger, grace_seconds=settings.late_payment_grace_seconds),
+        metrics=metrics,
+        after_seconds=settings.reconcile_after_seconds,
+        max_per_second=settings.reconcile_max_per_second,
+        interval_seconds=settings.reconcile_interval_seconds,
+        lease_seconds=settings.reconcile_lease_seconds,
+        payos_timeout=settings.payos_timeout_seconds,
+    )
+    app[PAYMENT_ISSUES], app[RECONCILER] = issues, reconciler
+    issues.start(app[SUPERVISOR])
+    reconciler.start(app[SUPERVISOR])
+    yield
+    # Before the Redis, MongoDB and PayOS clients close: the lease is handed over at once.
+    await reconciler.stop()
+    await issues.stop()
 
 
 async def _outbox_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -104,7 +137,15 @@ def create_app(settings: Settings) -> web.Application:
     app[SESSION_METRICS] = SessionMetrics.create(registry)
     app[OUTBOX_METRICS] = OutboxMetrics.create(registry)
     app.cleanup_ctx.extend(
-        [supervisor_ctx, redis_ctx, mongo_ctx, _payos_ctx, _sessions_ctx, _outbox_ctx]
+        [
+            supervisor_ctx,
+            redis_ctx,
+            mongo_ctx,
+            _payos_ctx,
+            _sessions_ctx,
+            _ledger_ctx,
+            _outbox_ctx,
+        ]
     )
     app.on_response_prepare.append(security_headers)
     setup_routes(app)

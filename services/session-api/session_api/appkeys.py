@@ -7,8 +7,10 @@ from shared.status import StatusReader
 
 from .dispatcher import Dispatcher
 from .event_log import EventLog
+from .issues import PaymentIssues
 from .limits import Network, RateLimiter
 from .metrics import OutboxMetrics, SessionMetrics
+from .reconciler import Reconciler
 from .sessions import Sessions
 from .stats import StatsSnapshot
 
@@ -18,6 +20,8 @@ STATUS_READER = web.AppKey("status_reader", StatusReader)
 SESSION_METRICS = web.AppKey("session_metrics", SessionMetrics)
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 STATS = web.AppKey("stats", StatsSnapshot)
+PAYMENT_ISSUES = web.AppKey("payment_issues", PaymentIssues)
+RECONCILER = web.AppKey("reconciler", Reconciler)
 TRUSTED_PROXIES: web.AppKey[tuple[Network, ...]] = web.AppKey("trusted_proxies")
 EVENT_LOG = web.AppKey("event_log", EventLog)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)

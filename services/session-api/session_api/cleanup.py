@@ -23,6 +23,9 @@ Rules, in this order, all against one `now`:
    deleted by this run (the run reports it), so readers falling back to MongoDB still see
    `expired`; a later run deletes it. Nor is a session whose outbox still holds an event
    the dispatcher has not taken yet.
+3. **Partial payments.** An expired session with 0 < amountPaid < amount becomes a
+   `partial_expired` item of the payment ledger (shared.ledger), which holds the session
+   from the TTL and this deletion until an operator resolves it.
 
 Running it twice, in a row or at once, changes nothing the first run did not already do.
 MongoDB's TTL monitor may still delete a pending session before any run sees it; browsers
@@ -46,12 +49,16 @@ from shared import outbox
 from shared.cache import StatusCache
 from shared.clients import REDIS_ERRORS, redis_client
 from shared.keys import SESSION_TTL_SECONDS
+from shared.ledger import SESSION_REFERENCE, IssueKind, Ledger, NewIssue
 from shared.logs import configure_logging
 from shared.model import PURGE_AFTER_EXPIRY, SessionStatus, StatusEvent, utcnow
 from shared.mongo import HELD_PURGE_AT, PUBLISH_PENDING, PURGE_AT, Doc, Store, mongo_client
 from shared.settings import SERVICE_SECRETS, Settings
 
 log = structlog.get_logger(__name__)
+
+# Set on an expired session once its `partial_expired` ledger item exists.
+PARTIAL_ITEM = "partialItem"
 
 # Sessions examined per round trip; rounds continue until none is left.
 BATCH = 500
@@ -67,6 +74,8 @@ class CleanupResult:
     sessions_deleted: int
     webhooks_deleted: int
     duration_ms: float
+    # Expired sessions with a partial payment this run made ledger items of (issue 11).
+    partial_expired: int = 0
 
     def to_dict(self) -> dict[str, int | float]:
         return {
@@ -75,6 +84,7 @@ class CleanupResult:
             "publishFailed": self.publish_failed,
             "sessionsDeleted": self.sessions_deleted,
             "webhooksDeleted": self.webhooks_deleted,
+            "partialExpired": self.partial_expired,
             "durationMs": self.duration_ms,
         }
 
@@ -117,6 +127,7 @@ async def run_cleanup(
             if len(batch) < BATCH or changed == 0:
                 break
 
+    partial = await _record_partial(store)
     closed = {"$in": [SessionStatus.COMPLETED.value, SessionStatus.EXPIRED.value]}
     # Past their `purgeAt` (a day after `expiresAt`, so a payment made in time but delivered
     # late still finds its session); a session held by an open ledger item has none.
@@ -150,9 +161,36 @@ async def run_cleanup(
         sessions_deleted=sessions.deleted_count + legacy.deleted_count,
         webhooks_deleted=webhooks.deleted_count,
         duration_ms=round((time.perf_counter() - started) * 1000, 2),
+        partial_expired=partial,
     )
     log.info("cleanup_done", **asdict(result))
     return result
+
+
+async def _record_partial(store: Store) -> int:
+    """A `partial_expired` ledger item for every expired session with money on it that has
+    none yet: the ones this run expired, and any a run that died left (the mark is set only
+    once the item exists). The item holds the session from the TTL while it is open."""
+    ledger, recorded = Ledger(store), 0
+    query = {"status": SessionStatus.EXPIRED.value, "amountPaid": {"$gt": 0}, PARTIAL_ITEM: None}
+    while True:
+        batch = [doc async for doc in store.sessions.find(query).limit(BATCH)]
+        for doc in batch:
+            if doc.get("amountPaid", 0) < doc["amount"]:
+                recorded += await ledger.record(
+                    NewIssue(
+                        IssueKind.PARTIAL_EXPIRED,
+                        int(doc["orderCode"]),
+                        SESSION_REFERENCE,
+                        int(doc["amountPaid"]),
+                        None,
+                        session=doc,
+                        source="cleanup",
+                    )
+                )
+            await store.sessions.update_one({"_id": doc["_id"]}, {"$set": {PARTIAL_ITEM: True}})
+        if len(batch) < BATCH:
+            return recorded
 
 
 async def _expire(store: Store, _id: object) -> Doc | None:

@@ -3,8 +3,8 @@
 Why in session-api: it already holds MongoDB, Redis and the admin and shop-facing API (the
 pull API and replay read the same log), it is not on the path PayOS's deliveries take (a slow
 shop must never slow the ingest, whose answers PayOS times), and its replicas are few and
-long-lived. One replica at a time dispatches: the Redis lease `paypush:lease:outbox-dispatcher`
-(shared.lease), taken over within `OUTBOX_LEASE_SECONDS` when its holder dies.
+long-lived. One replica at a time dispatches: the Redis lease `paypush:outbox:lease` (the
+reconciler's `Lease`), taken over within `OUTBOX_LEASE_SECONDS` when its holder dies.
 
 Each round: relay new outbox entries into the log (session_api.event_log), then start the
 deliveries that are due. Per session the events go strictly in log order — a session's next
@@ -33,7 +33,7 @@ import json
 import random
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
 
@@ -43,7 +43,8 @@ from pymongo import ASCENDING, UpdateOne
 from pymongo.errors import PyMongoError
 from redis.asyncio import Redis
 
-from shared.lease import Lease, run_under_lease
+from shared.clients import REDIS_ERRORS
+from shared.keys import OUTBOX_LEASE_KEY
 from shared.ledger import IssueKind, Ledger, NewIssue
 from shared.model import utcnow
 from shared.mongo import Doc, Store
@@ -51,10 +52,10 @@ from shared.settings import Settings, webhook_secret_bytes
 
 from .event_log import DeliveryState, EventLog, epoch_ms
 from .metrics import OutboxMetrics
+from .reconciler import Lease
 
 log = structlog.get_logger(__name__)
 
-LEASE_NAME = "outbox-dispatcher"
 # Due deliveries looked at per round and URL.
 DUE_BATCH = 500
 STATS_EVERY_SECONDS = 5.0
@@ -93,6 +94,65 @@ def schedule(settings: Settings) -> list[float]:
         n += 1
 
 
+async def _renew(lease: Lease, within: float) -> bool:
+    """Renew, bounded: a renewal that cannot finish before the lease could lapse is lost."""
+    try:
+        async with asyncio.timeout(within):
+            return await lease.acquire_or_renew()
+    except TimeoutError:
+        log.warning("outbox_lease_renewal_failed", error="timeout")
+    except REDIS_ERRORS as exc:
+        log.warning("outbox_lease_renewal_failed", error=str(exc))
+    return False
+
+
+async def run_under_lease(
+    lease: Lease,
+    seconds: float,
+    work: Callable[[], Awaitable[None]],
+    *,
+    on_change: Callable[[bool], None] | None = None,
+) -> None:
+    """Forever: take `lease` when free, run `work` while holding it, renewing it every third of
+    its TTL; cancel `work` the moment the lease is lost or cannot be renewed in time.
+
+    Runs as a supervised task; `work` is expected to loop until cancelled.
+    """
+    interval = seconds / 3
+    while True:
+        try:
+            taken = await lease.acquire_or_renew()
+        except REDIS_ERRORS as exc:
+            log.warning("outbox_lease_unavailable", error=str(exc))
+            taken = False
+        if not taken:
+            await asyncio.sleep(interval)
+            continue
+        log.info("outbox_lease_taken")
+        if on_change is not None:
+            on_change(True)
+        task = asyncio.ensure_future(work())
+        try:
+            while True:
+                done, _ = await asyncio.wait([task], timeout=interval)
+                if done:
+                    task.result()  # an error of the work is the supervisor's to see
+                    break
+                renewed = await _renew(lease, interval)
+                if not renewed:
+                    log.warning("outbox_lease_lost")
+                    break
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            if on_change is not None:
+                on_change(False)
+            # Handed over at once (a no-op if it is no longer ours).
+            with contextlib.suppress(*REDIS_ERRORS):
+                await lease.release()
+
+
 class Dispatcher:
     """Relays and delivers while this process holds the lease; idle otherwise."""
 
@@ -110,7 +170,8 @@ class Dispatcher:
         self._metrics = metrics
         self._ledger = Ledger(store)
         self._secrets = [webhook_secret_bytes(s) for s in settings.shop_webhook_secret]
-        self.lease = Lease(redis, LEASE_NAME, settings.outbox_lease_seconds)
+        self.lease = Lease(redis, OUTBOX_LEASE_KEY, settings.outbox_lease_seconds)
+        self._lease_seconds = settings.outbox_lease_seconds
         self._rng = random.Random()
         self._inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
@@ -126,7 +187,9 @@ class Dispatcher:
 
     async def run(self) -> None:
         """The supervised task: lead while holding the lease, wait for it otherwise."""
-        await run_under_lease(self.lease, self._lead, on_change=self._metrics.leader.set)
+        await run_under_lease(
+            self.lease, self._lease_seconds, self._lead, on_change=self._metrics.leader.set
+        )
 
     async def _lead(self) -> None:
         timeout = aiohttp.ClientTimeout(total=self._settings.shop_webhook_timeout_seconds)

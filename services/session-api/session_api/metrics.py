@@ -16,6 +16,12 @@ class SessionMetrics:
     cleanup_deleted: Counter
     # The child of `status_reads` a cached read counts, bound once: the hot path.
     reads_found: Counter
+    # Issue 11: reconciliation with PayOS, and the payment ledger.
+    reconcile_checked: Counter
+    reconcile_recovered: Counter
+    reconcile_payos_errors: Counter
+    reconcile_leader: Gauge
+    issues_open: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> SessionMetrics:
@@ -54,6 +60,32 @@ class SessionMetrics:
                 registry=registry,
             ),
             reads_found=status_reads.labels("found"),
+            reconcile_checked=Counter(
+                "paypush_reconcile_sessions_checked",
+                "Sessions the reconciler asked PayOS about",
+                registry=registry,
+            ),
+            reconcile_recovered=Counter(
+                "paypush_reconcile_transactions_recovered",
+                "Transactions PayOS reported that no webhook had brought (counted or recorded)",
+                registry=registry,
+            ),
+            reconcile_payos_errors=Counter(
+                "paypush_reconcile_payos_errors",
+                "PayOS calls of the reconciler that failed (retried later)",
+                registry=registry,
+            ),
+            reconcile_leader=Gauge(
+                "paypush_reconcile_lease_held",
+                "1 while this process holds the reconciler's lease",
+                registry=registry,
+            ),
+            issues_open=Gauge(
+                "paypush_payment_issues_open",
+                "Open items of the payment ledger, by kind",
+                ["kind"],
+                registry=registry,
+            ),
         )
 
 

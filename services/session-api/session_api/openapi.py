@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from shared import openapi
+from shared.ledger import IssueKind, IssueStatus
 from shared.model import UUID_RE, SessionStatus
 from shared.openapi import Doc
 from shared.settings import Settings
 
 from . import events_openapi
+from .issues import ITEM_ID_RE, MAX_NOTE, MAX_RESOLVER
 from .stats import MAX_AGE_SECONDS
 from .validation import (
     ACCOUNT_RE,
@@ -118,7 +120,14 @@ CHECK: Doc = {
 CLEANUP: Doc = openapi.success_object(
     {
         name: {"type": "integer", "minimum": 0}
-        for name in ("expired", "published", "publishFailed", "sessionsDeleted", "webhooksDeleted")
+        for name in (
+            "expired",
+            "published",
+            "publishFailed",
+            "sessionsDeleted",
+            "webhooksDeleted",
+            "partialExpired",
+        )
     }
     | {"durationMs": {"type": "number", "minimum": 0}},
     required=["expired", "published", "publishFailed", "sessionsDeleted", "webhooksDeleted"],
@@ -139,6 +148,53 @@ STATS: Doc = openapi.success_object(
     },
     required=["cachedOrders", "activeSubscriptions", "pendingSessions"],
 )
+
+ISSUE: Doc = {
+    "type": "object",
+    "required": ["id", "kind", "orderCode", "reference", "status", "amount", "createdAt"],
+    "properties": {
+        "id": {"type": "string", "pattern": ITEM_ID_RE.pattern},
+        "kind": {"enum": [k.value for k in IssueKind]},
+        "orderCode": {"type": "integer"},
+        "reference": {"type": "string"},
+        "status": {"enum": [s.value for s in IssueStatus]},
+        "amount": {"type": "integer"},
+        "excess": {"type": "integer", "description": "overpaid: what went beyond the amount"},
+        "data": {
+            "type": ["object", "null"],
+            "description": "What PayOS signed (the webhook's data, or the transaction PayOS "
+            "reported to the reconciler); null for an item about a whole session.",
+        },
+        "session": {"type": ["object", "null"]},
+        "uuid": {"type": ["string", "null"]},
+        "source": {"enum": ["webhook", "reconciler", "cleanup"]},
+        "test": {"type": "boolean", "description": "PayOS's confirm-webhook test delivery"},
+        "createdAt": openapi.TIMESTAMP,
+        "resolvedAt": openapi.TIMESTAMP,
+        "resolvedBy": {"type": "string"},
+        "note": {"type": "string"},
+    },
+}
+
+ISSUE_LIST: Doc = openapi.success_object(
+    {
+        "page": {"type": "integer", "minimum": 1},
+        "limit": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_SIZE},
+        "total": {"type": "integer", "minimum": 0},
+        "pages": {"type": "integer", "minimum": 0},
+        "items": {"type": "array", "items": {"$ref": "#/components/schemas/PaymentIssue"}},
+    },
+    required=["page", "limit", "total", "pages", "items"],
+)
+
+RESOLUTION: Doc = {
+    "type": "object",
+    "required": ["resolvedBy", "note"],
+    "properties": {
+        "resolvedBy": {"type": "string", "minLength": 1, "maxLength": MAX_RESOLVER},
+        "note": {"type": "string", "minLength": 1, "maxLength": MAX_NOTE},
+    },
+}
 
 _REF = "#/components/schemas/"
 
@@ -183,6 +239,12 @@ def document(settings: Settings) -> Doc:
             "CheckResult": CHECK,
             "CleanupResult": CLEANUP,
             "Stats": STATS,
+            "PaymentIssue": ISSUE,
+            "PaymentIssueList": ISSUE_LIST,
+            "Resolution": RESOLUTION,
+            "ResolvedIssue": openapi.success_object(
+                {"item": {"$ref": _REF + "PaymentIssue"}}, required=["item"]
+            ),
             **events_openapi.SCHEMAS,
         },
         security_schemes={
@@ -293,6 +355,67 @@ def document(settings: Settings) -> Doc:
                     "`takenAt` and `errors`. Any other credential gets the counts.",
                     "security": [{}, {"adminToken": []}],
                     "responses": {"200": openapi.ok("The counts.", {"$ref": _REF + "Stats"})},
+                }
+            },
+            "/api/admin/payment-issues": {
+                "get": {
+                    "operationId": "paymentIssues",
+                    "summary": "The payment ledger: money that fits no session (late, unknown "
+                    "order, overpaid, partial then expired, paid after cancel, not VND), one "
+                    "item per case, newest first.",
+                    "security": [{"adminToken": []}],
+                    "parameters": [
+                        openapi.query_param(
+                            "status",
+                            {"enum": ["open", "resolved", "all", ""]},
+                            "Which items (default open).",
+                        ),
+                        openapi.query_param(
+                            "kind",
+                            {"enum": [k.value for k in IssueKind] + [""]},
+                            "One kind only (default every kind).",
+                        ),
+                        openapi.query_param("page", _or_empty(MAX_PAGE), "Page (default 1)."),
+                        openapi.query_param(
+                            "limit",
+                            _or_empty(MAX_PAGE_SIZE),
+                            f"Page size (default {DEFAULT_PAGE_SIZE}).",
+                        ),
+                    ],
+                    "responses": {
+                        "200": openapi.ok("A page of items.", {"$ref": _REF + "PaymentIssueList"}),
+                        "400": openapi.error("Bad status, kind or paging."),
+                        "401": openapi.BEARER_UNAUTHORIZED,
+                        "503": openapi.STORE_UNAVAILABLE,
+                    },
+                }
+            },
+            "/api/admin/payment-issues/{id}/resolve": {
+                "post": {
+                    "operationId": "resolvePaymentIssue",
+                    "summary": "Resolve one item; who, when and the note are kept with it.",
+                    "security": [{"adminToken": []}],
+                    "parameters": [
+                        {
+                            "name": "id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": openapi.json_body({"$ref": _REF + "Resolution"}),
+                    },
+                    "responses": {
+                        "200": openapi.ok("Resolved.", {"$ref": _REF + "ResolvedIssue"}),
+                        "400": openapi.error("Malformed id or body; nothing changed."),
+                        "401": openapi.BEARER_UNAUTHORIZED,
+                        "404": openapi.error("No item with this id."),
+                        "409": openapi.error("Already resolved (`item` as it is)."),
+                        "413": _too_large(settings),
+                        "503": openapi.STORE_UNAVAILABLE,
+                    },
                 }
             },
             "/": {

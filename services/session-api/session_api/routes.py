@@ -16,6 +16,9 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/api/webhooks/cleanup", views.cleanup)
     app.router.add_post("/api/webhooks/cleanup", views.cleanup)
     app.router.add_get("/api/stats", views.stats)
+    # The payment ledger, for operators (ADMIN_TOKEN).
+    app.router.add_get("/api/admin/payment-issues", views.payment_issues)
+    app.router.add_post("/api/admin/payment-issues/{id}/resolve", views.resolve_payment_issue)
     # The shop's events (issue 17): pull, and the admins' replay.
     app.router.add_get("/api/events", events.list_events)
     app.router.add_post("/api/events/replay", events.replay)

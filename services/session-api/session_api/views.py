@@ -16,6 +16,7 @@ from shared.model import SessionStatus, format_time
 from shared.web import json_error, read_body
 
 from .appkeys import (
+    PAYMENT_ISSUES,
     RATE_LIMITER,
     SESSION_METRICS,
     SESSIONS,
@@ -25,6 +26,7 @@ from .appkeys import (
 )
 from .cleanup import run_cleanup
 from .errors import InvalidRequest, NotFound, ServiceError
+from .issues import parse_issue_query, parse_resolution
 from .limits import check_rate
 from .validation import (
     parse_create_request,
@@ -181,3 +183,22 @@ async def stats(request: web.Request) -> web.Response:
         body["takenAt"] = format_time(snapshot.taken_at)
         body["errors"] = snapshot.errors
     return web.json_response(body)
+
+
+async def payment_issues(request: web.Request) -> web.Response:
+    """`GET /api/admin/payment-issues?status=open&kind=&page=&limit=` (bearer ADMIN_TOKEN)."""
+    if not _authorized(request, request.app[SETTINGS].admin_token):
+        return _unauthorized()
+    page = await request.app[PAYMENT_ISSUES].page(parse_issue_query(request.query))
+    return web.json_response({"success": True, **page})
+
+
+async def resolve_payment_issue(request: web.Request) -> web.Response:
+    """`POST /api/admin/payment-issues/{id}/resolve` `{resolvedBy, note}` (ADMIN_TOKEN)."""
+    if not _authorized(request, request.app[SETTINGS].admin_token):
+        log.warning("payment_issue_resolve_unauthorized")
+        return _unauthorized()
+    body = await read_body(request, request.app[SETTINGS].session_max_body_bytes)
+    resolution = parse_resolution(parse_json(body))
+    item = await request.app[PAYMENT_ISSUES].resolve(request.match_info["id"], resolution)
+    return web.json_response({"success": True, "item": item})
