@@ -40,9 +40,11 @@ OPTIONAL_SECRETS = ("shop_webhook_secret", "shop_api_token")
 SERVICE_SECRETS: dict[str, tuple[str, ...]] = {
     "webhook-ingest": ("payos_checksum_key",),
     "stream-gateway": (),
-    "session-api": SECRETS + OPTIONAL_SECRETS,
+    "session-api": SECRETS,
     "session-cleanup": (),
 }
+# The optional secrets each process may hold (given to it beside SERVICE_SECRETS).
+SERVICE_OPTIONAL_SECRETS: dict[str, tuple[str, ...]] = {"session-api": OPTIONAL_SECRETS}
 # What a process that names none must have (every caller before issue 15): not empty.
 _ALWAYS_REQUIRED = ("payos_checksum_key", "cron_secret", "admin_token")
 
