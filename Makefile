@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test fuzz faults soak lint format mypy bench bench-ingest bench-stream bench-status bench-page bench-replicas bench-resync bench-outbox replicas replicas-test clean
+.PHONY: setup run test fuzz faults soak lint format mypy bench bench-ingest bench-stream bench-status bench-page bench-replicas bench-resync bench-reconcile bench-outbox replicas replicas-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,7 +57,7 @@ format: setup
 mypy: setup
 	$(BIN)/mypy
 
-bench: bench-ingest bench-stream bench-status bench-page bench-replicas bench-resync bench-outbox
+bench: bench-ingest bench-stream bench-status bench-page bench-replicas bench-resync bench-reconcile bench-outbox
 
 bench-ingest: setup
 	$(BIN)/python -m bench.ingest $(BENCH_ARGS)
@@ -76,6 +76,9 @@ bench-replicas: setup
 
 bench-resync: setup
 	$(BIN)/python -m bench.resync $(BENCH_ARGS)
+
+bench-reconcile: setup
+	$(BIN)/python -m bench.reconcile $(BENCH_ARGS)
 
 bench-outbox: setup
 	$(BIN)/python -m bench.outbox $(BENCH_ARGS)

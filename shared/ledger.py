@@ -190,10 +190,15 @@ class Ledger:
         }
         try:
             result = await self._items.update_one(key, {"$setOnInsert": item}, upsert=True)
+            created = result.upserted_id is not None
         except DuplicateKeyError:
             # Two upserts raced to insert the same case: the other one did.
-            return False
-        if result.upserted_id is None:
+            created = False
+        if not created:
+            if issue.session is not None:
+                # The case was known, perhaps resolved already: the hold above must not
+                # outlive the last open item about the session.
+                await self._release(issue.order_code)
             return False
         if issue.test:
             log.info("payos_test_delivery", order_code=issue.order_code)

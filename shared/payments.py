@@ -24,15 +24,15 @@ from enum import StrEnum
 from typing import Any
 
 from pymongo import ReturnDocument
-from pymongo.errors import PyMongoError
 
 from . import outbox
 from .ledger import IssueKind, Ledger, NewIssue, is_test_delivery
 from .model import SessionStatus, utcnow
 from .mongo import CHECK_AT, NO_CHECK, Doc, Store
 
-# Guarded updates of one session before a transaction gives up (and PayOS retries): each
-# retry means another transaction of the same session was counted in between.
+# Fresh reads of one session a transaction may take: each means the session moved on under
+# it — its status, or (the version guard of the outbox, issue 17) another transaction of the
+# same session counted in between.
 COUNT_ATTEMPTS = 8
 # PayOS writes `transactionDateTime` in Vietnam's time (UTC+7) without a zone.
 VIETNAM = timezone(timedelta(hours=7))
@@ -138,6 +138,11 @@ class Payments:
                 )
             )
             return Applied(Outcome.UNKNOWN_ORDER, None, False)
+        return await self._decide(tx, doc, now, tries=COUNT_ATTEMPTS)
+
+    async def _decide(self, tx: Transaction, doc: Doc, now: datetime, *, tries: int) -> Applied:
+        """What `tx` does to the session `doc` as read; decided again on a fresh read when
+        the session moved on under it (it only moves forward: a few tries at most)."""
         if tx.reference in doc.get("references", ()):
             return await self._counted_before(tx, doc)
         if tx.currency != CURRENCY:
@@ -157,32 +162,27 @@ class Payments:
             # Made in time, delivered late: the one backward move, by a counted payment.
             allowed = [SessionStatus.PENDING.value, SessionStatus.EXPIRED.value]
         else:
+            # A status no rule credits (a cancelled session, issue 13): kept, not forgotten.
+            kind = IssueKind.PAID_AFTER_CANCEL if status == "cancelled" else IssueKind.LATE
+            await self._record(kind, tx, doc)
             return Applied(Outcome.NOT_PENDING, doc, False)
-        return await self._count(tx, doc, allowed)
+        return await self._count(tx, doc, allowed, now, tries)
 
-    async def _count(self, tx: Transaction, doc: Doc, allowed: list[str]) -> Applied:
-        for _ in range(COUNT_ATTEMPTS):
-            counted = await self._count_once(tx, doc, allowed)
-            if counted is not None:
-                break
-            # Another copy counted it, or the session moved on meanwhile: decide again on
-            # what is stored now.
+    async def _count(
+        self, tx: Transaction, doc: Doc, allowed: list[str], now: datetime, tries: int
+    ) -> Applied:
+        counted = await self._count_once(tx, doc, allowed)
+        if counted is None:
+            # Another copy counted it, or the session moved on (paid, expired, another
+            # transaction counted: the version guard) meanwhile: decide again on what is
+            # stored now.
             fresh = await self._store.sessions.find_one({"_id": doc["_id"]})
-            if fresh is None:
-                return Applied(Outcome.DUPLICATE, doc, False)
-            if tx.reference in fresh.get("references", ()):
-                return await self._counted_before(tx, fresh)
-            if fresh["status"] == SessionStatus.COMPLETED:
-                await self._record(IssueKind.OVERPAID, tx, fresh, excess=tx.amount)
-                return Applied(Outcome.OVERPAID, fresh, False)
-            if fresh["status"] not in allowed:
-                return Applied(Outcome.NOT_PENDING, fresh, False)
-            # Another transaction of this session was counted in between (the version
-            # moved): count on the stored state.
-            doc = fresh
-        else:
-            # Changed under us at every attempt: the caller answers 5xx, PayOS delivers again.
-            raise PyMongoError("session changed concurrently too often, not counted yet")
+            if fresh is None or tries <= 0:
+                # Deleted under us (only ever long after expiry), or still moving after a
+                # few tries: never forgotten, kept as an item.
+                await self._record(IssueKind.LATE, tx, fresh or doc)
+                return Applied(Outcome.LATE, fresh or doc, False)
+            return await self._decide(tx, fresh, now, tries=tries - 1)
         doc = await self._complete_if_paid(counted) or counted
         await self._record_excess(tx, doc)
         completed = doc["status"] == SessionStatus.COMPLETED

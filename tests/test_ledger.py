@@ -301,3 +301,40 @@ async def test_open_counts_are_by_kind_with_zeroes(ingest: Client, store: Store)
     await post(ingest, signed_webhook(444_000_002, 1_000))
     counts = await Ledger(store).open_counts()
     assert counts == {**{k.value: 0 for k in IssueKind}, "unknown_order": 2}
+
+
+async def test_a_payment_whose_session_the_cleanup_expired_under_it_is_counted_not_forgotten(
+    store: Store, settings: Settings
+) -> None:
+    from shared.payments import Outcome, Payments, Transaction
+
+    expires = utcnow() + timedelta(seconds=30)
+    session = await add_session(store, amount=9_000, expiresAt=expires)
+    stale = await store.sessions.find_one({"uuid": session["uuid"]})
+    assert stale is not None
+    # The cleanup expires it between the core's read and its update.
+    await store.sessions.update_one(
+        {"uuid": session["uuid"]}, {"$set": {"status": "expired"}, "$inc": {"version": 1}}
+    )
+    webhook = signed_webhook(session["orderCode"], 9_000, made_at=expires - timedelta(seconds=5))
+    tx = Transaction(session["orderCode"], webhook["data"]["reference"], 9_000, webhook["data"])
+    payments = Payments(store, Ledger(store), grace_seconds=900)
+    applied = await payments._decide(tx, stale, utcnow(), tries=3)
+    assert applied.outcome is Outcome.COMPLETED
+    stored = await store.sessions.find_one({"uuid": session["uuid"]})
+    assert stored is not None and (stored["status"], stored["amountPaid"]) == ("completed", 9_000)
+
+
+async def test_a_redelivery_after_the_item_was_resolved_does_not_hold_the_session_again(
+    ingest: Client, store: Store, ledger: Ledger
+) -> None:
+    session = await add_session(store, amount=10_000)
+    webhook = with_currency(signed_webhook(session["orderCode"], 10_000), "EUR")
+    await post(ingest, webhook)
+    [item] = await items(store)
+    await ledger.resolve(str(item["_id"]), by="ops", note="refunded")
+    status, body = await post(ingest, webhook)
+    assert (status, body["outcome"]) == (200, "duplicate")
+    stored = await store.sessions.find_one({"uuid": session["uuid"]})
+    assert stored is not None and "heldPurgeAt" not in stored and stored["purgeAt"] is not None
+    assert [i["status"] for i in await items(store)] == ["resolved"]

@@ -56,6 +56,8 @@ RETRY_SECONDS = 30.0
 LINK_NOT_FOUND = "101"
 # Sessions taken per query; a cycle takes at most what the rate cap lets it ask.
 MAX_BATCH = 500
+# How long `stop` lets a cycle in progress end by itself before cancelling it.
+STOP_WAIT_SECONDS = 3.0
 
 # Renew the lease if we hold it; release it only if we hold it.
 _RENEW = """
@@ -162,13 +164,23 @@ class Reconciler:
         self._lease_seconds = lease_seconds
         self._last_call = 0.0
         self._task: Supervised | None = None
+        self._stopping = asyncio.Event()
         self.holding = False
 
     def start(self, supervisor: Supervisor) -> None:
-        self._task = supervisor.spawn("reconciler", self._run)
+        # `forever=False`: the loop returns only when asked to stop; what kills it otherwise
+        # (an exception) is restarted all the same.
+        self._stopping.clear()
+        self._task = supervisor.spawn("reconciler", self._run, forever=False)
 
     async def stop(self) -> None:
+        self._stopping.set()
         if self._task is not None:
+            # Let the loop finish what it is doing (a cycle ends early once asked): a
+            # command cancelled halfway would leave its connection behind.
+            child = self._task.task
+            if child is not None:
+                await asyncio.wait([child], timeout=STOP_WAIT_SECONDS)
             await self._task.stop()
         if self.holding:
             # Handed over at once rather than after the lease runs out.
@@ -184,7 +196,7 @@ class Reconciler:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._stopping.is_set():
             started = loop.time()
             try:
                 self._set_holding(await self.lease.acquire_or_renew())
@@ -200,7 +212,10 @@ class Reconciler:
             # Not holding: try again well within a lease period, so a dead holder is
             # replaced soon after its lease runs out.
             wait = self._interval if self.holding else min(self._interval, self._lease_seconds / 3)
-            await asyncio.sleep(max(0.0, wait - (loop.time() - started)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._stopping.wait(), max(0.0, wait - (loop.time() - started))
+                )
 
     async def due(self, now: float, limit: int) -> tuple[list[Doc], int]:
         """Sessions due a check (never checked and old enough first), and queries made."""
@@ -238,6 +253,8 @@ class Reconciler:
         for doc in sessions:
             if deadline is not None and loop.time() > deadline:
                 break  # renew the lease before going on
+            if self._stopping.is_set():
+                break
             if not await self._check(doc, stats):
                 break  # PayOS is failing: not another call this cycle
         return stats
