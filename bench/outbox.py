@@ -10,13 +10,12 @@ every signature (the `standardwebhooks` library) and notes when each event id fi
    session; lag = first arrival at the shop minus the event's timestamp (taken by the ingest in
    the update that completes the session), p50/p99/max. Dispatcher CPU per delivered event:
    session-api's CPU time over the phase / events delivered (it does nothing else here).
-2. Catch-up: the shop is down (its port closed) while `--backlog` completed sessions with
-   their events are stored (written as the ingest writes them, in bulk, to hold the phase to
-   seconds rather than minutes); the dispatcher relays them and its attempts fail. Then the
-   shop comes back: time until every event was delivered, and CPU per event. The retry
-   delays are shortened for this phase (first 0.5 s, at most 2 s) so the figure is the
-   dispatcher's throughput; with the production schedule a queue 10 minutes old waits for its
-   next attempt first (at most ~5 min: see the README's schedule).
+2. Catch-up: the outage is held (as issue 17 allows): session-api, the dispatcher, is
+   stopped while `--backlog` completed sessions with their events are stored (written as the
+   ingest writes them, in bulk); then it starts again with the shop up: time until every
+   event was relayed and delivered, and CPU per event. (With the shop really down for 10
+   minutes each queued delivery would also wait for its next retry, at most ~5 min after
+   10 minutes of failures: see the README's schedule.)
 """
 
 from __future__ import annotations
@@ -149,7 +148,10 @@ async def lag_phase(
 
 
 async def backlog_phase(store: Store, shop: Shop, api: Process, n: int) -> list[object]:
-    target = await store.events.count_documents({}) + n
+    """The outage held as the brief allows: session-api (the dispatcher) is stopped while `n`
+    completed sessions with their events are stored; then it starts again with the shop up,
+    and the whole queue (relay and delivery) is timed."""
+    await asyncio.to_thread(api.stop)
     now = utcnow()
     for start in range(0, n, 250):
         batch = []
@@ -173,35 +175,20 @@ async def backlog_phase(store: Store, shop: Shop, api: Process, n: int) -> list[
             doc.update(outbox.initial(outbox.session_entry(outbox.EventType.COMPLETED, doc)))
             batch.append(doc)
         await store.sessions.insert_many(batch)
-    held = time.monotonic()
-    await until_async(lambda: relayed(store, target), 600, "the backlog relayed")
-    relay_s = time.monotonic() - held
     before = len(shop.first)
-    cpu0 = cpu_seconds(api.pid)
     await shop.start()
     back = time.monotonic()
-    await until(lambda: len(shop.first) >= before + n, 900, "the backlog delivered")
+    await asyncio.to_thread(api.start)
+    cpu0 = cpu_seconds(api.pid)
+    await until(lambda: len(shop.first) >= before + n, 1200, "the backlog delivered")
     took = time.monotonic() - back
     cpu = cpu_seconds(api.pid) - cpu0
     return [
         f"{n} queued events",
-        f"{relay_s:.1f} s",
         f"{took:.1f} s",
         f"{n / took:.0f}/s",
         f"{cpu / n * 1000:.2f} ms",
     ]
-
-
-async def relayed(store: Store, target: int) -> bool:
-    return await store.events.count_documents({}) >= target
-
-
-async def until_async(check: Any, limit_s: float, what: str) -> None:
-    deadline = time.monotonic() + limit_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        await asyncio.sleep(0.2)
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -253,9 +240,7 @@ async def run(args: argparse.Namespace) -> None:
             for proc in reversed(procs):
                 proc.stop()
     print("\nCatch-up after an outage (shop down while the backlog queued)")
-    print(
-        table(["backlog", "relayed in", "delivered in", "rate", "dispatcher CPU/event"], [backlog])
-    )
+    print(table(["backlog", "delivered in", "rate", "dispatcher CPU/event"], [backlog]))
     print(json.dumps({"lag": lag, "catchUp": backlog}))
 
 
