@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test fuzz faults soak mutate lint format mypy bench bench-ingest bench-stream bench-status bench-page bench-replicas bench-resync bench-peer bench-reconcile replicas replicas-test clean
+.PHONY: setup run test fuzz faults soak mutate lint format mypy bench bench-ingest bench-stream bench-status bench-page bench-replicas bench-resync bench-peer bench-reconcile bench-outbox replicas replicas-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,7 +63,7 @@ format: setup
 mypy: setup
 	$(BIN)/mypy
 
-bench: bench-ingest bench-stream bench-status bench-page bench-replicas bench-resync bench-peer bench-reconcile
+bench: bench-ingest bench-stream bench-status bench-page bench-replicas bench-resync bench-peer bench-reconcile bench-outbox
 
 bench-ingest: setup
 	$(BIN)/python -m bench.ingest $(BENCH_ARGS)
@@ -89,6 +89,9 @@ bench-peer: setup
 
 bench-reconcile: setup
 	$(BIN)/python -m bench.reconcile $(BENCH_ARGS)
+
+bench-outbox: setup
+	$(BIN)/python -m bench.outbox $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache

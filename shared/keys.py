@@ -57,3 +57,5 @@ def session_rate_key(client: str) -> str:
 # The reconciler's lease (session-api): one holder per deployment asks PayOS about pending
 # sessions; the value is the holder's token, so only it renews or releases the lease.
 RECONCILER_LEASE_KEY = f"{PREFIX}:reconciler:lease"
+# The shop-event dispatcher's lease (session-api, issue 17), the same kind of lease.
+OUTBOX_LEASE_KEY = f"{PREFIX}:outbox:lease"

@@ -26,6 +26,7 @@ from bson.errors import InvalidId
 from pymongo import DESCENDING, ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
+from . import outbox
 from .model import utcnow
 from .mongo import HELD_PURGE_AT, PURGE_AT, Doc, Store
 
@@ -48,6 +49,9 @@ class IssueKind(StrEnum):
     PARTIAL_EXPIRED = "partial_expired"  # expired with 0 < amountPaid < amount (cleanup)
     PAID_AFTER_CANCEL = "paid_after_cancel"  # paid for a cancelled session (issue 13)
     CURRENCY = "currency"  # paid in a currency other than VND: not counted
+    # The shop's receiver refused an event for 3 days (issue 17): its `reference` is the
+    # delivery (event id and URL key); no event about it (it would go where the others failed).
+    SHOP_NOT_TOLD = "shop_not_told"
 
 
 class IssueStatus(StrEnum):
@@ -113,6 +117,30 @@ def _session_snapshot(doc: Doc) -> Doc:
     return {k: doc[k] for k in keep if k in doc}
 
 
+def needs_attention_entry(issue: NewIssue) -> str:
+    """The shop's event about a new item; its id is the item's unique key."""
+    session = issue.session or {}
+    data: dict[str, Any] = {
+        "kind": issue.kind.value,
+        "orderCode": issue.order_code,
+        "reference": issue.reference,
+        "amount": issue.amount,
+        "uuid": session.get("uuid"),
+        "accountNumber": session.get("accountNumber"),
+        "source": issue.source,
+    }
+    if issue.excess is not None:
+        data["excess"] = issue.excess
+    return outbox.entry(
+        outbox.EventType.NEEDS_ATTENTION,
+        data,
+        outbox.EventType.NEEDS_ATTENTION.value,
+        issue.kind.value,
+        str(issue.order_code),
+        issue.reference,
+    )
+
+
 class Ledger:
     """The `paymentIssues` collection: record (exactly once), list, resolve, count."""
 
@@ -144,6 +172,10 @@ class Ledger:
         }
         if issue.excess is not None:
             item["excess"] = issue.excess
+        if not issue.test and issue.kind is not IssueKind.SHOP_NOT_TOLD:
+            # The shop's `payment.needs_attention` event, inserted with the item itself (one
+            # document, one write): no item without its event (issue 17).
+            item.update(outbox.initial(needs_attention_entry(issue)))
         if issue.test:
             item.update(
                 test=True,

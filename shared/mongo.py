@@ -24,6 +24,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
 from .model import utcnow
+from .outbox import OUTBOX_PENDING
 from .settings import Settings
 
 Doc = dict[str, Any]
@@ -35,6 +36,11 @@ WEBHOOKS = "webhooks"
 USED_UUIDS = "usedUuids"
 # The payment ledger (shared.ledger): money that fits no session; no TTL.
 ISSUES = "paymentIssues"
+# The shop's event log (issue 17, shared.outbox): events moved out of the documents' outboxes,
+# kept for the pull API; their deliveries to each receiver URL; the log's sequence counter.
+EVENTS = "events"
+DELIVERIES = "eventDeliveries"
+COUNTERS = "counters"
 DEFAULT_DB = "paypush"
 # Set on a session whose latest change could not be published yet (Redis was unreachable).
 PUBLISH_PENDING = "publishPending"
@@ -73,6 +79,9 @@ class Store:
         self.webhooks: AsyncCollection[Doc] = self.db[WEBHOOKS]
         self.used_uuids: AsyncCollection[Doc] = self.db[USED_UUIDS]
         self.issues: AsyncCollection[Doc] = self.db[ISSUES]
+        self.events: AsyncCollection[Doc] = self.db[EVENTS]
+        self.deliveries: AsyncCollection[Doc] = self.db[DELIVERIES]
+        self.counters: AsyncCollection[Doc] = self.db[COUNTERS]
         self.indexes_ready = False
 
     async def ensure_indexes(self) -> None:
@@ -126,6 +135,7 @@ class Store:
         await self.issues.create_index(
             [("orderCode", ASCENDING), ("status", ASCENDING)], name="issue_order"
         )
+        await self._ensure_event_indexes()
         self.indexes_ready = True
 
     async def _drop_ttl_on_expires_at(self) -> None:
@@ -136,6 +146,30 @@ class Store:
         for spec in info.values():
             if list(spec["key"]) == [("expiresAt", 1)] and "expireAfterSeconds" in spec:
                 await self.sessions.drop_index([("expiresAt", ASCENDING)])
+
+    async def _ensure_event_indexes(self) -> None:
+        # Documents whose outbox holds events the dispatcher has not moved yet.
+        for source in (self.sessions, self.issues):
+            await source.create_index(
+                [(OUTBOX_PENDING, ASCENDING)], sparse=True, name="outbox_pending"
+            )
+        # The pull API's order and cursor.
+        await self.events.create_index([("seq", ASCENDING)], unique=True, name="seq_unique")
+        await self.events.create_index([("at", ASCENDING)], name="at")
+        await self.events.create_index(
+            [("expiresAt", ASCENDING)], expireAfterSeconds=0, name="expiresAt_ttl"
+        )
+        # What is due at one receiver, in log order; what a session still waits for there.
+        await self.deliveries.create_index(
+            [("endpoint", ASCENDING), ("state", ASCENDING), ("nextMs", ASCENDING)],
+            name="endpoint_due",
+        )
+        await self.deliveries.create_index(
+            [("session", ASCENDING), ("state", ASCENDING)], name="session_state"
+        )
+        await self.deliveries.create_index(
+            [("expiresAt", ASCENDING)], expireAfterSeconds=0, name="expiresAt_ttl"
+        )
 
     async def ping(self) -> None:
         await self.client.admin.command("ping")

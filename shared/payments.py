@@ -25,10 +25,15 @@ from typing import Any
 
 from pymongo import ReturnDocument
 
+from . import outbox
 from .ledger import IssueKind, Ledger, NewIssue, is_test_delivery
 from .model import SessionStatus, utcnow
 from .mongo import CHECK_AT, NO_CHECK, Doc, Store
 
+# Fresh reads of one session a transaction may take: each means the session moved on under
+# it — its status, or (the version guard of the outbox, issue 17) another transaction of the
+# same session counted in between.
+COUNT_ATTEMPTS = 8
 # PayOS writes `transactionDateTime` in Vietnam's time (UTC+7) without a zone.
 VIETNAM = timezone(timedelta(hours=7))
 CURRENCY = "VND"
@@ -133,7 +138,7 @@ class Payments:
                 )
             )
             return Applied(Outcome.UNKNOWN_ORDER, None, False)
-        return await self._decide(tx, doc, now, tries=3)
+        return await self._decide(tx, doc, now, tries=COUNT_ATTEMPTS)
 
     async def _decide(self, tx: Transaction, doc: Doc, now: datetime, *, tries: int) -> Applied:
         """What `tx` does to the session `doc` as read; decided again on a fresh read when
@@ -166,30 +171,11 @@ class Payments:
     async def _count(
         self, tx: Transaction, doc: Doc, allowed: list[str], now: datetime, tries: int
     ) -> Applied:
-        update: dict[str, Any] = {
-            "$inc": {"amountPaid": tx.amount, "version": 1},
-            # Two flat lists rather than one list of pairs: what every server (and the
-            # stand-in) stores alike.
-            "$push": {"references": tx.reference, "paidAmounts": tx.amount},
-            # The database's clock: one clock for every replica of every service.
-            "$currentDate": {"updatedAt": True},
-        }
-        # amountPaid only grows: if the sum already covers the amount on this read, it does
-        # on the stored document too, and one update both counts and completes.
-        if doc.get("amountPaid", 0) + tx.amount >= doc["amount"]:
-            # Paid: nothing left for the reconciler to ask PayOS about.
-            update["$set"] = {"status": SessionStatus.COMPLETED.value, CHECK_AT: NO_CHECK}
-            update["$currentDate"]["completedAt"] = True
-        # The reference guard makes this idempotent per transaction, whatever crashed before;
-        # the status in the filter lets exactly one of concurrent transactions complete it.
-        counted = await self._store.sessions.find_one_and_update(
-            {"_id": doc["_id"], "status": {"$in": allowed}, "references": {"$nin": [tx.reference]}},
-            update,
-            return_document=ReturnDocument.AFTER,
-        )
+        counted = await self._count_once(tx, doc, allowed)
         if counted is None:
-            # Another copy counted it, or the session moved on (paid, expired) meanwhile:
-            # decide again on what is stored now.
+            # Another copy counted it, or the session moved on (paid, expired, another
+            # transaction counted: the version guard) meanwhile: decide again on what is
+            # stored now.
             fresh = await self._store.sessions.find_one({"_id": doc["_id"]})
             if fresh is None or tries <= 0:
                 # Deleted under us (only ever long after expiry), or still moving after a
@@ -201,6 +187,52 @@ class Payments:
         await self._record_excess(tx, doc)
         completed = doc["status"] == SessionStatus.COMPLETED
         return Applied(Outcome.COMPLETED if completed else Outcome.PARTIAL, doc, True)
+
+    async def _count_once(self, tx: Transaction, doc: Doc, allowed: list[str]) -> Doc | None:
+        """One guarded update counting `tx` (and completing the session when it pays it in
+        full), with the shop's event in the same update; None if the session changed since
+        `doc` was read."""
+        version = int(doc.get("version", 1))
+        paid = int(doc.get("amountPaid", 0)) + tx.amount
+        after = {
+            **doc,
+            "amountPaid": paid,
+            "references": [*doc.get("references", ()), tx.reference],
+            "version": version + 1,
+        }
+        update: dict[str, Any] = {
+            "$inc": {"amountPaid": tx.amount, "version": 1},
+            # Two flat lists rather than one list of pairs: what every server (and the
+            # stand-in) stores alike.
+            "$push": {"references": tx.reference, "paidAmounts": tx.amount},
+            # The database's clock: one clock for every replica of every service.
+            "$currentDate": {"updatedAt": True},
+        }
+        # amountPaid only grows and the version guard pins it: if the sum covers the amount
+        # on this read, it does on the stored document, and one update counts and completes.
+        if paid >= doc["amount"]:
+            # Paid: nothing left for the reconciler to ask PayOS about.
+            update["$set"] = {"status": SessionStatus.COMPLETED.value, CHECK_AT: NO_CHECK}
+            update["$currentDate"]["completedAt"] = True
+            after["status"] = SessionStatus.COMPLETED.value
+            event = outbox.session_entry(outbox.EventType.COMPLETED, after)
+        else:
+            event = outbox.session_entry(
+                outbox.EventType.PARTIAL, after, reference=tx.reference, transactionAmount=tx.amount
+            )
+        # The reference guard makes this idempotent per transaction, whatever crashed before;
+        # the version (issue 17: the event describes exactly the state this update leaves)
+        # lets exactly one of concurrent transactions count on a given state.
+        return await self._store.sessions.find_one_and_update(
+            {
+                "_id": doc["_id"],
+                "status": {"$in": allowed},
+                "version": version,
+                "references": {"$nin": [tx.reference]},
+            },
+            outbox.with_entry(update, event),
+            return_document=ReturnDocument.AFTER,
+        )
 
     async def _counted_before(self, tx: Transaction, doc: Doc) -> Applied:
         """A transaction already counted: finish what its first application may not have
@@ -220,13 +252,18 @@ class Payments:
             return None
         if doc.get("amountPaid", 0) < doc["amount"]:
             return None
+        version = int(doc.get("version", 1))
+        after = {**doc, "status": SessionStatus.COMPLETED.value, "version": version + 1}
         return await self._store.sessions.find_one_and_update(
-            {"_id": doc["_id"], "status": doc["status"]},
-            {
-                "$set": {"status": SessionStatus.COMPLETED.value, CHECK_AT: NO_CHECK},
-                "$currentDate": {"completedAt": True, "updatedAt": True},
-                "$inc": {"version": 1},
-            },
+            {"_id": doc["_id"], "status": doc["status"], "version": version},
+            outbox.with_entry(
+                {
+                    "$set": {"status": SessionStatus.COMPLETED.value, CHECK_AT: NO_CHECK},
+                    "$currentDate": {"completedAt": True, "updatedAt": True},
+                    "$inc": {"version": 1},
+                },
+                outbox.session_entry(outbox.EventType.COMPLETED, after),
+            ),
             return_document=ReturnDocument.AFTER,
         )
 

@@ -12,7 +12,7 @@ import uvloop
 from aiohttp import web
 
 from .logs import configure_logging
-from .settings import SERVICE_SECRETS, Settings
+from .settings import SERVICE_OPTIONAL_SECRETS, SERVICE_SECRETS, Settings
 
 log = structlog.get_logger(__name__)
 
@@ -81,7 +81,9 @@ def serve(
     """Build settings from the environment (with only the secrets `service` uses; None, as
     for the PayOS simulator: all of them), configure logging, raise the open file limit,
     serve until SIGTERM/SIGINT."""
-    secrets = SERVICE_SECRETS[service] if service is not None else None
+    secrets = None
+    if service is not None:
+        secrets = SERVICE_SECRETS[service] + SERVICE_OPTIONAL_SECRETS.get(service, ())
     settings = Settings.from_env(secrets=secrets)
     configure_logging(settings)
     log_process_limits(settings, raise_open_file_limit())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import os
 import types
@@ -29,6 +31,10 @@ _DEV_SECRETS = {
 }
 
 SECRETS = tuple(_DEV_SECRETS)
+# Secrets a process may use but need not have (issue 17): with SHOP_WEBHOOK_URL unset no
+# event is signed, with SHOP_API_TOKEN unset the pull API is off. Blank for every process
+# that does not name them, like the others.
+OPTIONAL_SECRETS = ("shop_webhook_secret", "shop_api_token")
 # The secrets each process uses (issue 15): a process is given only these, requires only
 # these, and holds the others blank. The manifests give each workload exactly these keys.
 SERVICE_SECRETS: dict[str, tuple[str, ...]] = {
@@ -37,8 +43,17 @@ SERVICE_SECRETS: dict[str, tuple[str, ...]] = {
     "session-api": SECRETS,
     "session-cleanup": (),
 }
+# The optional secrets each process may hold (given to it beside SERVICE_SECRETS).
+SERVICE_OPTIONAL_SECRETS: dict[str, tuple[str, ...]] = {"session-api": OPTIONAL_SECRETS}
 # What a process that names none must have (every caller before issue 15): not empty.
 _ALWAYS_REQUIRED = ("payos_checksum_key", "cron_secret", "admin_token")
+
+
+# A Standard Webhooks secret: `whsec_` and the base64 of the key (24 to 64 bytes, as the
+# specification asks).
+WEBHOOK_SECRET_PREFIX = "whsec_"
+# During a rotation both the new and the old secret sign every delivery; never more.
+MAX_WEBHOOK_SECRETS = 2
 
 
 class SettingsError(ValueError):
@@ -124,6 +139,28 @@ class Settings:
     # nearest hop not in this list. Empty: the peer address is the client, the header ignored.
     trusted_proxies: tuple[str, ...] = ()
 
+    # The shop's receivers of signed payment events (issue 17), comma separated; empty:
+    # events still accumulate for the pull API. Never one of our own services.
+    shop_webhook_url: tuple[str, ...] = ()
+    # `whsec_…` secrets, comma separated: the first signs, a second one too during a rotation.
+    shop_webhook_secret: tuple[str, ...] = ()
+    # Bearer token of `GET /api/events` (the pull API); empty: the pull API answers 404.
+    shop_api_token: str = ""
+    # One delivery attempt waits this long for a 2xx, then counts as failed and is retried.
+    shop_webhook_timeout_seconds: float = 10.0
+    # Retries: exponential from the first delay, capped, with jitter, until give-up (3 days).
+    shop_webhook_retry_first_seconds: float = 5.0
+    shop_webhook_retry_max_seconds: float = 6 * 3600.0
+    shop_webhook_give_up_seconds: float = 3 * 86400.0
+    # Deliveries in flight at once per receiver URL (each session's events stay in order).
+    shop_webhook_concurrency: int = 32
+    # How often the dispatcher looks for new events when the last look found none.
+    outbox_poll_seconds: float = 0.1
+    # The dispatcher's lease (one per deployment): a dead holder is replaced after this long.
+    outbox_lease_seconds: float = 10.0
+    # Events stay readable by the pull API (and replayable) this long.
+    outbox_retention_seconds: int = 7 * 86400
+
     def __post_init__(self) -> None:
         if self.app_env not in ("development", "production"):
             raise SettingsError(f"APP_ENV must be development or production, not {self.app_env!r}")
@@ -168,6 +205,56 @@ class Settings:
                     f"({ipaddress.ip_network(proxy, strict=False)}) or one address"
                 ) from None
 
+        self._check_shop_webhooks()
+
+    def _check_shop_webhooks(self) -> None:
+        if len(self.shop_webhook_secret) > MAX_WEBHOOK_SECRETS:
+            raise SettingsError(
+                f"SHOP_WEBHOOK_SECRET: at most {MAX_WEBHOOK_SECRETS} secrets (new, old)"
+            )
+        for secret in self.shop_webhook_secret:
+            webhook_secret_bytes(secret)  # raises SettingsError, never echoing the secret
+        if self.shop_webhook_url and not self.shop_webhook_secret:
+            raise SettingsError("SHOP_WEBHOOK_URL needs SHOP_WEBHOOK_SECRET (whsec_…)")
+        ours = self._own_addresses()
+        for url in self.shop_webhook_url:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise SettingsError(f"SHOP_WEBHOOK_URL: {url!r} is not an http(s) URL")
+            if self.is_production and parts.scheme != "https":
+                raise SettingsError(f"SHOP_WEBHOOK_URL: {url!r} must be https in production")
+            if _address(url) in ours:
+                # Our own services as the "shop": events would loop back into us (a webhook
+                # storm against the ingest) or land on an endpoint that means something else.
+                raise SettingsError(f"SHOP_WEBHOOK_URL: {url!r} points at one of our services")
+        for name in ("shop_webhook_timeout_seconds", "shop_webhook_retry_first_seconds"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name.upper()} must be positive")
+        if self.shop_webhook_retry_max_seconds < self.shop_webhook_retry_first_seconds:
+            raise SettingsError("SHOP_WEBHOOK_RETRY_MAX_SECONDS is below the first delay")
+        if self.shop_webhook_concurrency < 1:
+            raise SettingsError("SHOP_WEBHOOK_CONCURRENCY must be positive")
+        if self.outbox_poll_seconds <= 0 or self.outbox_lease_seconds <= 0:
+            raise SettingsError("OUTBOX_POLL_SECONDS and OUTBOX_LEASE_SECONDS must be positive")
+        if self.outbox_retention_seconds < 1:
+            raise SettingsError("OUTBOX_RETENTION_SECONDS must be positive")
+
+    def _own_addresses(self) -> set[tuple[str, int]]:
+        """(host, port) of every address our services answer on, as configured."""
+        local = {self.host, "127.0.0.1", "localhost", "0.0.0.0", "::1"}
+        ports = [
+            self.webhook_ingest_port,
+            self.stream_gateway_port,
+            self.session_api_port,
+            self.payos_simulator_port,
+        ]
+        if self.ops_port:
+            ports.append(self.ops_port)
+        ours = {(host, port) for host in local for port in ports}
+        for url in (self.site_public_url, self.stream_public_url, self.payos_webhook_url):
+            ours.add(_address(url))
+        return ours
+
     @property
     def is_production(self) -> bool:
         return self.app_env == "production"
@@ -198,13 +285,20 @@ class Settings:
         values.update(overrides)
         required: tuple[str, ...] = _ALWAYS_REQUIRED
         if secrets is not None:
-            required = tuple(secrets)
-            unknown = set(required) - set(SECRETS)
+            given = tuple(secrets)
+            unknown = set(given) - set(SECRETS) - set(OPTIONAL_SECRETS)
             if unknown:
                 raise ValueError(f"not secrets: {sorted(unknown)}")
+            required = tuple(name for name in given if name not in OPTIONAL_SECRETS)
             for name in SECRETS:
-                if name not in required:
+                if name not in given:
                     values[name] = ""
+            for name in OPTIONAL_SECRETS:
+                if name not in given:
+                    values[name] = () if name == "shop_webhook_secret" else ""
+            if "shop_webhook_secret" not in given:
+                # A process that cannot sign never delivers: the URL is not its business.
+                values["shop_webhook_url"] = ()
         settings = cls(**values)  # type: ignore[arg-type]
         for name in required:
             if not getattr(settings, name):
@@ -261,6 +355,29 @@ def _format(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+def webhook_secret_bytes(secret: str) -> bytes:
+    """The key of a `whsec_` secret; SettingsError (without the secret) when malformed."""
+    if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+        raise SettingsError("SHOP_WEBHOOK_SECRET: each secret must start with whsec_")
+    try:
+        key = base64.b64decode(secret.removeprefix(WEBHOOK_SECRET_PREFIX), validate=True)
+    except binascii.Error:
+        raise SettingsError("SHOP_WEBHOOK_SECRET: not base64 after whsec_") from None
+    if not 24 <= len(key) <= 64:
+        raise SettingsError("SHOP_WEBHOOK_SECRET: the key must be 24 to 64 bytes")
+    return key
+
+
+def _address(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    default = 443 if parts.scheme == "https" else 80
+    try:
+        port = parts.port or default
+    except ValueError:
+        port = default
+    return (parts.hostname or "", port)
 
 
 def is_set(name: str, environ: Mapping[str, str] | None = None) -> bool:

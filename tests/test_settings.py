@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import typing
 from dataclasses import fields, replace
 from pathlib import Path
@@ -26,6 +27,10 @@ def changed(name: str, value: object) -> object:
         return typing.cast(int, value) + 7
     if hint is float:
         return typing.cast(float, value) + 0.25
+    if name == "shop_webhook_secret":
+        return ("whsec_" + base64.b64encode(b"s" * 32).decode(),)
+    if name == "shop_webhook_url":
+        return ("https://shop.example/payment-events",)
     if hint == tuple[str, ...]:
         # Valid as an origin and as a trusted proxy network alike.
         return (*typing.cast(tuple[str, ...], value), "10.0.0.0/8", "192.168.1.1")

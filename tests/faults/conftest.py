@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from devstack.servers import LocalRedisCluster
-from devstack.system import Backends, System
+from devstack.system import Backends
 from shared.mongo import Store
 from shared.settings import Settings
-from tests.faults.harness import Driver, Report, http_client, running_system
+from tests.faults.harness import Driver, Report, ShopSystem, http_client, running_system
 from tests.helpers import paused as paused  # the fault tests pause processes too
 
 LEDGER: list[tuple[str, Report]] = []
@@ -102,7 +102,7 @@ def redis_cluster(tmp_path: Path) -> Iterator[LocalRedisCluster]:
 @pytest.fixture
 async def system(
     fault_settings: Settings, servers: Backends, store: Store, tmp_path: Path
-) -> AsyncIterator[System]:
+) -> AsyncIterator[ShopSystem]:
     async with running_system(fault_settings, tmp_path) as running:
         yield running
     # Whatever a test stopped or paused is back for the next one.
@@ -113,7 +113,7 @@ async def system(
 
 
 @pytest.fixture
-async def driver(system: System) -> AsyncIterator[Driver]:
+async def driver(system: ShopSystem) -> AsyncIterator[Driver]:
     async with http_client() as http:
         d = Driver(system, http)
         yield d

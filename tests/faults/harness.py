@@ -43,13 +43,14 @@ from devstack.payos_simulator.app import create_app as create_simulator
 from devstack.seed import store_pending_sessions
 from devstack.servers import Process
 from devstack.system import ALL, System, plan, plan_backends
-from shared import keys
+from shared import keys, outbox
 from shared.cache import StatusCache
 from shared.ledger import is_test_delivery
 from shared.model import StatusEvent
 from shared.mongo import Doc, Store
 from shared.settings import Settings
 from shared.signing import sign_payment_request
+from tests.shop import ShopReceiver, new_secret
 
 STREAM = "/api/webhooks/stream"
 # Redeliveries of the in-process simulator: quick at first, then once a second for ~40 s.
@@ -59,6 +60,14 @@ RETRYABLE = frozenset({429, 500, 502, 503, 504})
 
 
 # -- the system ------------------------------------------------------------------------------
+
+
+@dataclass
+class ShopSystem(System):
+    """The system, and the shop's receiver of signed events (issue 17) in this process:
+    reconciled too."""
+
+    shop: ShopReceiver | None = None
 
 
 async def start(*processes: Process) -> None:
@@ -97,13 +106,31 @@ async def running_system(
     gateways: int = 2,
     simulator_in_process: bool = True,
     retry_delays: Sequence[float] = FAST_RETRY_DELAYS,
-) -> AsyncIterator[System]:
+) -> AsyncIterator[ShopSystem]:
     """The whole system on free local ports (`devstack.system`), on `settings`' Redis and
-    MongoDB, its logs in `dir`/logs; `gateways` stream-gateways, each on a port of its own."""
+    MongoDB, its logs in `dir`/logs; `gateways` stream-gateways, each on a port of its own;
+    session-api delivers the shop's events to a receiver in this process."""
     backends = plan_backends(dir, redis_url=settings.redis_url, mongodb_url=settings.mongodb_url)
     services = [s for s in ALL if not (simulator_in_process and s == "payos-simulator")]
-    system = plan(settings, backends, services=services, replicas={"stream-gateway": gateways})
+    planned = plan(settings, backends, services=services, replicas={"stream-gateway": gateways})
+    shop = ShopReceiver(new_secret())
+    system = ShopSystem(
+        **{f.name: getattr(planned, f.name) for f in dataclasses.fields(planned)}, shop=shop
+    )
+    # Only session-api delivers to the shop (the others are given neither URL nor secret);
+    # quick retries and a short lease, so faults play out within a test.
+    system.session_api.env = {
+        **(system.session_api.env or {}),
+        "SHOP_WEBHOOK_URL": shop.url,
+        "SHOP_WEBHOOK_SECRET": shop.secret,
+        "SHOP_WEBHOOK_TIMEOUT_SECONDS": "2",
+        "SHOP_WEBHOOK_RETRY_FIRST_SECONDS": "0.2",
+        "SHOP_WEBHOOK_RETRY_MAX_SECONDS": "1",
+        "OUTBOX_LEASE_SECONDS": "3",
+    }
     async with contextlib.AsyncExitStack() as stack:
+        await shop.start()
+        stack.push_async_callback(shop.stop)
         if simulator_in_process:
             await stack.enter_async_context(_simulator_in_process(system.settings, retry_delays))
         try:
@@ -238,7 +265,7 @@ class Payment:
 class Driver:
     """Creates sessions, starts their watchers and pays them through the simulator."""
 
-    system: System
+    system: ShopSystem
     http: httpx.AsyncClient
     watch_timeout: float = 90.0
     rng: random.Random = field(default_factory=lambda: random.Random(7))
@@ -398,6 +425,8 @@ class Report:
     delivery_attempts: int = 0
     failed_attempts: int = 0
     webhook_records: int = 0
+    shop_notified: int = 0  # completed sessions whose payment.completed reached the shop
+    shop_redeliveries: int = 0  # the same event id accepted again (at least once)
     watchers: int = 0
     reconnects: int = 0
     faults: list[str] = field(default_factory=list)
@@ -461,6 +490,7 @@ async def reconcile(driver: Driver, store: Store, report: Report | None = None) 
         else:
             await _check_unpaid(store, payment, sent, problems)
     report.lost = report.payments - report.completed
+    await _check_shop(driver, store, report)
     codes = [p.order_code for p in driver.payments]
     # An equality find, not count_documents: the stand-in counts by scanning the collection.
     report.webhook_records = sum(
@@ -474,6 +504,43 @@ async def reconcile(driver: Driver, store: Store, report: Report | None = None) 
             f"MongoDB holds {report.webhook_records}"
         )
     return report
+
+
+async def _check_shop(driver: Driver, store: Store, report: Report, timeout: float = 60) -> None:
+    """Every session completed in MongoDB has its one `payment.completed` id at the shop
+    (deduplicated by id: redeliveries are allowed, a missing or a second id is not); no
+    session still pending was announced as paid."""
+    shop = driver.system.shop
+    if shop is None:
+        return
+    uuids = [p.uuid for p in driver.payments]
+    completed = {
+        d["uuid"]
+        async for d in store.sessions.find(
+            {"uuid": {"$in": uuids}, "status": "completed"}, {"uuid": 1}
+        )
+    }
+    expected = {outbox.event_id(u, "payment.completed"): u for u in completed}
+    deadline = time.monotonic() + timeout
+    while not expected.keys() <= shop.accepted_ids().keys() and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    got = shop.accepted_ids("payment.completed")
+    report.shop_notified = sum(1 for i in expected if i in got)
+    report.shop_redeliveries = sum(n - 1 for n in got.values())
+    for event_id, uuid in expected.items():
+        if event_id not in got:
+            report.problems.append(f"{uuid}: completed, the shop never got payment.completed")
+    ids_per_session: dict[str, set[str]] = {}
+    for a in shop.accepted:
+        if a.type == "payment.completed":
+            ids_per_session.setdefault(a.data["uuid"], set()).add(a.id)
+    for uuid, ids in ids_per_session.items():
+        if len(ids) != 1:
+            report.problems.append(f"{uuid}: {len(ids)} distinct payment.completed ids")
+        if uuid not in completed:
+            report.problems.append(f"{uuid}: payment.completed for a session not completed")
+    if shop.rejected_signatures:
+        report.problems.append(f"shop: {shop.rejected_signatures} deliveries failed to verify")
 
 
 async def _uncredited(

@@ -15,7 +15,10 @@ injects one kind of fault while they flow, then reconciles (`harness.reconcile`)
   but `pending`;
 - the webhooks the simulator reports acknowledged == the webhook records stored; none lost;
 - every paid transaction the simulator made is credited to its session or an open item of
-  the payment ledger (issue 11): 0 money received and forgotten.
+  the payment ledger (issue 11): 0 money received and forgotten;
+- every session completed in MongoDB has exactly one `payment.completed` id at the shop's
+  receiver (signed events from session-api's dispatcher, issue 17; redeliveries of that id
+  allowed), none missing, none for a session not completed.
 
 Tests marked `redis_cluster` run the same system on a local 3-primary Redis Cluster of their
 own. The `faults_long` variants (`make faults`) run at four times the load, and a chaos run

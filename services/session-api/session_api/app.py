@@ -21,6 +21,9 @@ from shared.web import (
 )
 
 from .appkeys import (
+    DISPATCHER,
+    EVENT_LOG,
+    OUTBOX_METRICS,
     PAYMENT_ISSUES,
     PAYOS,
     RATE_LIMITER,
@@ -31,9 +34,11 @@ from .appkeys import (
     STATUS_READER,
     TRUSTED_PROXIES,
 )
+from .dispatcher import Dispatcher
+from .event_log import EventLog
 from .issues import PaymentIssues
 from .limits import RateLimiter, body_limit_middleware, parse_networks
-from .metrics import SessionMetrics
+from .metrics import OutboxMetrics, SessionMetrics
 from .page import security_headers
 from .reconciler import Reconciler
 from .routes import setup_routes
@@ -97,6 +102,24 @@ async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
     await issues.stop()
 
 
+async def _outbox_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The shop's event log and its dispatcher, which runs (in every replica) under the
+    supervisor and works only while it holds the lease."""
+    settings = app[SETTINGS]
+    event_log = EventLog(
+        app[STORE],
+        urls=settings.shop_webhook_url,
+        retention_seconds=settings.outbox_retention_seconds,
+    )
+    app[EVENT_LOG] = event_log
+    dispatcher = Dispatcher(settings, app[STORE], app[REDIS], event_log, app[OUTBOX_METRICS])
+    app[DISPATCHER] = dispatcher
+    task = app[SUPERVISOR].spawn("outbox-dispatcher", dispatcher.run)
+    yield
+    # Before Redis and MongoDB close: the lease is given back for a successor to take now.
+    await task.stop()
+
+
 def create_app(settings: Settings) -> web.Application:
     """session-api: sessions, status reads, listing, cleanup, stats, plus the ops routes."""
     app = web.Application(
@@ -110,9 +133,19 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[TRUSTED_PROXIES] = parse_networks(settings.trusted_proxies)
-    app[SESSION_METRICS] = SessionMetrics.create(new_registry(app))
+    registry = new_registry(app)
+    app[SESSION_METRICS] = SessionMetrics.create(registry)
+    app[OUTBOX_METRICS] = OutboxMetrics.create(registry)
     app.cleanup_ctx.extend(
-        [supervisor_ctx, redis_ctx, mongo_ctx, _payos_ctx, _sessions_ctx, _ledger_ctx]
+        [
+            supervisor_ctx,
+            redis_ctx,
+            mongo_ctx,
+            _payos_ctx,
+            _sessions_ctx,
+            _ledger_ctx,
+            _outbox_ctx,
+        ]
     )
     app.on_response_prepare.append(security_headers)
     setup_routes(app)

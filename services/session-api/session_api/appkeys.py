@@ -5,9 +5,11 @@ from payos import AsyncPayOS
 
 from shared.status import StatusReader
 
+from .dispatcher import Dispatcher
+from .event_log import EventLog
 from .issues import PaymentIssues
 from .limits import Network, RateLimiter
-from .metrics import SessionMetrics
+from .metrics import OutboxMetrics, SessionMetrics
 from .reconciler import Reconciler
 from .sessions import Sessions
 from .stats import StatsSnapshot
@@ -21,3 +23,6 @@ STATS = web.AppKey("stats", StatsSnapshot)
 PAYMENT_ISSUES = web.AppKey("payment_issues", PaymentIssues)
 RECONCILER = web.AppKey("reconciler", Reconciler)
 TRUSTED_PROXIES: web.AppKey[tuple[Network, ...]] = web.AppKey("trusted_proxies")
+EVENT_LOG = web.AppKey("event_log", EventLog)
+DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+OUTBOX_METRICS = web.AppKey("outbox_metrics", OutboxMetrics)

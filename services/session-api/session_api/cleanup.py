@@ -12,14 +12,17 @@ Rules, in this order, all against one `now`:
    stop. The same update marks the session `publishPending` (the ingest's durable mark,
    `webhook_ingest.resync`), cleared once Redis took the event: when Redis is down the
    mark stays, and every ingest replica's sweep publishes the session's latest state once
-   Redis is back, whatever became of this run.
+   Redis is back, whatever became of this run. The same update writes the shop's
+   `session.expired` event into the session's outbox (shared.outbox), guarded by the
+   version it read, so the event can be neither lost nor describe another state.
 2. **Delete.** Sessions whose `purgeAt` (a day after `expiresAt`) has passed and that
    are no longer pending, and webhook records whose `expiresAt` has passed, are deleted:
    the backup for MongoDB's TTL monitor, which runs about once a minute and may lag. A
    pending session is never deleted here: step 1 has first turned it `expired` and
    published that. A session whose `expired` could not be published (Redis down) is not
    deleted by this run (the run reports it), so readers falling back to MongoDB still see
-   `expired`; a later run deletes it.
+   `expired`; a later run deletes it. Nor is a session whose outbox still holds an event
+   the dispatcher has not taken yet.
 3. **Partial payments.** An expired session with 0 < amountPaid < amount becomes a
    `partial_expired` item of the payment ledger (shared.ledger), which holds the session
    from the TTL and this deletion until an operator resolves it.
@@ -42,6 +45,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Gauge, pushadd_to_gateway
 from pymongo import ReturnDocument
 
+from shared import outbox
 from shared.cache import StatusCache
 from shared.clients import REDIS_ERRORS, redis_client
 from shared.keys import SESSION_TTL_SECONDS
@@ -58,6 +62,8 @@ PARTIAL_ITEM = "partialItem"
 
 # Sessions examined per round trip; rounds continue until none is left.
 BATCH = 500
+# Reads and guarded updates of one session before this run leaves it to the next.
+EXPIRE_ATTEMPTS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +131,16 @@ async def run_cleanup(
     closed = {"$in": [SessionStatus.COMPLETED.value, SessionStatus.EXPIRED.value]}
     # Past their `purgeAt` (a day after `expiresAt`, so a payment made in time but delivered
     # late still finds its session); a session held by an open ledger item has none.
+    # Not while an event of the session waits in its outbox (the dispatcher moves it to the
+    # event log within moments; a session is not deleted from under it).
+    outbox_empty = {"$in": [0, None]}
     sessions = await store.sessions.delete_many(
-        {PURGE_AT: {"$lte": now}, "status": closed, "uuid": {"$nin": unpublished}}
+        {
+            PURGE_AT: {"$lte": now},
+            "status": closed,
+            "uuid": {"$nin": unpublished},
+            outbox.OUTBOX_PENDING: outbox_empty,
+        }
     )
     # Sessions stored before `purgeAt` existed, on the same schedule.
     legacy = await store.sessions.delete_many(
@@ -136,6 +150,7 @@ async def run_cleanup(
             "expiresAt": {"$lte": now - PURGE_AFTER_EXPIRY},
             "status": closed,
             "uuid": {"$nin": unpublished},
+            outbox.OUTBOX_PENDING: outbox_empty,
         }
     )
     webhooks = await store.webhooks.delete_many({"expiresAt": {"$lte": now}})
@@ -179,20 +194,35 @@ async def _record_partial(store: Store) -> int:
 
 
 async def _expire(store: Store, _id: object) -> Doc | None:
-    """Move one session pending → expired, marked for publication; None if it was no
-    longer pending."""
-    return await store.sessions.find_one_and_update(
-        {"_id": _id, "status": SessionStatus.PENDING.value},
-        {
-            # Marked before Redis is written, so a failed publish outlives this run.
-            "$set": {"status": SessionStatus.EXPIRED.value, PUBLISH_PENDING: True},
-            "$inc": {"version": 1},
-            # The database's clock, and no `$set` of a datetime (shared.mongo: stand-in).
-            "$currentDate": {"updatedAt": True, "expiredAt": True},
-        },
-        projection={"_id": 0},
-        return_document=ReturnDocument.AFTER,
-    )
+    """Move one session pending → expired, marked for publication and with the shop's
+    `session.expired` event in its outbox; None if it was no longer pending."""
+    for _ in range(EXPIRE_ATTEMPTS):
+        doc = await store.sessions.find_one({"_id": _id})
+        if doc is None or doc["status"] != SessionStatus.PENDING:
+            return None
+        version = int(doc.get("version", 1))
+        after = {**doc, "status": SessionStatus.EXPIRED.value, "version": version + 1}
+        expired = await store.sessions.find_one_and_update(
+            # The version guard: the event describes exactly the state this update leaves (a
+            # transaction counted meanwhile makes it read again).
+            {"_id": _id, "status": SessionStatus.PENDING.value, "version": version},
+            outbox.with_entry(
+                {
+                    # Marked before Redis is written, so a failed publish outlives this run.
+                    "$set": {"status": SessionStatus.EXPIRED.value, PUBLISH_PENDING: True},
+                    "$inc": {"version": 1},
+                    # The database's clock, and no `$set` of a datetime (shared.mongo:
+                    # stand-in).
+                    "$currentDate": {"updatedAt": True, "expiredAt": True},
+                },
+                outbox.session_entry(outbox.EventType.EXPIRED, after),
+            ),
+            projection={"_id": 0},
+            return_document=ReturnDocument.AFTER,
+        )
+        if expired is not None:
+            return expired
+    return None
 
 
 async def _run_once(settings: Settings) -> CleanupResult:

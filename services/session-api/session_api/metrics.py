@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,3 +87,75 @@ class SessionMetrics:
                 registry=registry,
             ),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMetrics:
+    """The shop's events (issue 17): counters of this process's deliveries, and the queue's
+    gauges as the dispatcher's lease holder last read them (0 on the other replicas)."""
+
+    leader: Gauge
+    pending: Gauge
+    unrelayed: Gauge
+    oldest_age: Gauge
+    delivered: Counter
+    retried: Counter
+    failed: Counter
+    replayed: Counter
+    lag: Histogram
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> OutboxMetrics:
+        return cls(
+            leader=Gauge(
+                "paypush_outbox_leader",
+                "1 while this process holds the dispatcher's lease",
+                registry=registry,
+            ),
+            pending=Gauge(
+                "paypush_outbox_pending",
+                "Deliveries of shop events not yet delivered nor given up (all URLs)",
+                registry=registry,
+            ),
+            unrelayed=Gauge(
+                "paypush_outbox_unrelayed_documents",
+                "Documents whose outbox holds events not yet in the event log",
+                registry=registry,
+            ),
+            oldest_age=Gauge(
+                "paypush_outbox_oldest_undelivered_age_seconds",
+                "Age of the oldest pending delivery (0: none)",
+                registry=registry,
+            ),
+            delivered=Counter(
+                "paypush_outbox_delivered",
+                "Shop events delivered (a 2xx from the receiver)",
+                registry=registry,
+            ),
+            retried=Counter(
+                "paypush_outbox_retried",
+                "Delivery attempts that failed and were scheduled again",
+                registry=registry,
+            ),
+            failed=Counter(
+                "paypush_outbox_failed",
+                "Deliveries given up after the retry period (3 days)",
+                registry=registry,
+            ),
+            replayed=Counter(
+                "paypush_outbox_replayed",
+                "Events put back in the delivery queue by the replay endpoint",
+                registry=registry,
+            ),
+            lag=Histogram(
+                "paypush_outbox_delivery_lag_seconds",
+                "From the change (the event's timestamp) to its delivery",
+                buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
+                registry=registry,
+            ),
+        )
+
+    def reset_gauges(self) -> None:
+        """No longer the leader: the queue is someone else's to report."""
+        for gauge in (self.pending, self.unrelayed, self.oldest_age):
+            gauge.set(0)

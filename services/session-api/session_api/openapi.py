@@ -8,6 +8,7 @@ from shared.model import UUID_RE, SessionStatus
 from shared.openapi import Doc
 from shared.settings import Settings
 
+from . import events_openapi
 from .issues import ITEM_ID_RE, MAX_NOTE, MAX_RESOLVER
 from .stats import MAX_AGE_SECONDS
 from .validation import (
@@ -244,10 +245,12 @@ def document(settings: Settings) -> Doc:
             "ResolvedIssue": openapi.success_object(
                 {"item": {"$ref": _REF + "PaymentIssue"}}, required=["item"]
             ),
+            **events_openapi.SCHEMAS,
         },
         security_schemes={
             "adminToken": {"type": "http", "scheme": "bearer", "description": "ADMIN_TOKEN"},
             "cronSecret": {"type": "http", "scheme": "bearer", "description": "CRON_SECRET"},
+            **events_openapi.SECURITY_SCHEMES,
         },
         paths={
             "/api/sessions": {
@@ -341,6 +344,7 @@ def document(settings: Settings) -> Doc:
                 "get": _cleanup("get", settings),
                 "post": _cleanup("post", settings),
             },
+            **events_openapi.PATHS,
             "/api/stats": {
                 "get": {
                     "operationId": "stats",

@@ -6,7 +6,7 @@ from shared.appkeys import SETTINGS
 from shared.openapi import add_openapi_route
 from shared.web import add_ops_routes, mongo_ready, redis_ready
 
-from . import openapi, page, views
+from . import events, openapi, page, views
 
 
 def setup_routes(app: web.Application) -> None:
@@ -19,6 +19,9 @@ def setup_routes(app: web.Application) -> None:
     # The payment ledger, for operators (ADMIN_TOKEN).
     app.router.add_get("/api/admin/payment-issues", views.payment_issues)
     app.router.add_post("/api/admin/payment-issues/{id}/resolve", views.resolve_payment_issue)
+    # The shop's events (issue 17): pull, and the admins' replay.
+    app.router.add_get("/api/events", events.list_events)
+    app.router.add_post("/api/events/replay", events.replay)
     # The deposit page, its assets, and the QR image of a session.
     app.router.add_get("/", page.index)
     app.router.add_get("/api/sessions/{uuid}/qr.svg", page.qr_svg)
