@@ -14,6 +14,7 @@ from shared.status import StatusReader
 from shared.web import cors_middleware, new_registry, request_context_middleware
 
 from .appkeys import (
+    DEPOSIT_PAGE,
     PAYOS,
     RATE_LIMITER,
     SESSION_METRICS,
@@ -22,6 +23,7 @@ from .appkeys import (
     STATUS_READER,
     TRUSTED_PROXIES,
 )
+from .document import DepositPage
 from .limits import RateLimiter, body_limit_middleware, parse_networks
 from .metrics import SessionMetrics
 from .page import security_headers
@@ -73,6 +75,8 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[TRUSTED_PROXIES] = parse_networks(settings.trusted_proxies)
     app[SESSION_METRICS] = SessionMetrics.create(new_registry(app))
+    # Loaded here, not on first request: a catalogue that lacks a key stops the start.
+    app[DEPOSIT_PAGE] = DepositPage.load(settings)
     app.cleanup_ctx.extend([supervisor_ctx, redis_ctx, mongo_ctx, _payos_ctx, _sessions_ctx])
     app.on_response_prepare.append(security_headers)
     setup_routes(app)

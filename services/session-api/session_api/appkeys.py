@@ -5,6 +5,7 @@ from payos import AsyncPayOS
 
 from shared.status import StatusReader
 
+from .document import DepositPage
 from .limits import Network, RateLimiter
 from .metrics import SessionMetrics
 from .sessions import Sessions
@@ -17,3 +18,4 @@ SESSION_METRICS = web.AppKey("session_metrics", SessionMetrics)
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 STATS = web.AppKey("stats", StatsSnapshot)
 TRUSTED_PROXIES: web.AppKey[tuple[Network, ...]] = web.AppKey("trusted_proxies")
+DEPOSIT_PAGE = web.AppKey("deposit_page", DepositPage)
