@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
-	./scripts/ensure-system-packages.sh chromium nginx
+	./scripts/ensure-system-packages.sh chromium nginx promtool
 
 run: setup
 	$(BIN)/python -m devstack

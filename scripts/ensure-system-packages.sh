@@ -9,6 +9,10 @@ for extra in "$@"; do
   case "$extra" in
     chromium) command -v chromium >/dev/null 2>&1 || need+=(chromium) ;;
     nginx) command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx) ;;
+    # promtool checks the alert rules offline (tests/test_monitoring.py); Debian ships it in
+    # the server's package. Installing it starts nothing where policy-rc.d forbids it (containers);
+    # elsewhere Debian starts a Prometheus on :9090, which nothing here uses.
+    promtool) command -v promtool >/dev/null 2>&1 || need+=(prometheus) ;;
   esac
 done
 [ ${#need[@]} -eq 0 ] && exit 0
