@@ -25,7 +25,13 @@ _DEV_SECRETS = {
     "admin_token": DEV_ADMIN_TOKEN,
 }
 
-SECRETS = tuple(_DEV_SECRETS)
+# Secrets without a development value: empty turns their feature off. ACCOUNT_LINK_KEY: the
+# shop signs the account it links a shopper to (session_api.accounts); without it, anyone may
+# claim any account, so production refuses to run without it unless told so on purpose.
+_OPTIONAL_SECRETS = ("account_link_key",)
+SECRETS = (*_DEV_SECRETS, *_OPTIONAL_SECRETS)
+# An HMAC key shorter than this is a password, not a key (generate 32 random bytes).
+MIN_ACCOUNT_LINK_KEY_LENGTH = 16
 # The secrets each process uses (issue 15): a process is given only these, requires only
 # these, and holds the others blank. The manifests give each workload exactly these keys.
 SERVICE_SECRETS: dict[str, tuple[str, ...]] = {
@@ -66,6 +72,11 @@ class Settings:
 
     cron_secret: str = DEV_CRON_SECRET
     admin_token: str = DEV_ADMIN_TOKEN
+    # The shop's key for signed account links (`/?account=…&token=…`); empty: the page asks
+    # for the account and nothing proves it (development).
+    account_link_key: str = ""
+    # Production without ACCOUNT_LINK_KEY, on purpose (a shop that has no accounts to prove).
+    allow_unsigned_accounts: bool = False
     cors_origins: tuple[str, ...] = ("http://127.0.0.1:8083", "http://localhost:8083")
 
     webhook_ingest_port: int = 8081
@@ -113,6 +124,11 @@ class Settings:
             reused = [k.upper() for k, v in _DEV_SECRETS.items() if getattr(self, k) == v]
             if reused:
                 raise SettingsError(f"production needs real secrets, set: {', '.join(reused)}")
+        if self.account_link_key and len(self.account_link_key) < MIN_ACCOUNT_LINK_KEY_LENGTH:
+            raise SettingsError(
+                f"ACCOUNT_LINK_KEY must be at least {MIN_ACCOUNT_LINK_KEY_LENGTH} characters "
+                "(openssl rand -hex 32)"
+            )
         if self.listen_backlog < 1:
             raise SettingsError("LISTEN_BACKLOG must be positive")
         if self.max_streams < 1:
@@ -174,8 +190,19 @@ class Settings:
                     values[name] = ""
         settings = cls(**values)  # type: ignore[arg-type]
         for name in required:
-            if not getattr(settings, name):
+            if name not in _OPTIONAL_SECRETS and not getattr(settings, name):
                 raise SettingsError(f"{name.upper()} must not be empty")
+        if (
+            "account_link_key" in required
+            and settings.is_production
+            and not settings.account_link_key
+            and not settings.allow_unsigned_accounts
+        ):
+            raise SettingsError(
+                "production needs ACCOUNT_LINK_KEY: without it anyone can start deposits for "
+                "any account and fill its pending slots; set ALLOW_UNSIGNED_ACCOUNTS=true to "
+                "run without it on purpose"
+            )
         return settings
 
     def env(self) -> dict[str, str]:

@@ -70,6 +70,8 @@ class DepositPage:
                 "streamProbeMs": STREAM_PROBE_MS,
                 "reconnectMs": RECONNECT_MS,
                 "maxWaitMs": MAX_WAIT_MS,
+                # The shop signs account links: the page takes the account from its link only.
+                "signedAccounts": bool(settings.account_link_key),
                 "language": language,
                 "messages": dict(catalogues.messages[language]),
             }

@@ -61,3 +61,12 @@ class PayOSFailed(SessionError):
 
 class PayOSTimeout(SessionError):
     """PayOS did not answer within PAYOS_TIMEOUT_SECONDS (504); nothing was counted."""
+
+
+class AccountLinkRejected(SessionError):
+    """The account came without the shop's valid signature (401): missing, malformed, forged,
+    expired, or valid for too long. Nothing was counted."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason

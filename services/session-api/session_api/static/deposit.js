@@ -25,7 +25,13 @@
     day: "2-digit", month: "2-digit", year: "numeric",
   });
 
-  let session = null;      // {uuid, accountNumber, amount, waitStartedAt}
+  // A signed account link from the shop (`/?account=…&token=…`): the account is proven, not
+  // typed, and the token goes with every request that names it.
+  const link = new URLSearchParams(location.search);
+  const linked = link.get("account") && link.get("token")
+    ? { account: link.get("account"), token: link.get("token") } : null;
+
+  let session = null;      // {uuid, accountNumber, accountToken, amount, waitStartedAt}
   let stream = null;
   let pollTimer = null;
   let probeTimer = null;
@@ -230,20 +236,27 @@
     return t("error.other", { status });
   }
 
-  async function begin(accountNumber, amount, uuid, waitStartedAt, freshUuid) {
+  async function begin(accountNumber, accountToken, amount, uuid, waitStartedAt, freshUuid) {
     showError("");
     $("create").disabled = true;
     try {
       const { status, body } = await api("/api/sessions", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ accountNumber, amount, uuid }),
+        body: JSON.stringify({ accountNumber, accountToken, amount, uuid }),
       });
       if (status === 409 && body.retryable === false && !freshUuid) {
         // The uuid names a session that is over (it expired since we checked, say) and a
         // uuid never names a second one: deposit again under a fresh uuid, once.
         forget();
-        await begin(accountNumber, amount, newUuid(), undefined, true);
+        await begin(accountNumber, accountToken, amount, newUuid(), undefined, true);
+        return;
+      }
+      if (status === 401) {
+        forget();
+        setState("link");
+        const reasons = { expired: "error.link_expired", missing: "error.link_missing" };
+        showError(t(reasons[body.reason] || "error.link_invalid"));
         return;
       }
       if (status === 429 && body.maxAllowed !== undefined) {
@@ -255,7 +268,10 @@
         showError(failure(status, body));
         return;
       }
-      session = { uuid: body.uuid, accountNumber, amount, waitStartedAt: waitStartedAt || Date.now() };
+      session = {
+        uuid: body.uuid, accountNumber, accountToken, amount,
+        waitStartedAt: waitStartedAt || Date.now(),
+      };
       save();
       finished = false;
       setState("waiting");
@@ -274,12 +290,18 @@
     let saved = null;
     try { saved = JSON.parse(localStorage.getItem(STORE_KEY) || "null"); } catch (_) { saved = null; }
     if (!saved || !saved.uuid) return;
+    if (linked && saved.accountNumber !== linked.account) {
+      // The shop sent this browser here for another account: that one's deposit is not ours.
+      forget();
+      return;
+    }
     const { status, body } = await api(
       `/api/webhooks/check-session-limit?uuid=${encodeURIComponent(saved.uuid)}`);
     if (status === 200 && body.exists && body.status === "pending") {
       $("account").value = saved.accountNumber;
       $("amount").value = saved.amount;
-      await begin(saved.accountNumber, saved.amount, saved.uuid, saved.waitStartedAt);
+      await begin(saved.accountNumber, saved.accountToken, saved.amount, saved.uuid,
+        saved.waitStartedAt);
     } else {
       forget();
     }
@@ -300,7 +322,7 @@
       amount.focus();
       return;
     }
-    begin(account.value, value, newUuid(), undefined, true);
+    begin(account.value, linked ? linked.token : undefined, value, newUuid(), undefined, true);
   });
 
   $("new-qr").addEventListener("click", () => {
@@ -317,5 +339,15 @@
   });
 
   setState("form");
+  if (linked) {
+    $("account").value = linked.account;
+    $("account").readOnly = true;
+    $("account-hint").textContent = t("form.account_linked");
+  } else if (config.signedAccounts) {
+    // Only the shop can say who the shopper is: without its link there is nothing to do here.
+    setState("link");
+    $("create").disabled = true;
+    showError(t("error.link_missing"));
+  }
   resume();
 })();
