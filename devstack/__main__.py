@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from pathlib import Path
+from urllib.parse import urlencode
 
+from session_api.accounts import MAX_LINK_SECONDS, sign_account_link
 from shared.settings import Settings, is_set
 
 from .servers import (
@@ -62,8 +65,14 @@ def main() -> int:
             started.append(proc)
 
     def all_up() -> list[str]:
+        page = f"http://127.0.0.1:{settings.session_api_port}/"
+        if settings.account_link_key:
+            # What the shop's backend would link its signed-in user "demo" to (valid 1 h).
+            expires = int(time.time()) + MAX_LINK_SECONDS
+            token = sign_account_link(settings.account_link_key, "demo", expires)
+            page += "?" + urlencode({"account": "demo", "token": token})
         return [
-            f"  deposit page    http://127.0.0.1:{settings.session_api_port}/",
+            f"  deposit page    {page}",
             f"  webhooks        http://127.0.0.1:{settings.webhook_ingest_port}/api/webhooks",
             f"  streams         http://127.0.0.1:{settings.stream_gateway_port}/api/webhooks/stream?uuid=",
             f"  PayOS simulator {settings.payos_base_url}",

@@ -22,8 +22,20 @@ UUID: Doc = {"type": "string", "pattern": UUID_RE.pattern, "description": "A low
 ACCOUNT: Doc = {
     "type": "string",
     "pattern": ACCOUNT_RE.pattern,
-    "description": "The bank account number: 6 to 20 digits.",
+    "description": "The shop's identifier of the account to credit: 1 to 64 letters, "
+    "digits, `.`, `_` or `-`.",
 }
+ACCOUNT_TOKEN: Doc = {
+    "type": ["string", "null"],
+    "maxLength": 128,
+    "description": "With ACCOUNT_LINK_KEY set, required: the shop's signature of the account, "
+    "`<expires>.<hex HMAC-SHA256 of account:expires>` (README, accounts proven by the shop); "
+    "ignored otherwise.",
+}
+LINK_REJECTED: Doc = openapi.error(
+    "ACCOUNT_LINK_KEY is set and the account's token is missing, malformed, not the shop's, "
+    "expired or valid for more than 1 h (`reason`); nothing counted."
+)
 ORDER_CODE: Doc = {"type": "integer", "minimum": 1, "maximum": MAX_ORDER_CODE}
 TIMESTAMP: Doc = {"type": "string", "format": "date-time"}
 
@@ -32,6 +44,7 @@ CREATE_REQUEST: Doc = {
     "required": ["accountNumber", "amount"],
     "properties": {
         "accountNumber": ACCOUNT,
+        "accountToken": ACCOUNT_TOKEN,
         "amount": {
             "type": "integer",
             "minimum": MIN_AMOUNT,
@@ -215,6 +228,7 @@ def document(settings: Settings) -> Doc:
                             "Resumed (pending, same account).", {"$ref": _REF + "Session"}
                         ),
                         "400": openapi.error("Invalid request; nothing stored."),
+                        "401": LINK_REJECTED,
                         "409": openapi.error(
                             "The uuid is already used by a session this request may not "
                             "resume: paid, expired, another account's, or gone (a uuid names "
@@ -274,11 +288,15 @@ def document(settings: Settings) -> Doc:
                     "`accountNumber` (may it create one more).",
                     "parameters": [
                         openapi.query_param("uuid", UUID, "A session's uuid."),
-                        openapi.query_param("accountNumber", ACCOUNT, "An account number."),
+                        openapi.query_param("accountNumber", ACCOUNT, "An account."),
+                        openapi.query_param(
+                            "accountToken", ACCOUNT_TOKEN, "The shop's signature of the account."
+                        ),
                     ],
                     "responses": {
                         "200": openapi.ok("The answer.", {"$ref": _REF + "CheckResult"}),
                         "400": openapi.error("Neither or both given, or malformed."),
+                        "401": LINK_REJECTED,
                         "503": openapi.STORE_UNAVAILABLE,
                     },
                 }
@@ -299,7 +317,8 @@ def document(settings: Settings) -> Doc:
             "/": {
                 "get": {
                     "operationId": "depositPage",
-                    "summary": "The deposit page.",
+                    "summary": "The deposit page, in Vietnamese unless the reader prefers "
+                    "English (Accept-Language, or the switch's cookie).",
                     "responses": {
                         "200": {
                             "description": "HTML.",
