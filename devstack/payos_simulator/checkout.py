@@ -36,7 +36,8 @@ body { font: 16px/1.5 system-ui, sans-serif; max-width: 420px; margin: 24px auto
        padding: 0 12px; color: #1b1f24; }
 .badge { display: inline-block; padding: 2px 8px; border-radius: 6px; background: #e8eef5; }
 .lang { display: flex; justify-content: flex-end; gap: 12px; font-size: .9rem; }
-.lang a { color: #0b5cad; } .lang a[aria-current] { color: #1b1f24; font-weight: 600; }
+.lang a { color: #0b5cad; }
+.lang a[aria-current] { color: #1b1f24; font-weight: 600; text-decoration: none; }
 button { width: 100%; padding: 12px; margin: 6px 0; font: inherit; font-weight: 600;
          border: 0; border-radius: 8px; color: #fff; background: #0b5cad; cursor: pointer; }
 button.secondary { background: #4a5360; } button.danger { background: #a1161c; }
