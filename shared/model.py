@@ -11,6 +11,8 @@ from typing import Any
 
 # uuid4 in its canonical text form; anything else is rejected before touching a store.
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+# PayOS order codes are positive and JavaScript-safe.
+MAX_ORDER_CODE = 9_007_199_254_740_991
 
 
 def is_valid_uuid(value: str) -> bool:
@@ -19,6 +21,11 @@ def is_valid_uuid(value: str) -> bool:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def format_time(value: datetime) -> str:
+    """Every timestamp the services answer with: UTC, milliseconds, `Z`."""
+    return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class SessionStatus(StrEnum):
@@ -80,7 +87,7 @@ class StatusEvent:
             "status": self.status.value,
             "amount": self.amount,
             "amountPaid": self.amount_paid,
-            "updatedAt": self.updated_at.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "updatedAt": format_time(self.updated_at),
             "version": self.version,
         }
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Iterable, Mapping
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -94,7 +97,10 @@ class Settings:
     # The session-api's address as the browser sees it (return/cancel URLs of payment links).
     site_public_url: str = "http://127.0.0.1:8083"
 
+    # The ingest's body limit (PayOS's deliveries), and session-api's: every body there is
+    # a few fields of JSON.
     max_body_bytes: int = 64 * 1024
+    session_max_body_bytes: int = 16 * 1024
     sse_keepalive_seconds: float = 15.0
     sse_max_wait_seconds: float = 600.0
     sse_retry_ms: int = 3000
@@ -172,12 +178,13 @@ class Settings:
         for. None: every secret, as before.
         """
         env = os.environ if environ is None else environ
+        hints = typing.get_type_hints(cls)
         values: dict[str, object] = {}
         for field in fields(cls):
             raw = env.get(field.name.upper())
             if raw is None:
                 continue
-            values[field.name] = _parse(field.name, str(field.type), raw)
+            values[field.name] = _parse(field.name, hints[field.name], raw)
         values.update(overrides)
         required: tuple[str, ...] = _ALWAYS_REQUIRED
         if secrets is not None:
@@ -207,35 +214,54 @@ class Settings:
 
     def env(self) -> dict[str, str]:
         """These settings as environment variables, for starting a child process."""
-        out: dict[str, str] = {}
-        for field in fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, tuple):
-                value = ",".join(value)
-            elif isinstance(value, bool):
-                value = "true" if value else "false"
-            out[field.name.upper()] = str(value)
-        return out
+        return {field.name.upper(): _format(getattr(self, field.name)) for field in fields(self)}
 
 
-def _parse(name: str, type_name: str, raw: str) -> object:
+# Field types read by calling the type on the text.
+_SCALARS: dict[object, Callable[[str], object]] = {int: int, float: float, Path: Path}
+
+
+def _parse(name: str, hint: object, raw: str) -> object:
+    """`raw` as a value of the field's type (its real type, not its annotation's text).
+
+    A type this does not know is a TypeError at the first parse, not a value silently left
+    a string; `X | None` takes an empty value as None.
+    """
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        if raw == "":
+            return None
+        (hint,) = [arg for arg in args if arg is not type(None)]
     try:
-        if type_name == "int":
-            return int(raw)
-        if type_name == "float":
-            return float(raw)
-        if type_name == "bool":
+        if hint is bool:
             lowered = raw.strip().lower()
             if lowered in ("1", "true", "yes", "on"):
                 return True
             if lowered in ("0", "false", "no", "off", ""):
                 return False
             raise ValueError(raw)
-        if type_name.startswith("tuple"):
+        if hint in _SCALARS:
+            return _SCALARS[hint](raw)
+        if hint is str or typing.get_origin(hint) is Literal:
+            # A Literal's values are checked by __post_init__, with a message of its own.
+            return raw
+        if typing.get_origin(hint) is tuple and typing.get_args(hint) == (str, ...):
             return tuple(part.strip() for part in raw.split(",") if part.strip())
     except ValueError:
+        type_name = getattr(hint, "__name__", str(hint))
         raise SettingsError(f"{name.upper()}={raw!r} is not a valid {type_name}") from None
-    return raw
+    raise TypeError(f"Settings.{name}: no parser for {hint!r}")
+
+
+def _format(value: object) -> str:
+    """A field's value as `_parse` reads it back."""
+    if value is None:
+        return ""
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def is_set(name: str, environ: Mapping[str, str] | None = None) -> bool:

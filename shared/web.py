@@ -13,6 +13,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
 from .appkeys import METRICS, REDIS, SETTINGS, STORE, SUPERVISOR
+from .errors import BodyTooLarge, ServiceError
 from .tasks import Supervisor
 
 log = structlog.get_logger(__name__)
@@ -27,6 +28,38 @@ READINESS_TIMEOUT = 1.0
 def json_error(status: int, message: str, **extra: Any) -> web.Response:
     """The one error shape of every service: `{success: false, error, ...}`."""
     return web.json_response({"success": False, "error": message, **extra}, status=status)
+
+
+def error_response(exc: ServiceError) -> web.Response:
+    """The answer to a domain error: its status, message, fields, `retryable` and headers.
+    The one place an error becomes HTTP (`error_middleware` calls it for every handler)."""
+    if exc.log_event is not None:
+        log.error(exc.log_event, error=str(exc))
+    extra = exc.fields()
+    if exc.retryable is not None:
+        extra["retryable"] = exc.retryable
+    response = json_error(exc.status, exc.public_message(), **extra)
+    response.headers.update(exc.headers())
+    return response
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer any domain error a handler (or an inner middleware) raises. Innermost but for
+    the body limit, so the answer still passes through CORS and the request log."""
+    try:
+        return await handler(request)
+    except ServiceError as exc:
+        return error_response(exc)
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, or BodyTooLarge (`client_max_size` is `limit`: a body that declared no
+    length is cut off while read)."""
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BodyTooLarge(limit) from None
 
 
 @web.middleware

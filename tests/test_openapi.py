@@ -74,21 +74,21 @@ async def test_openapi_json_is_served(
 
 
 def test_documented_bounds_are_the_validators_own() -> None:
-    from session_api import sessions
-    from shared.model import UUID_RE
+    from session_api import validation
+    from shared.model import MAX_ORDER_CODE, UUID_RE
     from webhook_ingest import payload
 
     _, api = build("session_api", Settings.from_env({}))
     create = api["components"]["schemas"]["CreateSession"]["properties"]
-    assert create["amount"]["minimum"] == sessions.MIN_AMOUNT
-    assert create["amount"]["maximum"] == sessions.MAX_AMOUNT
-    assert create["accountNumber"]["pattern"] == sessions.ACCOUNT_RE.pattern
-    assert create["description"]["maxLength"] == sessions.MAX_DESCRIPTION
+    assert create["amount"]["minimum"] == validation.MIN_AMOUNT
+    assert create["amount"]["maximum"] == validation.MAX_AMOUNT
+    assert create["accountNumber"]["pattern"] == validation.ACCOUNT_RE.pattern
+    assert create["description"]["maxLength"] == validation.MAX_DESCRIPTION
     assert create["uuid"]["pattern"] == UUID_RE.pattern
     _, ingest = build("webhook_ingest", Settings.from_env({}))
     data = ingest["components"]["schemas"]["Webhook"]["properties"]["data"]["properties"]
     assert data["reference"]["maxLength"] == payload.MAX_REFERENCE_LEN
-    assert data["orderCode"]["maximum"] == payload.MAX_ORDER_CODE
+    assert data["orderCode"]["maximum"] == MAX_ORDER_CODE
 
 
 async def test_paging_given_with_a_uuid_is_validated_as_documented(

@@ -25,7 +25,8 @@ from payos import APIError, AsyncPayOS
 from session_api import create_app
 from session_api.appkeys import SESSIONS
 from session_api.cleanup import run_cleanup
-from session_api.sessions import CreateRequest, SessionView
+from session_api.session_view import SessionView
+from session_api.validation import CreateRequest
 from shared.appkeys import CACHE, METRICS
 from shared.model import StatusEvent, StreamStatus, utcnow
 from shared.mongo import Store

@@ -11,7 +11,12 @@ from shared.clients import mongo_ctx, redis_ctx, supervisor_ctx
 from shared.payos_client import payos_client
 from shared.settings import Settings
 from shared.status import StatusReader
-from shared.web import cors_middleware, new_registry, request_context_middleware
+from shared.web import (
+    cors_middleware,
+    error_middleware,
+    new_registry,
+    request_context_middleware,
+)
 
 from .appkeys import (
     DEPOSIT_PAGE,
@@ -30,7 +35,6 @@ from .page import security_headers
 from .routes import setup_routes
 from .sessions import LinkUrls, Sessions
 from .stats import StatsSnapshot
-from .views import MAX_BODY_BYTES
 
 
 async def _payos_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -68,9 +72,10 @@ def create_app(settings: Settings) -> web.Application:
         middlewares=[
             request_context_middleware,
             cors_middleware(settings.cors_origins),
-            body_limit_middleware(MAX_BODY_BYTES),
+            error_middleware,
+            body_limit_middleware(settings.session_max_body_bytes),
         ],
-        client_max_size=MAX_BODY_BYTES,
+        client_max_size=settings.session_max_body_bytes,
     )
     app[SETTINGS] = settings
     app[TRUSTED_PROXIES] = parse_networks(settings.trusted_proxies)

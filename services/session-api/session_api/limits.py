@@ -21,7 +21,9 @@ from redis.asyncio import Redis
 
 from shared import keys
 from shared.clients import REDIS_ERRORS
-from shared.web import Handler, json_error
+from shared.web import Handler
+
+from .errors import BodyTooLarge, RateLimited
 
 log = structlog.get_logger(__name__)
 
@@ -110,36 +112,34 @@ def client_address(request: web.Request, trusted: Sequence[Network]) -> str:
 
 async def check_rate(
     request: web.Request, limiter: RateLimiter, trusted: tuple[Network, ...]
-) -> web.Response | None:
-    """None if `request` may create a session, else the 429 to answer."""
+) -> None:
+    """Count a creation by `request`'s client; RateLimited (429) when over the limit."""
     client = client_address(request, trusted)
     try:
         decision = await limiter.hit(client)
     except REDIS_ERRORS as exc:
         log.warning("rate_limit_unavailable", error=str(exc))
-        return None
+        return
     if decision.allowed:
-        return None
+        return
     log.info("session_rate_limited", client=client, count=decision.count)
-    response = json_error(
-        429,
+    raise RateLimited(
         f"too many payment sessions from this address; at most {limiter.limit} per "
         f"{limiter.window_seconds} s, try again in {decision.retry_after} s",
-        retryAfter=decision.retry_after,
+        retry_after=decision.retry_after,
     )
-    response.headers["Retry-After"] = str(decision.retry_after)
-    return response
 
 
 def body_limit_middleware(max_bytes: int) -> Any:
     """413 for any request declaring a body over `max_bytes`, before its handler runs (and
-    so before authentication): a handler that never reads its body still refuses it."""
+    so before authentication): a handler that never reads its body still refuses it. Inside
+    `error_middleware`, which answers it."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         length = request.content_length
         if length is not None and length > max_bytes:
-            return json_error(413, f"body exceeds {max_bytes} bytes")
+            raise BodyTooLarge(max_bytes)
         return await handler(request)
 
     return middleware

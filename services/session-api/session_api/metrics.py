@@ -14,11 +14,8 @@ class SessionMetrics:
     status_db_queries: Counter
     cleanup_expired: Counter
     cleanup_deleted: Counter
-    # Children of `status_reads`, bound once: the status read is the hot path.
+    # The child of `status_reads` a cached read counts, bound once: the hot path.
     reads_found: Counter
-    reads_not_found: Counter
-    reads_invalid: Counter
-    reads_store_unavailable: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> SessionMetrics:
@@ -28,6 +25,10 @@ class SessionMetrics:
             ["result"],
             registry=registry,
         )
+        # Every outcome's series exists from the start (at 0); the others are counted by
+        # the label of the domain error that ended the read.
+        for outcome in ("not_found", "invalid", "store_unavailable"):
+            status_reads.labels(outcome)
         return cls(
             sessions=Counter(
                 "paypush_session_requests",
@@ -53,7 +54,4 @@ class SessionMetrics:
                 registry=registry,
             ),
             reads_found=status_reads.labels("found"),
-            reads_not_found=status_reads.labels("not_found"),
-            reads_invalid=status_reads.labels("invalid"),
-            reads_store_unavailable=status_reads.labels("store_unavailable"),
         )

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 from shared import openapi
-from shared.model import UUID_RE, SessionStatus, StreamStatus
+from shared.model import MAX_ORDER_CODE, UUID_RE, SessionStatus, StreamStatus
 from shared.openapi import Doc
 from shared.settings import Settings
 
-from .sessions import (
+from .stats import MAX_AGE_SECONDS
+from .validation import (
     ACCOUNT_RE,
+    DEFAULT_PAGE_SIZE,
     DESCRIPTION_RE,
     MAX_AMOUNT,
     MAX_DESCRIPTION,
-    MAX_ORDER_CODE,
+    MAX_PAGE,
+    MAX_PAGE_SIZE,
     MIN_AMOUNT,
 )
-from .stats import MAX_AGE_SECONDS
-from .views import DEFAULT_PAGE_SIZE, MAX_BODY_BYTES, MAX_PAGE, MAX_PAGE_SIZE
 
 UUID: Doc = {"type": "string", "pattern": UUID_RE.pattern, "description": "A lowercase uuid4."}
 ACCOUNT: Doc = {
@@ -171,10 +172,11 @@ def _or_empty(maximum: int) -> Doc:
     return {"anyOf": [{"type": "integer", "minimum": 1, "maximum": maximum}, {"const": ""}]}
 
 
-TOO_LARGE = openapi.error(f"Body over {MAX_BODY_BYTES} bytes; nothing stored.")
+def _too_large(settings: Settings) -> Doc:
+    return openapi.error(f"Body over {settings.session_max_body_bytes} bytes; nothing stored.")
 
 
-def _cleanup(method: str) -> Doc:
+def _cleanup(method: str, settings: Settings) -> Doc:
     op: Doc = {
         "operationId": f"cleanup{method.capitalize()}",
         "summary": "Expire stale pending sessions (publishing `expired`), delete expired "
@@ -187,7 +189,7 @@ def _cleanup(method: str) -> Doc:
         },
     }
     if method == "post":
-        op["responses"]["413"] = TOO_LARGE
+        op["responses"]["413"] = _too_large(settings)
     return op
 
 
@@ -235,7 +237,7 @@ def document(settings: Settings) -> Doc:
                             "one session only): `retryable: false`, make a new uuid. Or that "
                             "session is still being created: `retryable: true`, retry."
                         ),
-                        "413": TOO_LARGE,
+                        "413": _too_large(settings),
                         "429": openapi.error(
                             "The account's pending limit (`pendingCount`, `maxAllowed`) or the "
                             "client's rate limit (`retryAfter`, and the header) is reached.",
@@ -301,7 +303,10 @@ def document(settings: Settings) -> Doc:
                     },
                 }
             },
-            "/api/webhooks/cleanup": {"get": _cleanup("get"), "post": _cleanup("post")},
+            "/api/webhooks/cleanup": {
+                "get": _cleanup("get", settings),
+                "post": _cleanup("post", settings),
+            },
             "/api/stats": {
                 "get": {
                     "operationId": "stats",

@@ -8,15 +8,14 @@ from urllib.parse import urlsplit
 
 import segno
 from aiohttp import web
-from pymongo.errors import PyMongoError
 
-from shared.appkeys import SETTINGS, STORE
+from shared.appkeys import SETTINGS
 from shared.i18n import request_language, switch_redirect
 from shared.model import is_valid_uuid
-from shared.web import json_error
 
 from . import document
-from .appkeys import DEPOSIT_PAGE
+from .appkeys import DEPOSIT_PAGE, SESSIONS
+from .errors import InvalidRequest, NotFound
 
 STATIC_DIR = document.STATIC_DIR
 
@@ -47,13 +46,10 @@ async def qr_svg(request: web.Request) -> web.Response:
     """`GET /api/sessions/{uuid}/qr.svg`: the session's VietQR payload drawn as SVG."""
     uuid = request.match_info["uuid"]
     if not is_valid_uuid(uuid):
-        return json_error(400, "`uuid` must be a uuid4")
-    try:
-        doc = await request.app[STORE].find_session(uuid)
-    except PyMongoError:
-        return json_error(503, "storage unavailable, try again later", retryable=True)
+        raise InvalidRequest("`uuid` must be a uuid4")
+    doc = await request.app[SESSIONS].find(uuid)
     if doc is None or not doc.get("qrCode"):
-        return json_error(404, "no payment session with this uuid")
+        raise NotFound("no payment session with this uuid")
     out = io.BytesIO()
     segno.make(doc["qrCode"], error="m").save(out, kind="svg", scale=6, border=2, xmldecl=False)
     return web.Response(

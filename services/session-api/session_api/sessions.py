@@ -23,14 +23,9 @@ tell two sessions of one uuid apart. Only a creation that fails gives its uuid b
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import random
-import re
-import secrets
-import time
 import uuid as uuidlib
-from collections.abc import AsyncIterator, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Coroutine
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -38,19 +33,18 @@ import structlog
 from bson import ObjectId
 from payos import APIError, AsyncPayOS, ConnectionTimeoutError, PayOSError
 from payos.types import CreatePaymentLinkRequest
-from pymongo import ReturnDocument
-from pymongo.asynchronous.collection import AsyncCollection
+from pymongo import DESCENDING
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from shared.cache import StatusCache
 from shared.clients import REDIS_ERRORS
+from shared.errors import storage
 from shared.keys import SESSION_TTL_SECONDS
-from shared.model import SessionStatus, StatusEvent, is_valid_uuid, new_session, utcnow
+from shared.model import SessionStatus, StatusEvent, new_session, utcnow
 from shared.mongo import Doc, Store
 
 from .errors import (
     AccountBusy,
-    InvalidRequest,
     LimitReached,
     PayOSFailed,
     PayOSTimeout,
@@ -58,231 +52,16 @@ from .errors import (
     UuidConflict,
     UuidUsed,
 )
+from .locks import COUNTERS, LOCKS, AccountLocks, OrderCodes
+from .session_view import SessionPage, SessionView, public
+from .validation import CreateRequest, Paging
 
 log = structlog.get_logger(__name__)
 
-# Amounts in VND. PayOS takes positive integers; 1,000 VND is the smallest transfer most
-# Vietnamese banks accept, 10 billion VND far above any deposit this site takes.
-MIN_AMOUNT = 1_000
-MAX_AMOUNT = 10_000_000_000
-# PayOS limits a payment link's description to 25 characters; banks copy it into the
-# transfer note, where only unaccented letters, digits and spaces survive every bank.
-MAX_DESCRIPTION = 25
-DEFAULT_DESCRIPTION = "NAPTIEN"
-DESCRIPTION_RE = re.compile(r"^[A-Za-z0-9 ]+$")
-# Vietnamese bank account numbers are 6 to 19 digits; one more for safety.
-ACCOUNT_RE = re.compile(r"^[0-9]{6,20}$")
-
-LOCKS = "locks"
-COUNTERS = "counters"
-# A lock is held for a count and two inserts (milliseconds); the lease only matters when a
-# replica dies holding it, and must outlast MongoDB's own timeouts on a slow round trip.
-LOCK_LEASE_MS = 10_000
-# How long a request waits for its account's lock before answering 503 (retry).
-LOCK_WAIT_SECONDS = 5.0
-ORDER_CODE_COUNTER = "orderCode"
-# PayOS order codes are positive and JavaScript-safe.
-MAX_ORDER_CODE = 9_007_199_254_740_991
 # How long a used uuid is remembered after its session's expiry: far beyond everything else
 # that remembers the session (its document until the TTL monitor runs, its cached status for
 # 15 min after the last change, a browser's saved session for resuming).
 USED_UUID_RETENTION = timedelta(days=30)
-
-
-@dataclass(frozen=True, slots=True)
-class CreateRequest:
-    account_number: str
-    amount: int
-    description: str
-    uuid: str | None
-
-
-def validate_account_number(value: object) -> str:
-    if not isinstance(value, str) or not ACCOUNT_RE.fullmatch(value):
-        raise InvalidRequest("`accountNumber` must be a string of 6 to 20 digits")
-    return value
-
-
-def validate_uuid(value: object, name: str = "uuid") -> str:
-    if not isinstance(value, str) or not is_valid_uuid(value):
-        raise InvalidRequest(f"`{name}` must be a lowercase uuid4")
-    return value
-
-
-def parse_create_request(body: object) -> CreateRequest:
-    """The validated body of `POST /api/sessions`, or InvalidRequest."""
-    if not isinstance(body, dict):
-        raise InvalidRequest("body must be a JSON object")
-    account = validate_account_number(body.get("accountNumber"))
-    amount = body.get("amount")
-    # bool is an int in Python, never in JSON.
-    if not isinstance(amount, int) or isinstance(amount, bool):
-        raise InvalidRequest("`amount` must be an integer number of VND")
-    if not MIN_AMOUNT <= amount <= MAX_AMOUNT:
-        raise InvalidRequest(f"`amount` must be between {MIN_AMOUNT} and {MAX_AMOUNT} VND")
-    description = body.get("description")
-    if description is None:
-        description = DEFAULT_DESCRIPTION
-    elif (
-        not isinstance(description, str)
-        or not 0 < len(description) <= MAX_DESCRIPTION
-        or not DESCRIPTION_RE.fullmatch(description)
-    ):
-        raise InvalidRequest(
-            f"`description` must be 1 to {MAX_DESCRIPTION} unaccented letters, digits or spaces"
-        )
-    raw_uuid = body.get("uuid")
-    uuid = None if raw_uuid is None else validate_uuid(raw_uuid)
-    return CreateRequest(account, amount, description, uuid)
-
-
-def iso(value: datetime) -> str:
-    return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-@dataclass(frozen=True, slots=True)
-class SessionView:
-    """A session as the creating browser sees it."""
-
-    doc: Doc
-    resumed: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        d = self.doc
-        return {
-            "uuid": d["uuid"],
-            "orderCode": d["orderCode"],
-            "amount": d["amount"],
-            "description": d["description"],
-            "checkoutUrl": d["checkoutUrl"],
-            "qrCode": d["qrCode"],
-            "status": d["status"],
-            "expiresAt": iso(d["expiresAt"]),
-            "resumed": self.resumed,
-        }
-
-
-@dataclass
-class _LocalTurn:
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    users: int = 0
-
-
-class AccountLocks:
-    """Per-account mutual exclusion across replicas, as leased documents in MongoDB.
-
-    Acquire: insert `{_id: account}` (the unique `_id` lets one insert win), or take over a
-    lease that has run out with a conditional update. Release: delete it if still ours.
-    Within one process, requests for one account queue on an asyncio lock first, so only
-    one of them at a time competes for the MongoDB lock.
-    """
-
-    def __init__(
-        self,
-        locks: AsyncCollection[Doc],
-        *,
-        lease_ms: int = LOCK_LEASE_MS,
-        wait_seconds: float = LOCK_WAIT_SECONDS,
-    ) -> None:
-        self._locks = locks
-        self._lease_ms = lease_ms
-        self._wait = wait_seconds
-        self._local: dict[str, _LocalTurn] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, account: str) -> AsyncIterator[str]:
-        """Hold `account`'s lock for the block; yields the lock's token (AccountBusy on wait)."""
-        token = secrets.token_hex(12)
-        turn = self._local.setdefault(account, _LocalTurn())
-        turn.users += 1
-        try:
-            try:
-                async with asyncio.timeout(self._wait):
-                    await turn.lock.acquire()
-                    try:
-                        await self._acquire(account, token)
-                    except BaseException:
-                        # Timed out mid-insert, the lock may be ours in MongoDB after all.
-                        await asyncio.shield(self._release(account, token))
-                        turn.lock.release()
-                        raise
-            except TimeoutError:
-                raise AccountBusy("this account is busy; try again in a moment") from None
-            try:
-                yield token
-            finally:
-                try:
-                    # Shielded: a cancelled request must still give the lock back.
-                    await asyncio.shield(self._release(account, token))
-                finally:
-                    turn.lock.release()
-        finally:
-            turn.users -= 1
-            if turn.users == 0:
-                del self._local[account]
-
-    async def still_held(self, account: str, token: str) -> bool:
-        return await self._locks.find_one({"_id": account, "owner": token}, {"_id": 1}) is not None
-
-    async def _acquire(self, account: str, token: str) -> None:
-        delay = 0.002
-        while not await self._try_acquire(account, token):
-            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, 0.05)
-
-    async def _try_acquire(self, account: str, token: str) -> bool:
-        # Epoch milliseconds, not a datetime: a lease compared as a number needs no
-        # `$set` of a datetime (which the MongoDB stand-in would store as a string).
-        now_ms = int(time.time() * 1000)
-        lease = {"owner": token, "leaseUntil": now_ms + self._lease_ms}
-        try:
-            await self._locks.insert_one({"_id": account, **lease})
-        except DuplicateKeyError:
-            taken = await self._locks.find_one_and_update(
-                {"_id": account, "leaseUntil": {"$lt": now_ms}},
-                {"$set": lease, "$currentDate": {"takenOverAt": True}},
-            )
-            if taken is None:
-                return False
-            log.warning("account_lock_taken_over", account=account, previous=taken.get("owner"))
-        return True
-
-    async def _release(self, account: str, token: str) -> None:
-        try:
-            await self._locks.delete_one({"_id": account, "owner": token})
-        except PyMongoError as exc:
-            # The lease runs out on its own.
-            log.warning("account_lock_release_failed", account=account, error=str(exc))
-
-
-class OrderCodes:
-    """orderCodes unique across replicas: one counter document, incremented atomically.
-
-    The counter is seeded with the current time in milliseconds the first time it is used,
-    so after a database reset new codes start above every code issued before (unless more
-    than 1,000 codes a second were issued on average) and PayOS, which remembers every code
-    of a merchant, does not refuse them as duplicates.
-    """
-
-    def __init__(self, counters: AsyncCollection[Doc]) -> None:
-        self._counters = counters
-
-    async def next(self) -> int:
-        while True:
-            doc = await self._counters.find_one_and_update(
-                {"_id": ORDER_CODE_COUNTER},
-                {"$inc": {"seq": 1}},
-                return_document=ReturnDocument.AFTER,
-            )
-            if doc is not None:
-                code = int(doc["seq"])
-                if not 0 < code <= MAX_ORDER_CODE:
-                    raise StoreUnavailable("orderCode counter is out of PayOS's range")
-                return code
-            with contextlib.suppress(DuplicateKeyError):
-                await self._counters.insert_one(
-                    {"_id": ORDER_CODE_COUNTER, "seq": int(time.time() * 1000)}
-                )
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,13 +112,11 @@ class Sessions:
 
     async def create(self, req: CreateRequest) -> SessionView:
         """Resume `req.uuid`'s pending session, or create a new one within the limit."""
-        try:
-            if req.uuid is not None:
+        if req.uuid is not None:
+            with storage():
                 existing = await self._resumable(req.uuid, req.account_number)
-                if existing is not None:
-                    return SessionView(existing, resumed=True)
-        except PyMongoError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            if existing is not None:
+                return SessionView(existing, resumed=True)
         attempt = _Attempt()
         try:
             reserved = await self._reserve(req, req.uuid or str(uuidlib.uuid4()), attempt)
@@ -387,16 +164,33 @@ class Sessions:
 
     async def pending_count(self, account: str, now: datetime | None = None) -> int:
         """Live pending sessions of `account` (ignores what the TTL monitor has not deleted)."""
-        return await self._store.sessions.count_documents(
-            {
-                "accountNumber": account,
-                "status": SessionStatus.PENDING.value,
-                "expiresAt": {"$gt": now or utcnow()},
-            }
-        )
+        with storage():
+            return await self._store.sessions.count_documents(
+                {
+                    "accountNumber": account,
+                    "status": SessionStatus.PENDING.value,
+                    "expiresAt": {"$gt": now or utcnow()},
+                }
+            )
 
     async def find(self, uuid: str) -> Doc | None:
-        return await self._store.find_session(uuid)
+        """The live session with this uuid, if any."""
+        with storage():
+            return await self._store.find_session(uuid)
+
+    async def list_page(self, paging: Paging) -> SessionPage:
+        """One page of every stored session, newest first (the admins' list)."""
+        sessions = self._store.sessions
+        with storage():
+            total = await sessions.count_documents({})
+            cursor = (
+                sessions.find({}, {"_id": 0, "references": 0})
+                .sort("createdAt", DESCENDING)
+                .skip(paging.skip)
+                .limit(paging.limit)
+            )
+            items = [public(doc) async for doc in cursor]
+        return SessionPage(paging.page, paging.limit, total, items)
 
     async def _resumable(self, uuid: str, account: str) -> Doc | None:
         """The session to resume for `uuid`, None if no live session has it, else UuidConflict."""

@@ -9,7 +9,7 @@ from aiohttp import web
 from shared.appkeys import CACHE, SETTINGS, STORE, SUPERVISOR
 from shared.clients import mongo_ctx, redis_ctx, supervisor_ctx
 from shared.settings import Settings
-from shared.web import new_registry, request_context_middleware
+from shared.web import error_middleware, new_registry, request_context_middleware
 
 from .appkeys import INGEST_METRICS, INGESTOR, RESYNC
 from .ingest import Ingestor
@@ -31,7 +31,7 @@ async def _ingest_ctx(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings) -> web.Application:
     """webhook-ingest: `POST /api/webhooks` plus the ops routes."""
     app = web.Application(
-        middlewares=[request_context_middleware],
+        middlewares=[request_context_middleware, error_middleware],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings

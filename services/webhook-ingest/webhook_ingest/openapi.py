@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from shared import openapi
+from shared.model import MAX_ORDER_CODE
 from shared.openapi import Doc
 from shared.settings import Settings
 
 from .ingest import Outcome
-from .payload import _DATA_FIELDS, _OPTIONAL_STR, MAX_AMOUNT, MAX_ORDER_CODE, MAX_REFERENCE_LEN
+from .payload import _DATA_FIELDS, _OPTIONAL_STR, MAX_AMOUNT, MAX_REFERENCE_LEN
 
 _NULLABLE_STRING: Doc = {"type": ["string", "null"]}
 

@@ -10,6 +10,7 @@ import bson
 from bson.errors import BSONError
 
 from shared.logs import signature_hint
+from shared.model import MAX_ORDER_CODE
 from shared.signing import verify_data
 
 from .errors import BadSignature, InvalidWebhook
@@ -26,10 +27,9 @@ _OPTIONAL_STR = (
     "transactionDateTime",
 )
 MAX_REFERENCE_LEN = 128
-# PayOS order codes are positive and JavaScript-safe.
-MAX_ORDER_CODE = 9_007_199_254_740_991
-# Amounts too (VND): and what MongoDB stores as a 64-bit integer.
-MAX_AMOUNT = 9_007_199_254_740_991
+# Amounts are JavaScript-safe too (VND), like order codes: and what MongoDB stores as a
+# 64-bit integer.
+MAX_AMOUNT = MAX_ORDER_CODE
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""HTTP views of the ingest: they speak HTTP and map domain errors to status codes."""
+"""HTTP views of the ingest: they speak HTTP; a domain error they raise is answered by
+`shared.web.error_middleware` (its status is the error's own)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import structlog
 from aiohttp import web
 
 from shared.appkeys import SETTINGS
-from shared.web import json_error
+from shared.errors import ServiceError
+from shared.web import read_body
 
 from .appkeys import INGEST_METRICS, INGESTOR
-from .errors import BadSignature, InvalidWebhook, StoreUnavailable
+from .errors import BadSignature
 from .payload import parse_webhook
 
 log = structlog.get_logger(__name__)
@@ -22,29 +24,17 @@ async def receive_webhook(request: web.Request) -> web.Response:
     started = time.perf_counter()
     metrics = request.app[INGEST_METRICS]
     try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        metrics.webhooks.labels("too_large").inc()
-        return json_error(413, f"body exceeds {request.app[SETTINGS].max_body_bytes} bytes")
-    try:
+        body = await read_body(request, request.app[SETTINGS].max_body_bytes)
         webhook = parse_webhook(body, request.app[SETTINGS].payos_checksum_key)
-    except InvalidWebhook as exc:
-        metrics.webhooks.labels("invalid").inc()
-        return json_error(400, str(exc))
-    except BadSignature as exc:
-        metrics.webhooks.labels("bad_signature").inc()
-        log.warning("webhook_rejected", reason=str(exc), signature=exc.hint)
-        return json_error(401, str(exc))
-
-    structlog.contextvars.bind_contextvars(
-        order_code=webhook.order_code, reference=webhook.reference
-    )
-    try:
+        structlog.contextvars.bind_contextvars(
+            order_code=webhook.order_code, reference=webhook.reference
+        )
         result = await request.app[INGESTOR].ingest(webhook)
-    except StoreUnavailable as exc:
-        metrics.webhooks.labels("store_unavailable").inc()
-        log.error("webhook_not_stored", error=str(exc))
-        return json_error(503, "storage unavailable, deliver again later", retryable=True)
+    except ServiceError as exc:
+        metrics.webhooks.labels(exc.label).inc()
+        if isinstance(exc, BadSignature):
+            log.warning("webhook_rejected", reason=str(exc), signature=exc.hint)
+        raise
 
     metrics.webhooks.labels(result.outcome.value).inc()
     metrics.latency.observe(time.perf_counter() - started)
