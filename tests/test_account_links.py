@@ -192,8 +192,8 @@ def token_from(url: str) -> tuple[str, str]:
 
 def test_the_readmes_python_example_makes_a_link_we_accept() -> None:
     block = readme_block("python")
-    assert len(block.strip().splitlines()) == 5
-    scope: dict[str, object] = {"ACCOUNT_LINK_KEY": KEY, "account": "shop.user-42"}
+    assert len([line for line in block.splitlines() if line.strip()]) == 5
+    scope: dict[str, object] = {"link_key": KEY, "account": "shop.user-42"}
     exec(block, scope)
     account, token = token_from(str(scope["deposit_url"]))
     assert account == "shop.user-42"
@@ -205,7 +205,7 @@ def test_the_readmes_node_example_makes_a_link_we_accept(tmp_path: Path) -> None
     if node is None:
         pytest.skip("node is not installed")
     block = readme_block("js")
-    assert len(block.strip().splitlines()) == 5
+    assert len([line for line in block.splitlines() if line.strip()]) == 5
     script = tmp_path / "link.js"
     script.write_text(f'const account = "shop.user-42";\n{block}\nconsole.log(depositUrl);\n')
     result = subprocess.run(
@@ -367,12 +367,14 @@ async def test_the_limit_check_of_a_signed_account_answers(signed: Client) -> No
     assert status == 200 and (body["canCreate"], body["pendingCount"]) == (True, 0)
 
 
-@pytest.mark.parametrize(("kind", "reason"), BAD_TOKENS)
+# A query parameter is a string: no number or object there.
+BAD_QUERY_TOKENS = [p for p in BAD_TOKENS if p.id not in ("number", "object")]
+
+
+@pytest.mark.parametrize(("kind", "reason"), BAD_QUERY_TOKENS)
 async def test_the_limit_check_with_a_bad_token_is_401(
     signed: Client, kind: object, reason: str
 ) -> None:
-    if isinstance(kind, (int, dict)):
-        pytest.skip("a query parameter is a string")
     params = {"accountNumber": "victim-1"}
     if kind is not None:
         params["accountToken"] = str(bad_token(kind, "victim-1"))

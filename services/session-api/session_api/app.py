@@ -18,7 +18,9 @@ from shared.web import (
     request_context_middleware,
 )
 
+from .accounts import AccountLinks
 from .appkeys import (
+    ACCOUNT_LINKS,
     DEPOSIT_PAGE,
     PAYOS,
     RATE_LIMITER,
@@ -82,6 +84,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SESSION_METRICS] = SessionMetrics.create(new_registry(app))
     # Loaded here, not on first request: a catalogue that lacks a key stops the start.
     app[DEPOSIT_PAGE] = DepositPage.load(settings)
+    app[ACCOUNT_LINKS] = AccountLinks(settings.account_link_key)
     app.cleanup_ctx.extend([supervisor_ctx, redis_ctx, mongo_ctx, _payos_ctx, _sessions_ctx])
     app.on_response_prepare.append(security_headers)
     setup_routes(app)

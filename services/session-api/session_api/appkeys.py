@@ -5,6 +5,7 @@ from payos import AsyncPayOS
 
 from shared.status import StatusReader
 
+from .accounts import AccountLinks
 from .document import DepositPage
 from .limits import Network, RateLimiter
 from .metrics import SessionMetrics
@@ -19,3 +20,4 @@ RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 STATS = web.AppKey("stats", StatsSnapshot)
 TRUSTED_PROXIES: web.AppKey[tuple[Network, ...]] = web.AppKey("trusted_proxies")
 DEPOSIT_PAGE = web.AppKey("deposit_page", DepositPage)
+ACCOUNT_LINKS = web.AppKey("account_links", AccountLinks)

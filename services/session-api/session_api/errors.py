@@ -132,3 +132,7 @@ class AccountLinkRejected(ServiceError):
 
     def fields(self) -> dict[str, Any]:
         return {"reason": self.reason}
+
+    def headers(self) -> dict[str, str]:
+        # A 401 names how to authenticate (RFC 9110): with the shop's signed account link.
+        return {"WWW-Authenticate": 'AccountToken realm="deposit"'}
