@@ -54,7 +54,7 @@ class AccountLinks:
     def required(self) -> bool:
         return bool(self.key)
 
-    def verify(self, account: str, token: object) -> None:
+    def verify(self, account: str, token: str | None) -> None:
         """Accept `account` with `token`, or raise AccountLinkRejected (401)."""
         if not self.key:
             return
@@ -64,7 +64,7 @@ class AccountLinks:
                 "`accountToken` is required: accounts come from the shop's signed link "
                 "(/?account=…&token=…)",
             )
-        match = TOKEN_RE.fullmatch(token) if isinstance(token, str) else None
+        match = TOKEN_RE.fullmatch(token)
         if match is None:
             raise AccountLinkRejected(
                 "malformed", "`accountToken` must be `<expires>.<64 hex digits>`"

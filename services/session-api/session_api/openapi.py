@@ -12,6 +12,7 @@ from .validation import (
     ACCOUNT_RE,
     DEFAULT_PAGE_SIZE,
     DESCRIPTION_RE,
+    MAX_ACCOUNT_TOKEN,
     MAX_AMOUNT,
     MAX_DESCRIPTION,
     MAX_PAGE,
@@ -28,7 +29,7 @@ ACCOUNT: Doc = {
 }
 ACCOUNT_TOKEN: Doc = {
     "type": ["string", "null"],
-    "maxLength": 128,
+    "maxLength": MAX_ACCOUNT_TOKEN,
     "description": "With ACCOUNT_LINK_KEY set, required: the shop's signature of the account, "
     "`<expires>.<hex HMAC-SHA256 of account:expires>` (README, accounts proven by the shop); "
     "ignored otherwise.",
@@ -324,11 +325,30 @@ def document(settings: Settings) -> Doc:
                     "operationId": "depositPage",
                     "summary": "The deposit page, in Vietnamese unless the reader prefers "
                     "English (Accept-Language, or the switch's cookie).",
+                    "parameters": [
+                        openapi.query_param(
+                            "lang",
+                            {"type": "string"},
+                            "The switch: `vi` or `en` is remembered in a cookie and the "
+                            "reader sent back to the address without it (303); another "
+                            "value is ignored.",
+                        ),
+                        openapi.query_param(
+                            "account", {"type": "string"}, "The shop's signed account link."
+                        ),
+                        openapi.query_param(
+                            "token", {"type": "string"}, "The shop's signature of `account`."
+                        ),
+                    ],
                     "responses": {
+                        "303": {
+                            "description": "`?lang=vi|en`: remembered; go to `Location`.",
+                            "headers": {"Location": {"schema": {"type": "string"}}},
+                        },
                         "200": {
                             "description": "HTML.",
                             "content": {"text/html": {"schema": {"type": "string"}}},
-                        }
+                        },
                     },
                 }
             },

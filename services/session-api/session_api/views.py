@@ -32,6 +32,7 @@ from .validation import (
     parse_json,
     parse_paging,
     validate_account_number,
+    validate_account_token,
     validate_uuid,
 )
 
@@ -123,6 +124,8 @@ async def check_session_limit(request: web.Request) -> web.Response:
     has_uuid, has_account = "uuid" in request.query, "accountNumber" in request.query
     if has_uuid == has_account:
         raise InvalidRequest("give exactly one of `uuid` and `accountNumber`")
+    # Validated whichever is given (like paging beside a uuid), used with an account only.
+    token = validate_account_token(request.query.get("accountToken"))
     sessions = request.app[SESSIONS]
     if has_uuid:
         doc = await sessions.find(validate_uuid(request.query["uuid"]))
@@ -148,7 +151,7 @@ async def check_session_limit(request: web.Request) -> web.Response:
         )
     account = validate_account_number(request.query["accountNumber"])
     # Another account's count is not this caller's business unless the shop says it is theirs.
-    request.app[ACCOUNT_LINKS].verify(account, request.query.get("accountToken"))
+    request.app[ACCOUNT_LINKS].verify(account, token)
     count = await sessions.pending_count(account)
     maximum = sessions.max_pending
     can_create = count < maximum
