@@ -82,18 +82,11 @@ def redis_client(
     return Redis.from_pool(pool)
 
 
-async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Open Redis and the status cache; Redis may be down at start-up (readiness says so)."""
-    settings = app[SETTINGS]
-    redis = redis_client(settings)
-    app[REDIS] = redis
-    app[CACHE] = StatusCache(redis, sharded=settings.redis_cluster)
-    yield
-    await redis.aclose()
-
-
-def bounded_redis_ctx(max_connections: int, client_name: str) -> CleanupCtx:
-    """Like `redis_ctx`, over at most `max_connections` connections named `client_name`."""
+def bounded_redis_ctx(
+    max_connections: int | None = None, client_name: str | None = None
+) -> CleanupCtx:
+    """Open Redis and the status cache (over at most `max_connections` connections named
+    `client_name`, when given); Redis may be down at start-up (readiness says so)."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
@@ -104,6 +97,10 @@ def bounded_redis_ctx(max_connections: int, client_name: str) -> CleanupCtx:
         await redis.aclose()
 
     return ctx
+
+
+# Unbounded: the pool opens a connection per concurrent command.
+redis_ctx = bounded_redis_ctx()
 
 
 async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -1,4 +1,17 @@
-"""MongoDB access: the two collections, their indexes, and the reads every service shares."""
+"""MongoDB access: the two collections, their indexes, and the reads every service shares.
+
+Every query keeps to what a real MongoDB does, and to what the local stand-in (nx-27017, the
+development and test database) does alike. Where the stand-in falls short, the code takes the
+way both answer the same, and says "(shared.mongo: stand-in)" rather than explaining again:
+
+- No `$set` of a datetime: the stand-in stores it as a string. Server times are written with
+  `$currentDate` (one clock for every replica anyway), a lease as epoch milliseconds, and a
+  datetime the client chose only in a whole document (an insert or a replace).
+- No condition beside a top-level `$or`: the stand-in ignores it. Run one query per branch.
+- Lookups by equality on an indexed field: what every server, and the stand-in, answers from
+  the index alone. Range conditions (a session's expiry) are checked on the document read.
+- The stand-in pays per operation rather than per document: batch writes (`insert_many`).
+"""
 
 from __future__ import annotations
 
@@ -94,8 +107,8 @@ class Store:
 
     async def find_session(self, uuid: str, now: datetime | None = None) -> Doc | None:
         """The live session with this uuid; one past its `expiresAt` is gone (TTL may lag)."""
-        # Expiry checked here rather than in the filter: an equality lookup is what every
-        # server (and the stand-in) answers from the unique index alone.
+        # Expiry checked here rather than in the filter: an equality lookup answers from the
+        # unique index alone (shared.mongo: stand-in).
         doc = await self.sessions.find_one({"uuid": uuid}, {"_id": 0})
         if doc is None or doc["expiresAt"] <= (now or utcnow()):
             return None

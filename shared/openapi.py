@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import fields
 from typing import Any
 
 from aiohttp import web
+
+from .model import MAX_ORDER_CODE, UUID_RE, StatusEvent, StreamStatus
 
 Doc = dict[str, Any]
 
@@ -33,6 +36,36 @@ ERROR_SCHEMA: Doc = {
         },
     },
 }
+
+
+# Schemas more than one service's document uses.
+UUID: Doc = {"type": "string", "pattern": UUID_RE.pattern, "description": "A lowercase uuid4."}
+ORDER_CODE: Doc = {"type": "integer", "minimum": 1, "maximum": MAX_ORDER_CODE}
+TIMESTAMP: Doc = {"type": "string", "format": "date-time"}
+
+# Each field of `StatusEvent` by its name in the model; `STATUS_EVENT_PROPERTIES` keys them
+# by their JSON names (`StatusEvent.to_dict`), and the tests hold both to the model.
+_STATUS_EVENT_FIELDS: Doc = {
+    "uuid": UUID,
+    "order_code": ORDER_CODE,
+    "status": {"enum": [s.value for s in StreamStatus]},
+    "amount": {"type": "integer"},
+    "amount_paid": {"type": "integer"},
+    "updated_at": TIMESTAMP,
+    "version": {"type": "integer", "minimum": 1},
+}
+
+
+def _json_name(field: str) -> str:
+    first, *rest = field.split("_")
+    return first + "".join(part.capitalize() for part in rest)
+
+
+STATUS_EVENT_PROPERTIES: Doc = {
+    _json_name(f.name): _STATUS_EVENT_FIELDS[f.name] for f in fields(StatusEvent)
+}
+# Every field of the event is always sent.
+STATUS_EVENT_REQUIRED = list(STATUS_EVENT_PROPERTIES)
 
 
 def json_body(schema: Doc) -> Doc:

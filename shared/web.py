@@ -23,6 +23,8 @@ ReadinessCheck = Callable[[web.Application], Awaitable[None]]
 
 REQUEST_ID_HEADER = "X-Request-ID"
 READINESS_TIMEOUT = 1.0
+# Every latency histogram's buckets (seconds): 1 ms to 5 s, one scale for every service.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
 def json_error(status: int, message: str, **extra: Any) -> web.Response:

@@ -103,3 +103,42 @@ async def test_paging_given_with_a_uuid_is_validated_as_documented(
         assert resp.status == 400, query
     resp = await client.get("/api/webhooks", params={"uuid": uuid, "page": "2", "limit": ""})
     assert resp.status == 404  # valid paging, no such session
+
+
+def test_the_status_event_schema_is_the_models_and_both_services_use_it() -> None:
+    from datetime import UTC, datetime
+
+    import jsonschema
+
+    from shared import openapi
+    from shared.model import MAX_ORDER_CODE, StatusEvent, StreamStatus
+
+    event = StatusEvent(
+        uuid="00000000-0000-4000-8000-000000000000",
+        order_code=MAX_ORDER_CODE,
+        status=StreamStatus.DONE,
+        amount=20_000,
+        amount_paid=20_000,
+        updated_at=datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC),
+        version=3,
+    )
+    sent = event.to_dict()
+    schema = {
+        "type": "object",
+        "required": openapi.STATUS_EVENT_REQUIRED,
+        "properties": openapi.STATUS_EVENT_PROPERTIES,
+        "additionalProperties": False,
+    }
+    assert list(openapi.STATUS_EVENT_PROPERTIES) == list(sent)
+    jsonschema.Draft202012Validator(
+        schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+    ).validate(sent)
+    _, gateway = build("stream_gateway", Settings.from_env({}))
+    _, api = build("session_api", Settings.from_env({}))
+    streamed = gateway["components"]["schemas"]["StatusEvent"]
+    polled = api["components"]["schemas"]["Status"]
+    assert streamed["properties"] == openapi.STATUS_EVENT_PROPERTIES
+    assert {k: v for k, v in polled["properties"].items() if k != "success"} == streamed[
+        "properties"
+    ]
+    assert polled["required"] == ["success", *streamed["required"]]

@@ -81,8 +81,7 @@ async def run_cleanup(
     cutoff = now - timedelta(seconds=SESSION_TTL_SECONDS)
     expired = published = 0
     unpublished: list[str] = []
-    # Two simple filters rather than one `$or`: the MongoDB stand-in ignores a condition
-    # beside a top-level `$or`.
+    # Two simple filters rather than one `$or` (shared.mongo: stand-in).
     for stale in (
         {"status": SessionStatus.PENDING.value, "expiresAt": {"$lte": now}},
         {"status": SessionStatus.PENDING.value, "createdAt": {"$lte": cutoff}},
@@ -140,7 +139,7 @@ async def _expire(store: Store, _id: object) -> Doc | None:
             # Marked before Redis is written, so a failed publish outlives this run.
             "$set": {"status": SessionStatus.EXPIRED.value, PUBLISH_PENDING: True},
             "$inc": {"version": 1},
-            # The database's clock, and no `$set` of a datetime (the stand-in stores a string).
+            # The database's clock, and no `$set` of a datetime (shared.mongo: stand-in).
             "$currentDate": {"updatedAt": True, "expiredAt": True},
         },
         projection={"_id": 0},

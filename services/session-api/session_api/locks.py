@@ -101,8 +101,8 @@ class AccountLocks:
             delay = min(delay * 2, 0.05)
 
     async def _try_acquire(self, account: str, token: str) -> bool:
-        # Epoch milliseconds, not a datetime: a lease compared as a number needs no
-        # `$set` of a datetime (which the MongoDB stand-in would store as a string).
+        # Epoch milliseconds, not a datetime: a lease compared as a number needs no `$set`
+        # of a datetime (shared.mongo: stand-in).
         now_ms = int(time.time() * 1000)
         lease = {"owner": token, "leaseUntil": now_ms + self._lease_ms}
         try:

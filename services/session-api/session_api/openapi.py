@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from shared import openapi
-from shared.model import MAX_ORDER_CODE, UUID_RE, SessionStatus, StreamStatus
+from shared.model import UUID_RE, SessionStatus
 from shared.openapi import Doc
 from shared.settings import Settings
 
@@ -20,7 +20,6 @@ from .validation import (
     MIN_AMOUNT,
 )
 
-UUID: Doc = {"type": "string", "pattern": UUID_RE.pattern, "description": "A lowercase uuid4."}
 ACCOUNT: Doc = {
     "type": "string",
     "pattern": ACCOUNT_RE.pattern,
@@ -38,8 +37,6 @@ LINK_REJECTED: Doc = openapi.error(
     "ACCOUNT_LINK_KEY is set and the account's token is missing, malformed, not the shop's, "
     "expired or valid for more than 1 h (`reason`); nothing counted."
 )
-ORDER_CODE: Doc = {"type": "integer", "minimum": 1, "maximum": MAX_ORDER_CODE}
-TIMESTAMP: Doc = {"type": "string", "format": "date-time"}
 
 CREATE_REQUEST: Doc = {
     "type": "object",
@@ -72,14 +69,14 @@ CREATE_REQUEST: Doc = {
 
 SESSION: Doc = openapi.success_object(
     {
-        "uuid": UUID,
-        "orderCode": ORDER_CODE,
+        "uuid": openapi.UUID,
+        "orderCode": openapi.ORDER_CODE,
         "amount": {"type": "integer"},
         "description": {"type": "string"},
         "checkoutUrl": {"type": "string"},
         "qrCode": {"type": "string"},
         "status": {"enum": [s.value for s in SessionStatus]},
-        "expiresAt": TIMESTAMP,
+        "expiresAt": openapi.TIMESTAMP,
         "resumed": {"type": "boolean"},
     },
     required=[
@@ -95,16 +92,7 @@ SESSION: Doc = openapi.success_object(
 )
 
 STATUS: Doc = openapi.success_object(
-    {
-        "uuid": UUID,
-        "orderCode": ORDER_CODE,
-        "status": {"enum": [s.value for s in StreamStatus]},
-        "amount": {"type": "integer"},
-        "amountPaid": {"type": "integer"},
-        "updatedAt": TIMESTAMP,
-        "version": {"type": "integer", "minimum": 1},
-    },
-    required=["uuid", "orderCode", "status", "amount", "amountPaid", "updatedAt", "version"],
+    openapi.STATUS_EVENT_PROPERTIES, required=openapi.STATUS_EVENT_REQUIRED
 )
 
 SESSION_LIST: Doc = openapi.success_object(
@@ -155,7 +143,7 @@ STATS: Doc = openapi.success_object(
         "cachedOrders": _COUNT,
         "activeSubscriptions": _COUNT,
         "pendingSessions": _COUNT,
-        "takenAt": TIMESTAMP | {"description": "When the counts were taken; admins only."},
+        "takenAt": openapi.TIMESTAMP | {"description": "When the counts were taken; admins only."},
         "errors": {
             "type": "object",
             "additionalProperties": {"type": "string"},
@@ -256,7 +244,9 @@ def document(settings: Settings) -> Doc:
                     "summary": "`?uuid=`: a session's status (polling); otherwise the admins' "
                     "paginated list (bearer ADMIN_TOKEN).",
                     "parameters": [
-                        openapi.query_param("uuid", UUID, "The session whose status to read."),
+                        openapi.query_param(
+                            "uuid", openapi.UUID, "The session whose status to read."
+                        ),
                         openapi.query_param(
                             "page", _or_empty(MAX_PAGE), "List page (default 1); admins only."
                         ),
@@ -290,7 +280,7 @@ def document(settings: Settings) -> Doc:
                     "summary": "Exactly one of `uuid` (does it exist, its status) and "
                     "`accountNumber` (may it create one more).",
                     "parameters": [
-                        openapi.query_param("uuid", UUID, "A session's uuid."),
+                        openapi.query_param("uuid", openapi.UUID, "A session's uuid."),
                         openapi.query_param("accountNumber", ACCOUNT, "An account."),
                         openapi.query_param(
                             "accountToken", ACCOUNT_TOKEN, "The shop's signature of the account."
@@ -357,7 +347,7 @@ def document(settings: Settings) -> Doc:
                     "operationId": "qrCode",
                     "summary": "The session's VietQR code as SVG.",
                     "parameters": [
-                        {"name": "uuid", "in": "path", "required": True, "schema": UUID}
+                        {"name": "uuid", "in": "path", "required": True, "schema": openapi.UUID}
                     ],
                     "responses": {
                         "200": {

@@ -14,7 +14,7 @@ from shared.appkeys import CACHE, SETTINGS, STORE, SUPERVISOR
 from shared.clients import bounded_redis_ctx, mongo_ctx, supervisor_ctx
 from shared.settings import Settings
 from shared.status import StatusReader
-from shared.web import cors_middleware, new_registry, request_context_middleware
+from shared.web import cors_middleware, error_middleware, new_registry, request_context_middleware
 
 from .admission import Admission, stream_limit
 from .appkeys import ADMISSION, GATEWAY_METRICS, HUB, STATUS_READER, STREAMS
@@ -78,7 +78,11 @@ async def _close_streams(app: web.Application) -> None:
 def create_app(settings: Settings) -> web.Application:
     """stream-gateway: `GET /api/webhooks/stream`, `GET /api/stats` plus the ops routes."""
     app = web.Application(
-        middlewares=[request_context_middleware, cors_middleware(settings.cors_origins)]
+        middlewares=[
+            request_context_middleware,
+            cors_middleware(settings.cors_origins),
+            error_middleware,
+        ]
     )
     app[SETTINGS] = settings
     metrics = GatewayMetrics.create(new_registry(app))

@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 from shared import openapi
-from shared.model import UUID_RE, StreamStatus
 from shared.openapi import Doc
 from shared.settings import Settings
-
-UUID: Doc = {"type": "string", "pattern": UUID_RE.pattern, "description": "A lowercase uuid4."}
 
 EVENT: Doc = {
     "type": "object",
     "description": "The `data` of each event; its `id:` is `version`.",
-    "required": ["uuid", "orderCode", "status", "amount", "amountPaid", "updatedAt", "version"],
-    "properties": {
-        "uuid": UUID,
-        "orderCode": {"type": "integer"},
-        "status": {"enum": [s.value for s in StreamStatus]},
-        "amount": {"type": "integer"},
-        "amountPaid": {"type": "integer"},
-        "updatedAt": {"type": "string", "format": "date-time"},
-        "version": {"type": "integer", "minimum": 1},
-    },
+    "required": openapi.STATUS_EVENT_REQUIRED,
+    "properties": openapi.STATUS_EVENT_PROPERTIES,
 }
 
 # One parsed event of the stream (what a client's EventSource hands over).
@@ -58,7 +47,7 @@ def document(settings: Settings) -> Doc:
                     f"{settings.sse_max_wait_seconds:g} s. Keep-alive comments every "
                     f"{settings.sse_keepalive_seconds:g} s.",
                     "parameters": [
-                        openapi.query_param("uuid", UUID, "The session.", required=True),
+                        openapi.query_param("uuid", openapi.UUID, "The session.", required=True),
                         {
                             "name": "Last-Event-ID",
                             "in": "header",

@@ -12,10 +12,12 @@ from aiohttp_sse import EventSourceResponse
 from pymongo.errors import PyMongoError
 
 from shared.appkeys import SETTINGS
+from shared.errors import InvalidInput, NotFound
 from shared.model import StatusEvent, is_valid_uuid
-from shared.web import add_cors_headers, json_error
+from shared.web import add_cors_headers
 
 from .appkeys import ADMISSION, GATEWAY_METRICS, HUB, STATUS_READER, STREAMS
+from .errors import StreamUnavailable
 from .hub import Listener
 from .metrics import GatewayMetrics
 
@@ -33,28 +35,26 @@ async def stream_status(request: web.Request) -> web.StreamResponse:
     app = request.app
     uuid = request.query.get("uuid", "")
     if not is_valid_uuid(uuid):
-        return json_error(400, "`uuid` must be a session uuid (uuid4)")
+        raise InvalidInput("`uuid` must be a session uuid (uuid4)")
     hub = app[HUB]
     metrics = app[GATEWAY_METRICS]
     if hub.closing:
         metrics.rejected.labels("closing").inc()
-        return _unavailable(app, "shutting down, connect again")
+        raise _unavailable(app, "shutting down, connect again")
     admission = app[ADMISSION]
     if not admission.try_enter():
         metrics.rejected.labels("full").inc()
-        return _unavailable(app, "this gateway holds all the streams it can, connect again")
+        raise _unavailable(app, "this gateway holds all the streams it can, connect again")
     try:
         return await _admitted(request, uuid)
     finally:
         admission.leave()
 
 
-def _unavailable(app: web.Application, message: str) -> web.Response:
-    """503 before any stream starts: the Ingress tries the next pod, a browser retries later."""
-    response = json_error(503, message, retryable=True)
+def _unavailable(app: web.Application, message: str) -> StreamUnavailable:
+    """503 before any stream starts, its `Retry-After` spread like the streams' `retry`."""
     retry_ms = app[SETTINGS].sse_retry_ms * random.uniform(1, 1 + 2 * RETRY_JITTER)
-    response.headers["Retry-After"] = str(max(1, round(retry_ms / 1000)))
-    return response
+    return StreamUnavailable(message, retry_after=max(1, round(retry_ms / 1000)))
 
 
 async def _admitted(request: web.Request, uuid: str) -> web.StreamResponse:
@@ -70,9 +70,9 @@ async def _admitted(request: web.Request, uuid: str) -> web.StreamResponse:
             status = await app[STATUS_READER].read(uuid)
         except PyMongoError as exc:
             log.warning("status_unavailable", uuid=uuid, error=str(exc))
-            return _unavailable(app, "status unavailable, try again")
+            raise _unavailable(app, "status unavailable, try again") from exc
         if status is None:
-            return json_error(404, "no session with this uuid")
+            raise NotFound("no session with this uuid")
         if status.status.terminal and after is not None and status.version <= after:
             # Final and already seen: 204 tells EventSource to stop reconnecting.
             return web.Response(status=204)

@@ -110,9 +110,9 @@ class Ingestor:
     async def _apply(self, webhook: Webhook) -> tuple[Doc | None, bool]:
         """Count the transaction once, and complete the session once it is paid in full.
 
-        Equality filters only (plus the reference guard): they are what every MongoDB, and
-        the local stand-in, answers from an index. Expiry is checked on the document read
-        first; a session is only ever moved forward, so a stale read cannot undo anything.
+        Equality filters only, plus the reference guard (shared.mongo: stand-in). Expiry is
+        checked on the document read first; a session is only ever moved forward, so a stale
+        read cannot undo anything.
         """
         sessions = self._store.sessions
         doc = await sessions.find_one({"orderCode": webhook.order_code})

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from shared.web import LATENCY_BUCKETS
+
 
 @dataclass(frozen=True, slots=True)
 class IngestMetrics:
@@ -25,7 +27,7 @@ class IngestMetrics:
             latency=Histogram(
                 "paypush_webhook_seconds",
                 "Time from request to acknowledgement",
-                buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+                buckets=LATENCY_BUCKETS,
                 registry=registry,
             ),
             resync_backlog=Gauge(

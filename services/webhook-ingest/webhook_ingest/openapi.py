@@ -8,7 +8,7 @@ from shared.openapi import Doc
 from shared.settings import Settings
 
 from .ingest import Outcome
-from .payload import _DATA_FIELDS, _OPTIONAL_STR, MAX_AMOUNT, MAX_REFERENCE_LEN
+from .payload import DATA_FIELDS, MAX_AMOUNT, MAX_REFERENCE_LEN, OPTIONAL_STRINGS
 
 _NULLABLE_STRING: Doc = {"type": ["string", "null"]}
 
@@ -16,12 +16,12 @@ WEBHOOK_DATA: Doc = {
     "type": "object",
     "description": "The signed transaction. Every key is signed as received (sorted, "
     "`key=value` joined by `&`, null as empty); keys PayOS adds later are accepted.",
-    "required": sorted(_DATA_FIELDS),
+    "required": sorted(DATA_FIELDS),
     "properties": {
         "orderCode": {"type": "integer", "minimum": 1, "maximum": MAX_ORDER_CODE},
         "amount": {"type": "integer", "minimum": 0, "maximum": MAX_AMOUNT},
         "reference": {"type": "string", "minLength": 1, "maxLength": MAX_REFERENCE_LEN},
-        **{name: _NULLABLE_STRING for name in _OPTIONAL_STR},
+        **{name: _NULLABLE_STRING for name in OPTIONAL_STRINGS},
     },
     "additionalProperties": True,
 }

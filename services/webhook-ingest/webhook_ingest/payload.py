@@ -16,8 +16,8 @@ from shared.signing import verify_data
 from .errors import BadSignature, InvalidWebhook
 
 # Fields we act on, with their JSON types; every other field is kept and signed as sent.
-_DATA_FIELDS: dict[str, type] = {"orderCode": int, "amount": int, "reference": str}
-_OPTIONAL_STR = (
+DATA_FIELDS: dict[str, type] = {"orderCode": int, "amount": int, "reference": str}
+OPTIONAL_STRINGS = (
     "code",
     "desc",
     "description",
@@ -72,7 +72,7 @@ def parse_webhook(body: bytes, checksum_key: str) -> Webhook:
     data = payload.get("data")
     if not isinstance(data, dict):
         raise InvalidWebhook("`data` must be an object")
-    for name, typ in _DATA_FIELDS.items():
+    for name, typ in DATA_FIELDS.items():
         value = data.get(name)
         if value is None:
             raise InvalidWebhook(f"`data.{name}` is required")
@@ -81,7 +81,7 @@ def parse_webhook(body: bytes, checksum_key: str) -> Webhook:
             raise InvalidWebhook(
                 f"`data.{name}` must be {'an integer' if typ is int else 'a string'}"
             )
-    for name in _OPTIONAL_STR:
+    for name in OPTIONAL_STRINGS:
         if name in data and data[name] is not None and not isinstance(data[name], str):
             raise InvalidWebhook(f"`data.{name}` must be a string")
     order_code, amount, reference = data["orderCode"], data["amount"], data["reference"]
