@@ -1,5 +1,5 @@
-"""What the benchmarks share: their own servers, sessions and payments, /proc readings,
-percentiles, and a printed table."""
+"""What the benchmarks share: their own backends and system, sessions and payments, /proc
+readings, percentiles, and a printed table."""
 
 from __future__ import annotations
 
@@ -24,43 +24,32 @@ import aiohttp
 
 from devstack.payos_simulator.state import Transaction, vn_now
 from devstack.payos_simulator.webhooks import webhook_body
-from devstack.servers import Process, free_port, mongo_standin, redis_server
+from devstack.system import Backends, System, plan, running, running_backends
 from shared.cache import StatusCache
 from shared.model import StatusEvent, StreamStatus
+from shared.settings import Settings
 
 CHECKSUM_KEY = "bench-checksum-key"
 AMOUNT = 50_000
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-@dataclass
-class Backends:
-    redis: Process
-    mongo: Process
-    tmp: Path
-
-    @property
-    def redis_url(self) -> str:
-        return f"redis://127.0.0.1:{self.redis.port}/0"
-
-    def mongodb_url(self, db: str = "bench") -> str:
-        return f"mongodb://127.0.0.1:{self.mongo.port}/{db}"
+@contextlib.contextmanager
+def backends() -> Iterator[Backends]:
+    """A redis-server and a MongoDB stand-in of the benchmark's own, on free ports, in a
+    temporary folder (its default database: `bench`)."""
+    with (
+        tempfile.TemporaryDirectory(prefix="paypush-bench-") as tmp,
+        running_backends(Path(tmp), database="bench") as env,
+    ):
+        yield env
 
 
 @contextlib.contextmanager
-def backends() -> Iterator[Backends]:
-    """A redis-server and a MongoDB stand-in of the benchmark's own, on free ports."""
-    with tempfile.TemporaryDirectory(prefix="paypush-bench-") as tmp:
-        path = Path(tmp)
-        redis = redis_server(free_port(), path)
-        mongo = mongo_standin(free_port(), path / "mongo", path)
-        redis.start()
-        mongo.start()
-        try:
-            yield Backends(redis, mongo, path)
-        finally:
-            mongo.stop()
-            redis.stop()
+def own_system(base: Settings, **kwargs: Any) -> Iterator[System]:
+    """`devstack.system.plan(base, …, **kwargs)` on backends of the benchmark's own, running."""
+    with backends() as env, running(plan(base, env, owns_backends=False, **kwargs)) as started:
+        yield started
 
 
 def percentile(values: Sequence[float], pct: float) -> float:

@@ -20,7 +20,8 @@ from typing import Any
 import aiohttp
 
 from devstack.seed import store_pending_sessions
-from devstack.servers import Process, free_port, python_service
+from devstack.servers import free_port
+from devstack.system import Backends, plan, wait_ready
 from shared.cache import StatusCache
 from shared.clients import redis_client
 from shared.mongo import Store, mongo_client
@@ -32,7 +33,6 @@ from webhook_ingest.resync import Resync
 from ._common import (
     AMOUNT,
     CHECKSUM_KEY,
-    Backends,
     backends,
     cpu_seconds,
     percentile,
@@ -123,10 +123,9 @@ async def steps_alone(settings: Settings, n: int, concurrency: int) -> list[list
 
 
 async def run(args: argparse.Namespace, env: Backends) -> None:
-    settings = Settings.from_env(
+    assert env.mongo is not None, "the benchmark's own MongoDB stand-in"
+    base = Settings.from_env(
         {},
-        redis_url=env.redis_url,
-        mongodb_url=env.mongodb_url(),
         payos_checksum_key=CHECKSUM_KEY,
         log_level="WARNING",
         app_env="production",
@@ -134,21 +133,14 @@ async def run(args: argparse.Namespace, env: Backends) -> None:
         payos_api_key="bench",
         cron_secret="bench",
         admin_token="bench",
+        webhook_ingest_port=free_port(),
     )
-    port = free_port()
-    ingest: Process = python_service(
-        "webhook-ingest",
-        "webhook_ingest",
-        port,
-        {**settings.env(), "WEBHOOK_INGEST_PORT": str(port)},
-        env.tmp,
-    )
-    ingest.start()
-    url = f"http://127.0.0.1:{port}/api/webhooks"
+    system = plan(base, env, services=("webhook-ingest",), own_ports=True, owns_backends=False)
+    settings, ingest = system.settings, system.ingest
+    await asyncio.to_thread(system.start)
+    url = f"{system.replica_url(ingest)}/api/webhooks"
     store = Store(mongo_client(settings))
-    async with aiohttp.ClientSession() as http:
-        while (await http.get(f"http://127.0.0.1:{port}/readyz")).status != 200:
-            await asyncio.sleep(0.05)
+    await wait_ready(system.replica_url(ingest))
 
     print(
         f"one webhook-ingest process (pid {ingest.pid}), {os.cpu_count()} cores, "
@@ -228,7 +220,7 @@ async def run(args: argparse.Namespace, env: Backends) -> None:
         )
         print(table(["process", "CPU / webhook", "CPU busy"], cpu_rows))
     finally:
-        ingest.stop()
+        await asyncio.to_thread(system.stop)
         await store.client.close()
 
     print(f"\neach ingest step alone, in this process, {args.steps} webhooks at concurrency 50:")

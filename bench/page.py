@@ -22,9 +22,11 @@ import time
 import aiohttp
 from playwright.async_api import Browser, Route
 
-from devstack.browser import System, chromium, running_system
+from devstack.browser import chromium
+from devstack.system import System
+from shared.settings import Settings
 
-from ._common import backends, percentile, table
+from ._common import own_system, percentile, table
 
 
 async def one_deposit(browser: Browser, system: System, *, block_stream: bool) -> float:
@@ -85,11 +87,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=20)
     args = parser.parse_args()
-    with (
-        backends() as env,
-        running_system(env.redis_url, env.mongodb_url().rsplit("/", 1)[0], env.tmp) as system,
-    ):
-        asyncio.run(run(args.runs, system))
+    with own_system(Settings.from_env({}, log_level="WARNING")) as running:
+        asyncio.run(run(args.runs, running))
 
 
 if __name__ == "__main__":

@@ -34,10 +34,11 @@ from typing import Any
 import aiohttp
 from redis.asyncio import Redis
 
-from devstack.replicas import ReplicaSystem, running
+from devstack.replicas import running
 from devstack.seed import store_pending_sessions
 from devstack.servers import Process
 from devstack.sse import EventSourceClient
+from devstack.system import System
 from shared.cache import StatusCache
 from shared.model import StatusEvent
 from shared.mongo import Store, mongo_client
@@ -126,7 +127,7 @@ class Run:
         return self.ingest + self.direct
 
 
-async def held_streams(http: aiohttp.ClientSession, system: ReplicaSystem) -> list[int]:
+async def held_streams(http: aiohttp.ClientSession, system: System) -> list[int]:
     counts = []
     for gateway in system.gateways:
         async with http.get(f"{system.replica_url(gateway)}/api/stats") as resp:
@@ -140,7 +141,7 @@ async def one_run(args: argparse.Namespace, gateways: int, run_dir: Path) -> Run
         return await measure(args, system)
 
 
-async def measure(args: argparse.Namespace, system: ReplicaSystem) -> Run:
+async def measure(args: argparse.Namespace, system: System) -> Run:
     n = args.streams
     store = Store(mongo_client(system.settings))
     redis = Redis.from_url(system.settings.redis_url)

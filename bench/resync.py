@@ -56,6 +56,8 @@ async def until(condition: Any) -> None:
 
 async def run(args: argparse.Namespace) -> None:
     with backends() as env:
+        mongo = env.mongo
+        assert mongo is not None, "the benchmark's own MongoDB stand-in"
         settings = Settings.from_env(
             {}, redis_url=env.redis_url, mongodb_url=env.mongodb_url(), log_level="WARNING"
         )
@@ -106,13 +108,13 @@ async def run(args: argparse.Namespace) -> None:
 
             base_reads, base_queries = reread(), queries
             base_cmds, base_cpu = await commands(redis), time.process_time()
-            base_mongo_cpu = cpu_seconds(env.mongo.pid)
+            base_mongo_cpu = cpu_seconds(mongo.pid)
             started = time.perf_counter()
             await redis.client_kill_filter(_type="pubsub")
             await until(lambda: reread() - base_reads >= args.streams)
             elapsed = time.perf_counter() - started
             cpu = time.process_time() - base_cpu
-            mongo_cpu = cpu_seconds(env.mongo.pid) - base_mongo_cpu
+            mongo_cpu = cpu_seconds(mongo.pid) - base_mongo_cpu
             cmds = delta(base_cmds, await commands(redis))
             async with asyncio.timeout(10):
                 await asyncio.gather(*(e.wait() for e in got_done.values()))

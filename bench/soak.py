@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
-from devstack.servers import Process, local_settings
+from devstack.servers import Process
 from shared.mongo import Store, mongo_client
 from shared.settings import Settings
 from tests.faults.harness import (
@@ -51,7 +51,7 @@ from tests.faults.harness import (
 from ._common import backends, rss_kib, table
 
 # Judged on their memory and descriptors; the others hold the run's data by design.
-JUDGED = ("webhook-ingest", "stream-gateway-0", "session-api")
+JUDGED = ("webhook-ingest", "stream-gateway", "session-api")
 HOLD_SECONDS = (5.0, 60.0)
 ABANDON_EVERY = 6
 # How long the end of the run may take to finish what is in flight.
@@ -184,27 +184,26 @@ async def run(args: argparse.Namespace) -> int:
     hold = min(HOLD_SECONDS[1], max(10.0, duration / 4))
     rng = random.Random(args.seed)
     with backends() as env:
-        settings = local_settings(
+        base = Settings.from_env(
             # Every simulated browser comes from 127.0.0.1: no per-address creation limit.
-            Settings.from_env({"SESSION_RATE_LIMIT_PER_MINUTE": "0", "LOG_LEVEL": "WARNING"}),
+            {"SESSION_RATE_LIMIT_PER_MINUTE": "0", "LOG_LEVEL": "WARNING"},
             redis_url=env.redis_url,
             mongodb_url=env.mongodb_url("soak"),
         )
         async with (
-            running_system(
-                settings, env.tmp / "logs", gateways=1, simulator_in_process=False
-            ) as system,
+            running_system(base, env.dir, gateways=1, simulator_in_process=False) as system,
             http_client() as http,
         ):
+            settings = system.settings
             redis = Redis.from_url(env.redis_url)
             store = Store(mongo_client(settings))
             driver = Driver(system, http, watch_timeout=hold + 120, rng=rng)
             processes = {p.name: p for p in system.processes}
-            processes.update(redis=env.redis, mongo=env.mongo)
+            processes.update({p.name: p for p in env.processes})
             curves, load = Curves(), Load()
             print(
                 f"soak: {args.minutes:g} min at {args.rate:g} sessions/s, sampling every "
-                f"{interval:g} s; logs in {env.tmp / 'logs'}",
+                f"{interval:g} s; logs in {env.dir / 'logs'}",
                 flush=True,
             )
             t0 = time.monotonic()

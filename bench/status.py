@@ -18,17 +18,15 @@ import multiprocessing
 import os
 import random
 import re
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
 
-from devstack.servers import Process, free_port, mongo_standin, python_service, redis_server
+from devstack.servers import free_port
 from shared.settings import Settings
 
-from ._common import cpu_seconds, percentile
+from ._common import cpu_seconds, own_system, percentile
 
 DB_QUERIES = re.compile(r"^paypush_status_db_queries_total ([0-9.e+]+)$", re.M)
 
@@ -104,35 +102,20 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=200, help="sessions to poll")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="paypush-bench-status-") as tmp:
-        path = Path(tmp)
-        redis = redis_server(free_port(), path)
-        mongo = mongo_standin(free_port(), path / "mongo", path)
-        api_port, sim_port = free_port(), free_port()
-        settings = Settings.from_env(
-            {},
-            redis_url=f"redis://127.0.0.1:{redis.port}/0",
-            mongodb_url=f"mongodb://127.0.0.1:{mongo.port}/bench",
-            payos_base_url=f"http://127.0.0.1:{sim_port}",
-            payos_simulator_port=sim_port,
-            session_api_port=api_port,
-            # The limit is not what this measures.
-            max_pending_per_account=args.sessions,
-            session_rate_limit_per_minute=0,
-            log_level="WARNING",
-        )
-        env = settings.env()
-        sim = python_service("payos-simulator", "devstack.payos_simulator", sim_port, env, path)
-        api = python_service("session-api", "session_api", api_port, env, path)
-        started: list[Process] = []
-        try:
-            for proc in (redis, mongo, sim, api):
-                proc.start()
-                started.append(proc)
-            run(f"http://127.0.0.1:{api_port}", args, api.pid)
-        finally:
-            for proc in reversed(started):
-                proc.stop()
+    sim_port = free_port()
+    base = Settings.from_env(
+        {},
+        payos_base_url=f"http://127.0.0.1:{sim_port}",
+        payos_simulator_port=sim_port,
+        session_api_port=free_port(),
+        # The limit is not what this measures.
+        max_pending_per_account=args.sessions,
+        session_rate_limit_per_minute=0,
+        log_level="WARNING",
+    )
+    services = ("payos-simulator", "session-api")
+    with own_system(base, services=services, own_ports=True) as system:
+        run(system.api_url, args, system.session_api.pid)
 
 
 def run(base: str, args: argparse.Namespace, service_pid: int) -> None:

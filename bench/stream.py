@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import subprocess
 import sys
@@ -29,7 +28,8 @@ import aiohttp
 from redis.asyncio import Redis
 
 from devstack.seed import store_pending_sessions
-from devstack.servers import Process, free_port, python_service
+from devstack.servers import Process, free_port
+from devstack.system import Backends, plan
 from shared.cache import StatusCache
 from shared.model import StatusEvent
 from shared.mongo import Store, mongo_client
@@ -38,7 +38,6 @@ from shared.settings import Settings
 from ._common import (
     AMOUNT,
     CHECKSUM_KEY,
-    Backends,
     Paid,
     backends,
     paced,
@@ -204,47 +203,27 @@ def human(n: float) -> str:
 
 async def run(args: argparse.Namespace, env: Backends) -> None:
     n = args.streams
-    settings = Settings.from_env(
+    base = Settings.from_env(
         {},
-        redis_url=env.redis_url,
-        mongodb_url=env.mongodb_url(),
         payos_checksum_key=CHECKSUM_KEY,
         log_level="WARNING",
         app_env="development",
+        stream_gateway_port=free_port(),
+        webhook_ingest_port=free_port(),
+        session_api_port=free_port(),
     )
-    child_env = settings.env()
-    gw_port, ingest_port, api_port = free_port(), free_port(), free_port()
-    gateway = python_service(
-        "stream-gateway",
-        "stream_gateway",
-        gw_port,
-        {**child_env, "STREAM_GATEWAY_PORT": str(gw_port)},
-        env.tmp,
-    )
-    ingest = python_service(
-        "webhook-ingest",
-        "webhook_ingest",
-        ingest_port,
-        {**child_env, "WEBHOOK_INGEST_PORT": str(ingest_port)},
-        env.tmp,
-    )
-    procs: list[Process] = [gateway, ingest]
-    api: Process | None = None
-    if importlib.util.find_spec("session_api.__main__") is not None:
-        api = python_service(
-            "session-api",
-            "session_api",
-            api_port,
-            {**child_env, "SESSION_API_PORT": str(api_port)},
-            env.tmp,
-        )
-        procs.append(api)
+    services = ("webhook-ingest", "stream-gateway", "session-api")
+    system = plan(base, env, services=services, own_ports=True, owns_backends=False)
+    settings = system.settings
+    gateway, ingest = system.gateways[0], system.ingest
+    apis = system.replicas.get("session-api", [])
+    api: Process | None = apis[0] if apis else None
+    gw_port, ingest_port, api_port = gateway.port, ingest.port, settings.session_api_port
     clients: list[subprocess.Popen[str]] = []
     store = Store(mongo_client(settings))
     redis = Redis.from_url(env.redis_url)
     try:
-        for proc in procs:
-            proc.start()
+        await asyncio.to_thread(system.start)
         await store.ensure_indexes()
         t0 = time.monotonic()
         docs = await store_pending_sessions(store, n, amount=AMOUNT)
@@ -332,8 +311,7 @@ async def run(args: argparse.Namespace, env: Backends) -> None:
         reap(clients)
         await redis.aclose()
         await store.client.close()
-        for proc in reversed(procs):
-            proc.stop()
+        await asyncio.to_thread(system.stop)
 
     # -- figures ----------------------------------------------------------------------
     def latencies(paid: list[Paid], frm: str) -> list[float]:

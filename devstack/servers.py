@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import importlib.util
 import os
 import shutil
 import signal
@@ -16,8 +14,6 @@ import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
-from shared.settings import Settings
 
 
 def free_port() -> int:
@@ -228,50 +224,6 @@ def python_service(
         env=env,
         log_dir=log_dir,
         ready=lambda: http_ok(f"http://127.0.0.1:{probe_port}/healthz"),
-    )
-
-
-# (name, module, settings field holding its port), in start order.
-SERVICES = (
-    ("payos-simulator", "devstack.payos_simulator", "payos_simulator_port"),
-    ("webhook-ingest", "webhook_ingest", "webhook_ingest_port"),
-    ("stream-gateway", "stream_gateway", "stream_gateway_port"),
-    ("session-api", "session_api", "session_api_port"),
-)
-
-
-def service_processes(
-    settings: Settings, log_dir: Path, *, skip: Sequence[str] = ()
-) -> list[Process]:
-    """A process for each service that exists (and is not skipped), sharing `settings`."""
-    env = settings.env()
-    processes = []
-    for name, module, port_field in SERVICES:
-        if name in skip or importlib.util.find_spec(f"{module}.__main__") is None:
-            continue
-        processes.append(python_service(name, module, getattr(settings, port_field), env, log_dir))
-    return processes
-
-
-def local_settings(settings: Settings, *, redis_url: str, mongodb_url: str) -> Settings:
-    """`settings` for a whole system on free local ports, each service pointing at the others."""
-    sim, ingest, gateway, site = (free_port() for _ in range(4))
-    site_url = f"http://127.0.0.1:{site}"
-    return dataclasses.replace(
-        settings,
-        redis_url=redis_url,
-        mongodb_url=mongodb_url,
-        payos_simulator_port=sim,
-        webhook_ingest_port=ingest,
-        stream_gateway_port=gateway,
-        session_api_port=site,
-        payos_base_url=f"http://127.0.0.1:{sim}",
-        payos_webhook_url=f"http://127.0.0.1:{ingest}/api/webhooks",
-        stream_public_url=f"http://127.0.0.1:{gateway}",
-        site_public_url=site_url,
-        cors_origins=(site_url,),
-        # Tests and load tools create many sessions from this one address.
-        session_rate_limit_per_minute=0,
     )
 
 

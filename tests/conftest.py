@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +16,7 @@ import redis
 from pymongo import AsyncMongoClient
 from pymongo.errors import AutoReconnect
 
-from devstack.servers import Process, free_port, mongo_standin, redis_server
+from devstack.system import Backends, running_backends
 from shared.mongo import Store, mongo_client
 from shared.settings import Settings
 from tests.helpers import TEST_CHECKSUM_KEY
@@ -47,56 +45,24 @@ def fuzz_scale(request: pytest.FixtureRequest) -> int:
     return scale
 
 
-@dataclass
-class Servers:
-    redis: Process
-    mongo: Process | None  # None when MONGODB_URL points at a real server
-    mongo_base_url: str
-    tmp: Path
-
-    @property
-    def redis_url(self) -> str:
-        return f"redis://127.0.0.1:{self.redis.port}/0"
-
-    def ensure_running(self) -> None:
-        """Bring back whatever a fault test stopped."""
-        if not self.redis.running:
-            self.redis.start()
-        if self.mongo is not None and not self.mongo.running:
-            self.mongo.start()
-
-
 @pytest.fixture(scope="session")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
-    tmp = tmp_path_factory.mktemp("servers")
-    redis_proc = redis_server(free_port(), tmp)
-    redis_proc.start()
-    external = os.environ.get("MONGODB_URL")
-    mongo_proc: Process | None = None
-    if external:
-        base = external.rsplit("/", 1)[0] if external.count("/") > 2 else external
-    else:
-        port = free_port()
-        mongo_proc = mongo_standin(port, tmp / "mongo", tmp)
-        mongo_proc.start()
-        base = f"mongodb://127.0.0.1:{port}"
-    try:
-        yield Servers(redis_proc, mongo_proc, base, tmp)
-    finally:
-        redis_proc.stop()
-        if mongo_proc is not None:
-            mongo_proc.stop()
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backends]:
+    """Our own redis-server, and the MongoDB stand-in unless MONGODB_URL names a real one."""
+    with running_backends(
+        tmp_path_factory.mktemp("servers"), mongodb_url=os.environ.get("MONGODB_URL")
+    ) as backends:
+        yield backends
 
 
 @pytest.fixture
-def settings(servers: Servers) -> Iterator[Settings]:
+def settings(servers: Backends) -> Iterator[Settings]:
     servers.ensure_running()
     redis.Redis.from_url(servers.redis_url).flushall()
     db = f"t_{secrets.token_hex(6)}"
     yield Settings.from_env(
         {},
         redis_url=servers.redis_url,
-        mongodb_url=f"{servers.mongo_base_url}/{db}",
+        mongodb_url=servers.mongodb_url(db),
         mongodb_timeout_ms=1000,
         payos_checksum_key=TEST_CHECKSUM_KEY,
         log_level="WARNING",
@@ -104,7 +70,7 @@ def settings(servers: Servers) -> Iterator[Settings]:
 
 
 @pytest.fixture
-async def store(settings: Settings, servers: Servers) -> AsyncIterator[Store]:
+async def store(settings: Settings, servers: Backends) -> AsyncIterator[Store]:
     """Direct access to the test's database, as the services see it."""
     client: AsyncMongoClient[dict[str, Any]] = mongo_client(settings)
     s = Store(client)

@@ -1,5 +1,5 @@
 """Small builders shared by the tests: sessions in MongoDB, signed webhooks, a subscriber,
-the PayOS simulator delivering to a real ingest."""
+the PayOS simulator delivering to a real ingest (`Sim`)."""
 
 from __future__ import annotations
 
@@ -10,19 +10,23 @@ import secrets
 import signal
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from aiohttp.test_utils import TestServer
+from payos import AsyncPayOS
 from redis.asyncio import Redis
 
 from devstack.payos_simulator import create_app as create_simulator
 from devstack.payos_simulator.state import Transaction, new_reference, vn_now
 from devstack.payos_simulator.webhooks import webhook_body
 from devstack.servers import Process
+from devstack.system import wait_ready
 from shared import keys
 from shared.model import StatusEvent, new_session, utcnow
 from shared.mongo import Store
+from shared.payos_client import payos_client
 from shared.settings import Settings
 from webhook_ingest import create_app as create_ingest
 
@@ -129,13 +133,32 @@ async def subscribed(redis_url: str, uuid: str) -> AsyncIterator[Subscriber]:
         await redis.aclose()
 
 
+@dataclass
+class Sim:
+    """The PayOS simulator delivering webhooks to a real ingest, its controls, and the
+    unmodified payos SDK pointed at it."""
+
+    url: str
+    ingest_url: str
+    http: aiohttp.ClientSession
+    payos: AsyncPayOS
+
+    async def faults(self, mode: str, delay: float = 0.0) -> None:
+        body = {"mode": mode, "delaySeconds": delay}
+        async with self.http.post(f"{self.url}/sim/faults", json=body) as resp:
+            assert resp.status == 200
+
+    async def pay(self, ref: object, **body: Any) -> dict[str, Any]:
+        async with self.http.post(f"{self.url}/sim/pay/{ref}", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+            result: dict[str, Any] = await resp.json()
+            return result
+
+
 @contextlib.asynccontextmanager
-async def simulator_to_ingest(
-    settings: Settings,
-) -> AsyncIterator[tuple[str, str, aiohttp.ClientSession]]:
+async def simulator_to_ingest(settings: Settings) -> AsyncIterator[Sim]:
     """A real webhook-ingest and the PayOS simulator (quick redeliveries) delivering to it,
-    as test servers; yields (simulator URL, ingest webhook URL, an HTTP client session) once
-    the ingest is ready."""
+    as test servers, once the ingest is ready."""
     ingest = TestServer(create_ingest(settings))
     await ingest.start_server()
     ingest_url = str(ingest.make_url("/api/webhooks"))
@@ -148,13 +171,18 @@ async def simulator_to_ingest(
         )
     )
     await sim_server.start_server()
-    async with aiohttp.ClientSession() as http:
-        async with asyncio.timeout(5):
-            while not (await http.get(str(ingest.make_url("/readyz")))).ok:
-                await asyncio.sleep(0.02)
-        yield str(sim_server.make_url("")).rstrip("/"), ingest_url, http
-    await sim_server.close()
-    await ingest.close()
+    url = str(sim_server.make_url("")).rstrip("/")
+    payos = payos_client(
+        Settings.from_env({}, payos_checksum_key=settings.payos_checksum_key, payos_base_url=url)
+    )
+    try:
+        await wait_ready(str(ingest.make_url("")).rstrip("/"), 5)
+        async with aiohttp.ClientSession() as http:
+            yield Sim(url, ingest_url, http, payos)
+    finally:
+        await payos.aclose()
+        await sim_server.close()
+        await ingest.close()
 
 
 @contextlib.contextmanager

@@ -16,9 +16,10 @@ import pytest
 from playwright.async_api import Page, Route, ViewportSize
 from pymongo import AsyncMongoClient
 
-from devstack.browser import System, chromium, running_system
+from devstack.browser import chromium
+from devstack.system import Backends, System, plan, running
 from shared.model import utcnow
-from tests.conftest import Servers
+from shared.settings import Settings
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -36,10 +37,12 @@ SAVED_UUID = "JSON.parse(localStorage.getItem('paypush.session')).uuid"
 
 
 @pytest.fixture(scope="module")
-def system(servers: Servers) -> Iterator[System]:
+def system(servers: Backends) -> Iterator[System]:
     servers.ensure_running()
-    with running_system(servers.redis_url, servers.mongo_base_url, servers.tmp) as running:
-        yield running
+    base = Settings.from_env({}, log_level="WARNING")
+    database = f"page_{secrets.token_hex(4)}"
+    with running(plan(base, servers, database=database, owns_backends=False)) as system:
+        yield system
 
 
 @pytest.fixture

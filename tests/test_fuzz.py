@@ -11,11 +11,11 @@ rate-limit counters excepted: they exist to remember refusals, and expire).
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import json
 import secrets
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,11 +39,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from devstack.servers import Process, free_port, service_processes
+from devstack.system import Backends, System, plan, running, wait_ready
 from shared import keys
 from shared.settings import Settings
 from shared.signing import sign_data, verify_data
-from tests.conftest import Servers
 from tests.helpers import TEST_CHECKSUM_KEY, signed_webhook
 from webhook_ingest.errors import BadSignature, InvalidWebhook
 from webhook_ingest.payload import parse_webhook
@@ -70,15 +69,16 @@ CHECKS = [
 
 
 @dataclass
-class System:
-    settings: Settings
-    processes: list[Process]
+class Target:
+    """The running system (`devstack.system`) and what the fuzz checks in its stores."""
+
+    system: System
     mongo: MongoClient[dict[str, Any]]
     redis: redis.Redis
     last_records: tuple[dict[str, int], int] = ({}, 0)
 
     def url(self, port_field: str) -> str:
-        return f"http://127.0.0.1:{getattr(self.settings, port_field)}"
+        return f"http://127.0.0.1:{getattr(self.system.settings, port_field)}"
 
     def records(self) -> tuple[dict[str, int], int]:
         """Documents per collection, and Redis keys that are records (not refusal counters)."""
@@ -96,54 +96,31 @@ class System:
 
 
 @pytest.fixture(scope="module")
-def system(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+def target(servers: Backends) -> Iterator[Target]:
     servers.ensure_running()
     redis.Redis.from_url(servers.redis_url).flushall()
     db = f"fuzz_{secrets.token_hex(6)}"
-    ports = {name: free_port() for name in ("sim", "ingest", "gateway", "api")}
-    fuzz_settings = Settings.from_env(
+    base = Settings.from_env(
         {},
-        redis_url=servers.redis_url,
-        mongodb_url=f"{servers.mongo_base_url}/{db}",
         payos_checksum_key=TEST_CHECKSUM_KEY,
         admin_token=ADMIN_TOKEN,
         cron_secret=CRON_SECRET,
-        payos_simulator_port=ports["sim"],
-        webhook_ingest_port=ports["ingest"],
-        stream_gateway_port=ports["gateway"],
-        session_api_port=ports["api"],
-        payos_base_url=f"http://127.0.0.1:{ports['sim']}",
-        payos_webhook_url=f"http://127.0.0.1:{ports['ingest']}/api/webhooks",
         # Valid creations reach PayOS; the per-client limit is test_security's business.
         session_rate_limit_per_minute=0,
         max_pending_per_account=1000,
         sse_max_wait_seconds=1.0,
         log_level="WARNING",
     )
-    processes = service_processes(fuzz_settings, tmp_path_factory.mktemp("fuzz-logs"))
-    mongo: MongoClient[dict[str, Any]] = MongoClient(fuzz_settings.mongodb_url)
+    system = plan(base, servers, database=db, owns_backends=False)
+    mongo: MongoClient[dict[str, Any]] = MongoClient(system.settings.mongodb_url)
     r = redis.Redis.from_url(servers.redis_url)
     try:
-        for process in processes:
-            process.start()
-        yield System(fuzz_settings, processes, mongo, r)
+        with running(system):
+            yield Target(system, mongo, r)
     finally:
-        for process in reversed(processes):
-            process.stop()
         mongo.drop_database(db)
         mongo.close()
         r.close()
-
-
-def wait_ready(url: str) -> None:
-    for _ in range(200):
-        try:
-            if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} not ready")
 
 
 # --- the fuzzing loop -----------------------------------------------------------------------
@@ -183,7 +160,7 @@ Prepare = Callable[[Case, int, bool], dict[str, str]]
 
 
 def fuzz_service(
-    system: System,
+    target: Target,
     base_url: str,
     *,
     scale: int,
@@ -191,12 +168,12 @@ def fuzz_service(
     weight: int = 1,
 ) -> Tally:
     """Every operation of the service's served document, in both generation modes."""
-    wait_ready(base_url)
+    asyncio.run(wait_ready(base_url, 10))
     doc = requests.get(f"{base_url}/openapi.json", timeout=5).json()
     schema = schemathesis.openapi.from_dict(doc)
     tally = Tally()
     http = requests.Session()
-    system.last_records = system.records()
+    target.last_records = target.records()
     for result in schema.get_all_operations():
         if isinstance(result, Err):
             raise AssertionError(f"the served document does not load: {result.err()}")
@@ -207,13 +184,13 @@ def fuzz_service(
         if has_input:
             modes.append(GenerationMode.NEGATIVE)
         for mode in modes:
-            fuzz_operation(system, base_url, operation, mode, examples, prepare, http, tally)
-    assert system.refusal_keys_expire()
+            fuzz_operation(target, base_url, operation, mode, examples, prepare, http, tally)
+    assert target.refusal_keys_expire()
     return tally
 
 
 def fuzz_operation(
-    system: System,
+    target: Target,
     base_url: str,
     operation: Operation,
     mode: GenerationMode,
@@ -237,10 +214,10 @@ def fuzz_operation(
         headers = prepare(case, salt, negative) if prepare is not None else {}
         # Requests run one at a time and nothing else writes: the records after the previous
         # request are the records before this one.
-        before = system.last_records
+        before = target.last_records
         response = case.call(base_url=base_url, session=http, headers=headers, timeout=10)
         tally.add(label, response.status_code)
-        after = system.last_records = system.records()
+        after = target.last_records = target.records()
         case.validate_response(response, checks=checks, headers=headers)
         if 400 <= response.status_code < 500:
             assert after == before, (
@@ -276,12 +253,12 @@ def authorise_some(case: Case, salt: int, negative: bool) -> dict[str, str]:
 
 @pytest.mark.timeout(3600)
 def test_fuzz_webhook_ingest(
-    system: System, fuzz_scale: int, capsys: pytest.CaptureFixture[str]
+    target: Target, fuzz_scale: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
     tally = fuzz_service(
         # One operation, and the one that moves money: a larger share of the budget.
-        system,
-        system.url("webhook_ingest_port"),
+        target,
+        target.url("webhook_ingest_port"),
         scale=fuzz_scale,
         prepare=sign_half,
         weight=4,
@@ -294,10 +271,10 @@ def test_fuzz_webhook_ingest(
 
 @pytest.mark.timeout(3600)
 def test_fuzz_session_api(
-    system: System, fuzz_scale: int, capsys: pytest.CaptureFixture[str]
+    target: Target, fuzz_scale: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
     tally = fuzz_service(
-        system, system.url("session_api_port"), scale=fuzz_scale, prepare=authorise_some
+        target, target.url("session_api_port"), scale=fuzz_scale, prepare=authorise_some
     )
     with capsys.disabled():
         print("\n" + tally.report("session-api"))
@@ -307,9 +284,9 @@ def test_fuzz_session_api(
 
 @pytest.mark.timeout(3600)
 def test_fuzz_stream_gateway(
-    system: System, fuzz_scale: int, capsys: pytest.CaptureFixture[str]
+    target: Target, fuzz_scale: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    tally = fuzz_service(system, system.url("stream_gateway_port"), scale=fuzz_scale)
+    tally = fuzz_service(target, target.url("stream_gateway_port"), scale=fuzz_scale)
     with capsys.disabled():
         print("\n" + tally.report("stream-gateway"))
 

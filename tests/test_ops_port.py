@@ -8,7 +8,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from devstack.servers import free_port, http_ok, python_service, wait_until
+from devstack.servers import free_port, python_service
+from devstack.system import wait_ready
 from shared.settings import Settings
 
 SERVICES = (
@@ -26,7 +27,7 @@ async def test_ops_endpoints_live_on_the_ops_port_only(
     env = {**settings.env(), port_field.upper(): str(port), "OPS_PORT": str(ops)}
     proc = python_service(module, module, port, env, tmp_path)
     proc.start()
-    wait_until(lambda: http_ok(f"http://127.0.0.1:{ops}/readyz"), 10, f"{module} ready")
+    await wait_ready(f"http://127.0.0.1:{ops}", 10)
     try:
         async with httpx.AsyncClient(timeout=5) as http:
             for path in ("/healthz", "/readyz", "/metrics"):

@@ -16,10 +16,10 @@ from aiohttp.test_utils import TestClient
 from PIL import Image
 
 from devstack.payos_simulator.vietqr import vietqr_payload
+from devstack.system import Backends
 from session_api import create_app
 from shared.mongo import Store
 from shared.settings import Settings
-from tests.conftest import Servers
 from tests.helpers import add_session
 
 Client = TestClient[Any, Any]
@@ -105,7 +105,7 @@ async def test_qr_image_of_an_unknown_or_malformed_uuid_is_refused(site: Client)
 
 
 async def test_qr_image_while_mongodb_is_down_is_503(
-    site: Client, store: Store, servers: Servers
+    site: Client, store: Store, servers: Backends
 ) -> None:
     if servers.mongo is None:
         pytest.skip("MongoDB is external; the suite cannot stop it")

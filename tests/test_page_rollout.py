@@ -23,21 +23,22 @@ import aiohttp
 import pytest
 from playwright.async_api import Browser, Page, Request
 
-from devstack.browser import System, chromium, running_system
+from devstack.browser import chromium
+from devstack.system import Backends, System, plan, running
 from shared.settings import Settings
-from tests.conftest import Servers
 
 PAGES = int(os.environ.get("PAGE_ROLLOUT_PAGES", "50"))
 OPEN_CONCURRENCY = 10
 
 
 @pytest.fixture(scope="module")
-def system(servers: Servers) -> Iterator[System]:
+def system(servers: Backends) -> Iterator[System]:
     servers.ensure_running()
     # Every page comes from 127.0.0.1: no per-address creation limit here.
     base = Settings.from_env({}, log_level="WARNING", session_rate_limit_per_minute=0)
-    with running_system(servers.redis_url, servers.mongo_base_url, servers.tmp, base) as running:
-        yield running
+    database = f"page_{secrets.token_hex(4)}"
+    with running(plan(base, servers, database=database, owns_backends=False)) as system:
+        yield system
 
 
 @pytest.fixture

@@ -5,44 +5,20 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
 
-import aiohttp
 import pytest
 from payos import APIError, AsyncPayOS, WebhookError
 from payos.types import CreatePaymentLinkRequest
 
 from shared.mongo import Store
-from shared.payos_client import payos_client
 from shared.settings import Settings
-from tests.helpers import add_session, simulator_to_ingest
-
-
-@dataclass
-class Sim:
-    url: str
-    ingest_url: str
-    payos: AsyncPayOS
-    http: aiohttp.ClientSession
-
-    async def pay(self, ref: object, **body: Any) -> dict[str, Any]:
-        async with self.http.post(f"{self.url}/sim/pay/{ref}", json=body) as resp:
-            assert resp.status == 200, await resp.text()
-            result: dict[str, Any] = await resp.json()
-            return result
+from tests.helpers import Sim, add_session, simulator_to_ingest
 
 
 @pytest.fixture
 async def sim(settings: Settings, store: Store) -> AsyncIterator[Sim]:
-    async with simulator_to_ingest(settings) as (url, ingest_url, http):
-        client = payos_client(
-            Settings.from_env(
-                {}, payos_checksum_key=settings.payos_checksum_key, payos_base_url=url
-            )
-        )
-        yield Sim(url, ingest_url, client, http)
-        await client.aclose()
+    async with simulator_to_ingest(settings) as running:
+        yield running
 
 
 def _request(order_code: int, amount: int = 15_000) -> CreatePaymentLinkRequest:

@@ -21,9 +21,10 @@ import pytest
 from redis.asyncio import Redis, RedisCluster
 
 from devstack.balancer import find_nginx
-from devstack.replicas import ReplicaSystem, running
+from devstack.replicas import REPLICATED, running
 from devstack.servers import Process
 from devstack.sse import EventSourceClient
+from devstack.system import System, wait_ready
 from shared import keys
 from shared.cache import StatusCache
 from shared.clients import redis_client
@@ -40,14 +41,14 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReplicaSystem]:
+def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     base = Settings.from_env({}, log_level="WARNING", sse_retry_ms=300)
     with running(base, tmp_path_factory.mktemp("cluster"), replicas=1, cluster=True) as s:
         yield s
 
 
 @pytest.fixture
-async def cluster(system: ReplicaSystem) -> AsyncIterator[RedisCluster]:
+async def cluster(system: System) -> AsyncIterator[RedisCluster]:
     client = RedisCluster.from_url(system.settings.redis_url)
     await client.initialize()
     yield client
@@ -55,12 +56,12 @@ async def cluster(system: ReplicaSystem) -> AsyncIterator[RedisCluster]:
 
 
 @pytest.fixture
-async def http(system: ReplicaSystem) -> AsyncIterator[httpx.AsyncClient]:
+async def http(system: System) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=system.url, timeout=10) as client:
         yield client
 
 
-def direct(system: ReplicaSystem, service: str) -> str:
+def direct(system: System, service: str) -> str:
     [proc] = system.replicas[service]
     return system.replica_url(proc)
 
@@ -125,9 +126,9 @@ async def connections_per_shard(cluster: RedisCluster, gateway: Process) -> list
     return sorted(len(ids) for ids in (await shard_connections(cluster, gateway)).values())
 
 
-async def test_every_service_is_ready_on_the_cluster(system: ReplicaSystem) -> None:
+async def test_every_service_is_ready_on_the_cluster(system: System) -> None:
     async with httpx.AsyncClient(timeout=5) as client:
-        for service in system.replicas:
+        for service in REPLICATED:
             resp = await client.get(f"{direct(system, service)}/readyz")
             assert resp.status_code == 200, (service, resp.text)
             checks = resp.json()["checks"]
@@ -137,14 +138,14 @@ async def test_every_service_is_ready_on_the_cluster(system: ReplicaSystem) -> N
 
 
 async def test_gateway_holds_one_sharded_pubsub_connection_per_primary(
-    system: ReplicaSystem, cluster: RedisCluster
+    system: System, cluster: RedisCluster
 ) -> None:
     [gateway] = system.gateways
     assert await connections_per_shard(cluster, gateway) == [1, 1, 1]
 
 
 async def test_payment_flow_on_every_shard(
-    system: ReplicaSystem, cluster: RedisCluster, http: httpx.AsyncClient
+    system: System, cluster: RedisCluster, http: httpx.AsyncClient
 ) -> None:
     by_node = uuids_on_every_shard(cluster, SESSIONS_PER_SHARD)
     uuids = [u for group in by_node.values() for u in group]
@@ -190,7 +191,7 @@ async def test_payment_flow_on_every_shard(
 
 
 async def test_a_shard_connection_dropped_while_streams_wait_still_delivers_done(
-    system: ReplicaSystem, cluster: RedisCluster, http: httpx.AsyncClient
+    system: System, cluster: RedisCluster, http: httpx.AsyncClient
 ) -> None:
     by_node = uuids_on_every_shard(cluster, 1)
     uuids = [u for group in by_node.values() for u in group]
@@ -219,7 +220,7 @@ async def test_a_shard_connection_dropped_while_streams_wait_still_delivers_done
 
 
 async def test_status_cache_on_the_cluster_publishes_once_per_version(
-    system: ReplicaSystem, cluster: RedisCluster
+    system: System, cluster: RedisCluster
 ) -> None:
     """The cache-and-publish script's keys share a slot; SPUBLISH reaches shard subscribers."""
     uuid = str(uuidlib.uuid4())
@@ -282,7 +283,7 @@ async def move_slot(cluster: RedisCluster, key: str) -> str:
 
 
 async def test_a_slot_moved_to_another_primary_while_a_stream_waits_still_delivers_done(
-    system: ReplicaSystem, cluster: RedisCluster, http: httpx.AsyncClient
+    system: System, cluster: RedisCluster, http: httpx.AsyncClient
 ) -> None:
     uuid = str(uuidlib.uuid4())
     session = await create_session(http, uuid, "0004443332")
@@ -333,7 +334,7 @@ async def task_restarts(client: httpx.AsyncClient, url: str) -> dict[str, float]
     return out
 
 
-async def all_ready(system: ReplicaSystem, timeout: float) -> None:
+async def all_ready(system: System, timeout: float) -> None:
     """Until every service's /readyz answers 200 (the cluster is usable by all of them).
 
     Also what every service's cluster client needs before a burst: redis-py 8.1's async
@@ -344,17 +345,13 @@ async def all_ready(system: ReplicaSystem, timeout: float) -> None:
     /readyz (a PING) first keeps that out of these tests; the race itself is redis-py's and
     is left as found.
     """
-    async with httpx.AsyncClient(timeout=2) as client, asyncio.timeout(timeout):
-        for service in system.replicas:
-            while True:
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get(f"{direct(system, service)}/readyz")).status_code == 200:
-                        break
-                await asyncio.sleep(0.1)
+    async with asyncio.timeout(timeout):
+        for service in REPLICATED:
+            await wait_ready(direct(system, service), timeout)
 
 
 async def test_every_cluster_node_killed_and_restarted_pushes_flow_again(
-    system: ReplicaSystem, cluster: RedisCluster, http: httpx.AsyncClient
+    system: System, cluster: RedisCluster, http: httpx.AsyncClient
 ) -> None:
     """kill -9 of every node while streams wait, 1.5 s down, the same (empty) cluster back.
 
@@ -364,7 +361,7 @@ async def test_every_cluster_node_killed_and_restarted_pushes_flow_again(
     the cluster was down (MongoDB has it; the gateway re-reads it after reconnecting) and of
     one made afterwards (pushed). The browsers never notice the outage.
     """
-    assert system.cluster is not None
+    assert system.backends.cluster is not None
     # Every service's cluster client initialised before the burst of streams (see
     # `all_ready`), whichever test of this module ran first.
     await all_ready(system, 30)
@@ -379,11 +376,11 @@ async def test_every_cluster_node_killed_and_restarted_pushes_flow_again(
     urls = {u: [f"{base}{STREAM}?uuid={u}" for base in (gateway, system.url)] for u in sessions}
     ops = httpx.AsyncClient(timeout=2)
     sim = httpx.AsyncClient(base_url=system.settings.payos_base_url, timeout=10)
-    nodes = system.cluster.nodes
+    nodes = system.backends.cluster.nodes
     try:
         async with waiting([url for u in sessions for url in urls[u]]) as clients:
             by_uuid = {u: clients[2 * i : 2 * i + 2] for i, u in enumerate(sessions)}
-            restarted = asyncio.create_task(asyncio.to_thread(system.cluster.restart, 1.5))
+            restarted = asyncio.create_task(asyncio.to_thread(system.backends.cluster.restart, 1.5))
             async with asyncio.timeout(5):
                 while any(node.running for node in nodes):
                     await asyncio.sleep(0.01)
@@ -449,5 +446,5 @@ async def test_every_cluster_node_killed_and_restarted_pushes_flow_again(
         await sim.aclose()
         # The module's later tests need the cluster, and every service on it.
         if any(not node.running for node in nodes):
-            await asyncio.to_thread(system.cluster.restart, 0)
+            await asyncio.to_thread(system.backends.cluster.restart, 0)
         await all_ready(system, 30)

@@ -25,9 +25,10 @@ import pytest
 from redis.asyncio import Redis
 
 from devstack.balancer import find_nginx
-from devstack.replicas import ReplicaSystem, running
+from devstack.replicas import REPLICATED, running
 from devstack.seed import store_pending_sessions
 from devstack.sse import EventSourceClient
+from devstack.system import System
 from shared.cache import StatusCache
 from shared.model import StatusEvent, StreamStatus
 from shared.mongo import Store, mongo_client
@@ -45,41 +46,41 @@ pytestmark = pytest.mark.skipif(find_nginx() is None, reason="nginx is not insta
 
 
 @pytest.fixture(scope="module")
-def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReplicaSystem]:
+def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     base = Settings.from_env({}, log_level="WARNING", sse_retry_ms=RETRY_MS)
     with running(base, tmp_path_factory.mktemp("replicas")) as replicas:
         yield replicas
 
 
 @pytest.fixture
-def replicas(system: ReplicaSystem) -> ReplicaSystem:
+def replicas(system: System) -> System:
     """The system with every process up (a test may have killed one)."""
     system.revive()
     return system
 
 
 @pytest.fixture
-async def http(replicas: ReplicaSystem) -> AsyncIterator[httpx.AsyncClient]:
+async def http(replicas: System) -> AsyncIterator[httpx.AsyncClient]:
     limits = httpx.Limits(max_connections=200)
     async with httpx.AsyncClient(base_url=replicas.url, timeout=10, limits=limits) as client:
         yield client
 
 
 @pytest.fixture
-async def store(replicas: ReplicaSystem) -> AsyncIterator[Store]:
+async def store(replicas: System) -> AsyncIterator[Store]:
     client = mongo_client(replicas.settings)
     yield Store(client)
     await client.close()
 
 
 @pytest.fixture
-async def cache(replicas: ReplicaSystem) -> AsyncIterator[StatusCache]:
+async def cache(replicas: System) -> AsyncIterator[StatusCache]:
     redis = Redis.from_url(replicas.settings.redis_url)
     yield StatusCache(redis)
     await redis.aclose()
 
 
-async def gateway_stats(replicas: ReplicaSystem) -> list[dict[str, Any]]:
+async def gateway_stats(replicas: System) -> list[dict[str, Any]]:
     """Each gateway's own /api/stats (per process, so asked of each replica directly)."""
     out = []
     async with httpx.AsyncClient(timeout=5) as client:
@@ -104,7 +105,7 @@ async def wait_for(check: Any, timeout: float, what: str) -> None:
 
 @contextlib.asynccontextmanager
 async def browsers(
-    replicas: ReplicaSystem, uuids: list[str], per_uuid: int = 1
+    replicas: System, uuids: list[str], per_uuid: int = 1
 ) -> AsyncIterator[list[EventSourceClient]]:
     """EventSource clients through nginx, `per_uuid` for each uuid, opened a few at a time;
     yields once every one has its first event."""
@@ -161,7 +162,7 @@ def done_event(doc: dict[str, Any]) -> StatusEvent:
 
 
 async def test_sessions_through_nginx_paid_through_the_simulator_reach_both_gateways(
-    replicas: ReplicaSystem, http: httpx.AsyncClient
+    replicas: System, http: httpx.AsyncClient
 ) -> None:
     sessions = []
     for i in range(6):
@@ -197,7 +198,7 @@ async def test_sessions_through_nginx_paid_through_the_simulator_reach_both_gate
 
 
 async def test_gateway_killed_while_streams_wait_every_browser_reconnects_and_gets_done(
-    replicas: ReplicaSystem,
+    replicas: System,
     http: httpx.AsyncClient,
     store: Store,
     cache: StatusCache,
@@ -258,37 +259,39 @@ async def test_gateway_killed_while_streams_wait_every_browser_reconnects_and_ge
     assert survivor.running
 
 
-def test_replicas_have_their_own_ports_behind_one_nginx(replicas: ReplicaSystem) -> None:
+def test_replicas_have_their_own_ports_behind_one_nginx(replicas: System) -> None:
     ports = [p.port for p in replicas.processes]
     assert len(set(ports)) == len(ports)
     assert {name: len(group) for name, group in replicas.replicas.items()} == {
+        "payos-simulator": 1,
         "webhook-ingest": 2,
         "stream-gateway": 2,
         "session-api": 2,
     }
+    assert replicas.nginx is not None
     conf = (Path(replicas.nginx.log_path).parent / "nginx.conf").read_text()
-    for group in replicas.replicas.values():
-        for proc in group:
+    for name in REPLICATED:
+        for proc in replicas.replicas[name]:
             assert f"server 127.0.0.1:{proc.port};" in conf
     assert replicas.settings.payos_webhook_url == f"{replicas.url}/api/webhooks"
 
 
 async def test_redis_down_every_replica_stays_ready_and_payments_flow_through_nginx(
-    replicas: ReplicaSystem, http: httpx.AsyncClient
+    replicas: System, http: httpx.AsyncClient
 ) -> None:
     """Issue 15: a Redis outage is a degraded system, not a dead one. Every replica stays in
     rotation (its /readyz, which the readiness probes use, answers 200 `degraded`), nginx
     routes creations, webhooks, streams and polls as before, and once Redis is back the
     waiting browser learns `done`."""
-    [redis] = [p for p in replicas.backing if p.name == "redis"]
+    redis = replicas.backends.redis
     resp = await http.post("/api/sessions", json={"accountNumber": "0009997001", "amount": 31_000})
     assert resp.status_code == 201, resp.text
     before = resp.json()
     redis.stop()
     try:
         async with httpx.AsyncClient(timeout=5) as direct:
-            for name, group in replicas.replicas.items():
-                for proc in group:
+            for name in REPLICATED:
+                for proc in replicas.replicas[name]:
                     ready = await direct.get(f"{replicas.replica_url(proc)}/readyz")
                     assert ready.status_code == 200, (name, ready.text)
                     body = ready.json()

@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 
 import shared.signing
 from devstack.payos_simulator import create_app as create_simulator
+from devstack.system import wait_ready
 from session_api import create_app as create_api
 from shared import keys
 from shared.model import utcnow
@@ -72,9 +73,7 @@ def sec_settings(settings: Settings, secret_values: Secrets) -> Settings:
 
 
 async def ready(client: Client) -> Client:
-    async with asyncio.timeout(5):
-        while (await client.get("/readyz")).status != 200:
-            await asyncio.sleep(0.02)
+    await wait_ready(str(client.make_url("")), 5)
     return client
 
 

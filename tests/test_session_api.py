@@ -11,17 +11,16 @@ import sys
 import time
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import aiohttp
 import pytest
 import redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from payos import APIError, AsyncPayOS
 
+from devstack.system import Backends, wait_ready
 from session_api import create_app
 from session_api.appkeys import SESSIONS
 from session_api.cleanup import run_cleanup
@@ -32,8 +31,7 @@ from shared.model import StatusEvent, StreamStatus, utcnow
 from shared.mongo import Store
 from shared.payos_client import payos_client
 from shared.settings import Settings
-from tests.conftest import Servers
-from tests.helpers import add_session, paused, simulator_to_ingest, subscribed
+from tests.helpers import Sim, add_session, paused, simulator_to_ingest, subscribed
 from webhook_ingest import create_app as create_ingest
 
 Client = TestClient[Any, Any]
@@ -42,29 +40,10 @@ CRON = {"Authorization": "Bearer test-cron-secret"}
 ADMIN = {"Authorization": "Bearer test-admin-token"}
 
 
-@dataclass
-class Sim:
-    """The PayOS simulator (delivering webhooks to a real ingest) and its controls."""
-
-    url: str
-    http: aiohttp.ClientSession
-
-    async def faults(self, mode: str, delay: float = 0.0) -> None:
-        body = {"mode": mode, "delaySeconds": delay}
-        async with self.http.post(f"{self.url}/sim/faults", json=body) as resp:
-            assert resp.status == 200
-
-    async def pay(self, order_code: int) -> dict[str, Any]:
-        async with self.http.post(f"{self.url}/sim/pay/{order_code}", json={}) as resp:
-            assert resp.status == 200, await resp.text()
-            result: dict[str, Any] = await resp.json()
-            return result
-
-
 @pytest.fixture
 async def sim(settings: Settings, store: Store) -> AsyncIterator[Sim]:
-    async with simulator_to_ingest(settings) as (url, _ingest_url, http):
-        yield Sim(url, http)
+    async with simulator_to_ingest(settings) as running:
+        yield running
 
 
 @pytest.fixture
@@ -79,10 +58,8 @@ def api_settings(settings: Settings, sim: Sim) -> Settings:
 
 
 async def _ready(client: Client) -> Client:
-    # Index creation runs in the background at start-up; wait for it like /readyz does.
-    async with asyncio.timeout(5):
-        while (await client.get("/readyz")).status != 200:
-            await asyncio.sleep(0.02)
+    # Index creation runs in the background at start-up; /readyz waits for it.
+    await wait_ready(str(client.make_url("")), 5)
     return client
 
 
@@ -485,7 +462,7 @@ async def test_a_create_cancelled_while_payos_answers_late_counts_nothing_and_ca
 
 
 async def test_a_create_cancelled_while_storing_its_link_counts_nothing_and_cancels_the_link(
-    patient_api: Client, sim: Sim, store: Store, payos: AsyncPayOS, servers: Servers
+    patient_api: Client, sim: Sim, store: Store, payos: AsyncPayOS, servers: Backends
 ) -> None:
     if servers.mongo is None:
         pytest.skip("MongoDB is external; the suite cannot pause it")
@@ -509,7 +486,7 @@ async def test_a_create_cancelled_while_storing_its_link_counts_nothing_and_canc
 
 
 async def test_a_rollback_outlives_a_second_cancellation_and_shutdown_waits_for_it(
-    patient_api: Client, sim: Sim, store: Store, payos: AsyncPayOS, servers: Servers
+    patient_api: Client, sim: Sim, store: Store, payos: AsyncPayOS, servers: Backends
 ) -> None:
     if servers.mongo is None:
         pytest.skip("MongoDB is external; the suite cannot pause it")
@@ -764,7 +741,7 @@ async def test_expired_that_redis_missed_during_cleanup_is_published_by_the_inge
     aiohttp_client: Callable[..., Awaitable[Client]],
     settings: Settings,
     store: Store,
-    servers: Servers,
+    servers: Backends,
 ) -> None:
     # No PayOS simulator (and so no ingest) here: the ingest below starts only once the
     # subscriber listens, and its start-up sweep is the one that must publish.
@@ -954,7 +931,7 @@ async def test_stats_lag_the_truth_by_at_most_a_second(
     ],
 )
 async def test_public_stats_answer_counts_only_even_when_redis_is_down(
-    api: Client, servers: Servers, headers: dict[str, str]
+    api: Client, servers: Backends, headers: dict[str, str]
 ) -> None:
     servers.redis.stop()
     try:
@@ -972,7 +949,7 @@ async def test_public_stats_answer_counts_only_even_when_redis_is_down(
 
 
 async def test_admin_stats_also_tell_when_they_were_counted_and_what_failed(
-    api: Client, servers: Servers
+    api: Client, servers: Backends
 ) -> None:
     servers.redis.stop()
     try:

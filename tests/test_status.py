@@ -14,13 +14,13 @@ from pymongo.errors import PyMongoError
 from redis.asyncio import Redis
 
 from devstack.servers import Process
+from devstack.system import Backends
 from shared import keys
 from shared.cache import StatusCache
 from shared.model import StreamStatus
 from shared.mongo import Store
 from shared.settings import Settings
 from shared.status import StatusReader
-from tests.conftest import Servers
 from tests.helpers import add_session
 
 
@@ -82,7 +82,7 @@ async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
 
 
 @pytest.fixture
-def mongo(servers: Servers) -> Process:
+def mongo(servers: Backends) -> Process:
     if servers.mongo is None:
         pytest.skip("MongoDB is external; the suite cannot stop it")
     return servers.mongo

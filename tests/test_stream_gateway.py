@@ -24,6 +24,8 @@ from pymongo import ReturnDocument
 from redis.asyncio import Redis
 
 from devstack.servers import Process, free_port, python_service
+from devstack.system import Backends
+from devstack.system import wait_ready as until_ready
 from shared import keys
 from shared.appkeys import SUPERVISOR
 from shared.cache import StatusCache
@@ -32,7 +34,6 @@ from shared.mongo import Store
 from shared.settings import Settings
 from stream_gateway import create_app
 from stream_gateway.appkeys import HUB
-from tests.conftest import Servers
 from tests.helpers import add_session, signed_webhook
 from webhook_ingest import create_app as create_ingest_app
 
@@ -51,9 +52,7 @@ def gateway_settings(settings: Settings) -> Settings:
 
 async def wait_ready(http: httpx.AsyncClient, timeout: float = 10) -> None:
     """Until every check passes (readiness itself needs none of the backends)."""
-    async with asyncio.timeout(timeout):
-        while (await http.get("/readyz")).json()["status"] != "ready":
-            await asyncio.sleep(0.02)
+    await until_ready(str(http.base_url), timeout, ready=lambda _, body: body["status"] == "ready")
 
 
 @contextlib.asynccontextmanager
@@ -88,9 +87,7 @@ async def ingest(
     aiohttp_client: Callable[..., Awaitable[Client]], settings: Settings, store: Store
 ) -> Client:
     client = await aiohttp_client(create_ingest_app(settings))
-    async with asyncio.timeout(5):
-        while (await client.get("/readyz")).status != 200:
-            await asyncio.sleep(0.02)
+    await until_ready(str(client.make_url("")), 5)
     return client
 
 
@@ -417,7 +414,7 @@ async def test_vanished_clients_release_their_subscriptions(
 
 
 async def test_redis_restart_while_streams_wait_still_delivers_done(
-    gateway: httpx.AsyncClient, ingest: Client, store: Store, servers: Servers
+    gateway: httpx.AsyncClient, ingest: Client, store: Store, servers: Backends
 ) -> None:
     sessions = [await add_session(store) for _ in range(10)]
     async with contextlib.AsyncExitStack() as stack:
@@ -441,7 +438,7 @@ async def test_redis_restart_while_streams_wait_still_delivers_done(
 
 
 async def test_stream_opened_while_redis_is_down_gets_done_after_it_returns(
-    gateway: httpx.AsyncClient, ingest: Client, store: Store, servers: Servers
+    gateway: httpx.AsyncClient, ingest: Client, store: Store, servers: Backends
 ) -> None:
     session = await add_session(store)
     servers.redis.stop()
@@ -541,7 +538,7 @@ async def test_a_hub_task_that_dies_is_restarted_and_pushes_flow_again(
 
 @contextlib.asynccontextmanager
 async def gateway_processes(
-    settings: Settings, servers: Servers, count: int
+    settings: Settings, servers: Backends, count: int
 ) -> AsyncIterator[list[tuple[Process, httpx.AsyncClient]]]:
     """`count` gateways as their own processes (`python -m stream_gateway`) on one Redis."""
     procs: list[Process] = []
@@ -551,7 +548,7 @@ async def gateway_processes(
             for i in range(count):
                 port = free_port()
                 env = {**settings.env(), "STREAM_GATEWAY_PORT": str(port)}
-                proc = python_service(f"gateway-{i}", "stream_gateway", port, env, servers.tmp)
+                proc = python_service(f"gateway-{i}", "stream_gateway", port, env, servers.dir)
                 procs.append(proc)
                 await asyncio.to_thread(proc.start)
                 http = httpx.AsyncClient(
@@ -566,7 +563,7 @@ async def gateway_processes(
 
 
 async def test_two_gateway_processes_on_one_redis_both_deliver(
-    gateway_settings: Settings, servers: Servers, ingest: Client, store: Store, redis: Redis
+    gateway_settings: Settings, servers: Backends, ingest: Client, store: Store, redis: Redis
 ) -> None:
     session = await add_session(store)
     async with (
@@ -587,7 +584,7 @@ async def test_two_gateway_processes_on_one_redis_both_deliver(
 
 
 async def test_sigterm_ends_open_streams_and_exits_within_the_shutdown_timeout(
-    gateway_settings: Settings, servers: Servers, store: Store
+    gateway_settings: Settings, servers: Backends, store: Store
 ) -> None:
     session = await add_session(store)
     async with gateway_processes(gateway_settings, servers, 1) as [(proc, http)]:
@@ -622,7 +619,7 @@ async def test_draining_after_sigterm_restarts_no_background_task(
 
 
 async def test_a_stream_still_joining_when_sigterm_comes_is_ended_as_well(
-    gateway_settings: Settings, servers: Servers, store: Store
+    gateway_settings: Settings, servers: Backends, store: Store
 ) -> None:
     """A stream whose join is under way when SIGTERM runs the shutdown handlers is not among
     the open streams they end: it ends by itself once joined (after its first event), or the

@@ -13,12 +13,12 @@ import structlog
 from aiohttp.test_utils import TestClient
 
 from devstack.payos_simulator.state import new_reference
+from devstack.system import Backends, wait_ready
 from shared.appkeys import CACHE, STORE
 from shared.model import StatusEvent, StreamStatus, utcnow
 from shared.mongo import Store
 from shared.settings import Settings
 from shared.signing import sign_data
-from tests.conftest import Servers
 from tests.helpers import TEST_CHECKSUM_KEY, add_session, signed_webhook, subscribed
 from webhook_ingest import create_app
 
@@ -30,10 +30,8 @@ async def ingest(
     aiohttp_client: Callable[..., Awaitable[Client]], settings: Settings, store: Store
 ) -> Client:
     client = await aiohttp_client(create_app(settings))
-    # Index creation runs in the background at start-up; wait for it like /readyz does.
-    async with asyncio.timeout(5):
-        while (await client.get("/readyz")).status != 200:
-            await asyncio.sleep(0.02)
+    # Index creation runs in the background at start-up; /readyz waits for it.
+    await wait_ready(str(client.make_url("")), 5)
     return client
 
 
@@ -423,7 +421,7 @@ async def test_payment_of_a_newer_session_replaces_the_cached_status_of_an_older
 
 
 async def test_mongodb_down_is_503_then_redelivery_is_stored_once(
-    ingest: Client, store: Store, servers: Servers
+    ingest: Client, store: Store, servers: Backends
 ) -> None:
     if servers.mongo is None:
         pytest.skip("MongoDB is external; the suite cannot stop it")
@@ -444,7 +442,7 @@ async def test_mongodb_down_is_503_then_redelivery_is_stored_once(
 
 
 async def test_redis_down_is_acknowledged_and_event_arrives_after_redis_returns(
-    ingest: Client, store: Store, settings: Settings, servers: Servers
+    ingest: Client, store: Store, settings: Settings, servers: Backends
 ) -> None:
     session = await add_session(store, amount=6_000)
     servers.redis.stop()
@@ -468,7 +466,7 @@ async def test_redis_down_is_acknowledged_and_event_arrives_after_redis_returns(
 
 
 async def test_readiness_requires_mongodb_and_only_watches_redis(
-    ingest: Client, servers: Servers
+    ingest: Client, servers: Backends
 ) -> None:
     assert (await ingest.get("/healthz")).status == 200
     ready = await ingest.get("/readyz")

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from devstack.servers import LocalRedisCluster, local_settings
+from devstack.servers import LocalRedisCluster
+from devstack.system import Backends, System
 from shared.mongo import Store
 from shared.settings import Settings
-from tests.conftest import Servers
-from tests.faults.harness import Driver, Report, System, http_client, running_system
+from tests.faults.harness import Driver, Report, http_client, running_system
 from tests.helpers import paused as paused  # the fault tests pause processes too
 
 LEDGER: list[tuple[str, Report]] = []
@@ -71,7 +71,8 @@ FAULT_ENV = {
 
 @pytest.fixture
 def fault_settings(settings: Settings, request: pytest.FixtureRequest) -> Settings:
-    """The test's Redis and database, every service on a free port, quick reconnect hints.
+    """The test's Redis and database, quick reconnect hints (the system puts every service
+    on a free port).
 
     A test marked `fault_env(NAME="value", ...)` sets those variables on top of FAULT_ENV;
     one marked `redis_cluster` runs on a local Redis Cluster of its own (`redis_cluster`).
@@ -83,8 +84,7 @@ def fault_settings(settings: Settings, request: pytest.FixtureRequest) -> Settin
         cluster: LocalRedisCluster = request.getfixturevalue("redis_cluster")
         env["REDIS_CLUSTER"] = "true"
         redis_url = cluster.url
-    tuned = Settings.from_env(env)
-    return local_settings(tuned, redis_url=redis_url, mongodb_url=settings.mongodb_url)
+    return Settings.from_env({**env, "REDIS_URL": redis_url})
 
 
 @pytest.fixture
@@ -100,9 +100,9 @@ def redis_cluster(tmp_path: Path) -> Iterator[LocalRedisCluster]:
 
 @pytest.fixture
 async def system(
-    fault_settings: Settings, servers: Servers, store: Store, tmp_path: Path
+    fault_settings: Settings, servers: Backends, store: Store, tmp_path: Path
 ) -> AsyncIterator[System]:
-    async with running_system(fault_settings, tmp_path / "logs") as running:
+    async with running_system(fault_settings, tmp_path) as running:
         yield running
     # Whatever a test stopped or paused is back for the next one.
     for proc in (servers.redis, servers.mongo):

@@ -1,8 +1,9 @@
 """A reusable harness for fault and soak runs: the system as processes, browsers, payments, audit.
 
 - `running_system()` starts webhook-ingest, two stream-gateways and session-api as processes
-  (each can be killed and restarted on its own port) and the PayOS simulator, either in this
-  process (short redelivery delays, for fault tests) or as a process of its own (the soak).
+  (`devstack.system`: each can be killed and restarted on its own port) and the PayOS
+  simulator, either in this process (short redelivery delays, for fault tests) or as a
+  process of its own (the soak).
 - `Watcher` is a browser's EventSource: it reconnects when its stream ends or breaks, after
   the server's `retry:` hint, sending `Last-Event-ID`, to the next gateway when one is gone;
   an HTTP 204 means "final, stop".
@@ -40,7 +41,8 @@ from redis.asyncio import Redis, RedisCluster
 
 from devstack.payos_simulator.app import create_app as create_simulator
 from devstack.seed import store_pending_sessions
-from devstack.servers import Process, free_port, python_service
+from devstack.servers import Process
+from devstack.system import ALL, System, plan, plan_backends
 from shared import keys
 from shared.cache import StatusCache
 from shared.model import StatusEvent
@@ -56,32 +58,6 @@ RETRYABLE = frozenset({429, 500, 502, 503, 504})
 
 
 # -- the system ------------------------------------------------------------------------------
-
-
-@dataclass
-class System:
-    settings: Settings
-    ingest: Process
-    gateways: list[Process]
-    session_api: Process
-    simulator: Process | None  # None: the simulator runs in this process
-
-    @property
-    def sim_url(self) -> str:
-        return self.settings.payos_base_url
-
-    @property
-    def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.session_api.port}"
-
-    @property
-    def gateway_urls(self) -> list[str]:
-        return [f"http://127.0.0.1:{g.port}" for g in self.gateways]
-
-    @property
-    def processes(self) -> list[Process]:
-        sim = [self.simulator] if self.simulator is not None else []
-        return [*sim, self.ingest, *self.gateways, self.session_api]
 
 
 async def start(*processes: Process) -> None:
@@ -115,47 +91,25 @@ async def _simulator_in_process(
 @contextlib.asynccontextmanager
 async def running_system(
     settings: Settings,
-    log_dir: Path,
+    dir: Path,
     *,
     gateways: int = 2,
     simulator_in_process: bool = True,
     retry_delays: Sequence[float] = FAST_RETRY_DELAYS,
 ) -> AsyncIterator[System]:
-    """The whole system on free local ports, on `settings`' Redis and MongoDB.
-
-    `settings` should come from `devstack.servers.local_settings` (every service pointing at
-    the others); the gateways after the first get ports of their own.
-    """
-    env = settings.env()
-    ingest = python_service(
-        "webhook-ingest", "webhook_ingest", settings.webhook_ingest_port, env, log_dir
-    )
-    gateway_procs = []
-    for i in range(gateways):
-        port = settings.stream_gateway_port if i == 0 else free_port()
-        gateway_env = {**env, "STREAM_GATEWAY_PORT": str(port)}
-        gateway_procs.append(
-            python_service(f"stream-gateway-{i}", "stream_gateway", port, gateway_env, log_dir)
-        )
-    api = python_service("session-api", "session_api", settings.session_api_port, env, log_dir)
-    simulator = None
-    if not simulator_in_process:
-        simulator = python_service(
-            "payos-simulator",
-            "devstack.payos_simulator",
-            settings.payos_simulator_port,
-            env,
-            log_dir,
-        )
-    system = System(settings, ingest, gateway_procs, api, simulator)
+    """The whole system on free local ports (`devstack.system`), on `settings`' Redis and
+    MongoDB, its logs in `dir`/logs; `gateways` stream-gateways, each on a port of its own."""
+    backends = plan_backends(dir, redis_url=settings.redis_url, mongodb_url=settings.mongodb_url)
+    services = [s for s in ALL if not (simulator_in_process and s == "payos-simulator")]
+    system = plan(settings, backends, services=services, replicas={"stream-gateway": gateways})
     async with contextlib.AsyncExitStack() as stack:
         if simulator_in_process:
-            await stack.enter_async_context(_simulator_in_process(settings, retry_delays))
+            await stack.enter_async_context(_simulator_in_process(system.settings, retry_delays))
         try:
-            await start(*system.processes)
+            await asyncio.to_thread(system.start)
             yield system
         finally:
-            await asyncio.gather(*(stop(p) for p in system.processes))
+            await asyncio.to_thread(system.stop)
 
 
 def http_client(base_url: str = "", *, connections: int = 1000) -> httpx.AsyncClient:

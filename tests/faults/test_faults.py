@@ -28,21 +28,19 @@ import random
 import time
 from collections.abc import AsyncIterator
 
-import aiohttp
 import httpx
 import pytest
 from httpx_sse import aconnect_sse
 from redis.asyncio import RedisCluster
 
 from devstack.servers import LocalRedisCluster, free_port
+from devstack.system import Backends, System, wait_ready
 from shared.mongo import Store
-from tests.conftest import Servers
 from tests.faults.conftest import paused
 from tests.faults.harness import (
     Driver,
     Payment,
     Report,
-    System,
     deliveries,
     kill,
     leftovers,
@@ -80,7 +78,7 @@ async def set_faults(http: httpx.AsyncClient, system: System, **faults: object) 
 
 @pytest.mark.parametrize("scale", SCALES)
 async def test_redis_kill_9_and_restart_while_payments_flow(
-    system: System, driver: Driver, servers: Servers, store: Store, ledger: Report, scale: int
+    system: System, driver: Driver, servers: Backends, store: Store, ledger: Report, scale: int
 ) -> None:
     """Redis loses every key and every subscription: gateways resubscribe and re-read,
     the ingest acknowledges what MongoDB stored and republishes once Redis is back."""
@@ -249,7 +247,7 @@ async def cluster_client(cluster: LocalRedisCluster) -> AsyncIterator[RedisClust
 
 @pytest.mark.parametrize("scale", SCALES)
 async def test_mongodb_stop_and_start_while_payments_flow(
-    system: System, driver: Driver, servers: Servers, store: Store, ledger: Report, scale: int
+    system: System, driver: Driver, servers: Backends, store: Store, ledger: Report, scale: int
 ) -> None:
     """MongoDB away: the ingest answers 503 (nothing acknowledged that is not stored) and
     the simulator redelivers; session creation answers 503 and the client retries."""
@@ -307,7 +305,7 @@ async def test_gateway_kill_9_mid_stream_browsers_resume_elsewhere(
 async def test_ingest_kill_9_mid_request_is_redelivered(
     system: System,
     driver: Driver,
-    servers: Servers,
+    servers: Backends,
     store: Store,
     ledger: Report,
     scale: int,
@@ -366,7 +364,7 @@ async def test_payos_deliveries_dropped_and_delayed(
 @pytest.mark.faults_long
 @pytest.mark.timeout(900)
 async def test_chaos_every_fault_again_and_again_while_payments_flow(
-    system: System, driver: Driver, servers: Servers, store: Store, ledger: Report
+    system: System, driver: Driver, servers: Backends, store: Store, ledger: Report
 ) -> None:
     """Ninety seconds of steady payments with a fault every few seconds, in random order."""
     assert servers.mongo is not None
@@ -445,7 +443,11 @@ async def test_ingest_restart_with_a_deferred_publish_leaves_no_browser_waiting(
     ledger.faults.append("webhook-ingest cut off from Redis")
     # Until its unique indexes are confirmed the ingest refuses deliveries (503, redelivered
     # later); this test wants the first delivery acknowledged, so it waits for MongoDB.
-    await mongodb_ready(f"http://127.0.0.1:{ingest.port}/readyz")
+    await wait_ready(
+        f"http://127.0.0.1:{ingest.port}",
+        20,
+        ready=lambda _, body: body.get("checks", {}).get("mongodb") == "ok",
+    )
     for p in victims:
         body = await driver.pay(p)
         assert body["delivered"], "stored and acknowledged, the publish deferred"
@@ -455,13 +457,3 @@ async def test_ingest_restart_with_a_deferred_publish_leaves_no_browser_waiting(
     await start(ingest)
     # Within a few sweeps (every 5 s) even if the first one finds MongoDB not yet reachable.
     await audit(driver, store, ledger, timeout=20)
-
-
-async def mongodb_ready(readyz: str, timeout: float = 20.0) -> None:
-    """Wait until a service's /readyz says MongoDB is ready (whatever it says of Redis)."""
-    async with asyncio.timeout(timeout), aiohttp.ClientSession() as http:
-        while True:
-            async with http.get(readyz) as resp:
-                if (await resp.json())["checks"].get("mongodb") == "ok":
-                    return
-            await asyncio.sleep(0.05)

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from devstack.system import System
 from shared import keys
 from shared.mongo import Store
 from shared.settings import Settings
@@ -34,7 +35,6 @@ from tests.faults.harness import (
     Driver,
     Payment,
     Report,
-    System,
     crowd_sessions,
     kill,
     leftovers,
