@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+import secrets
 import shutil
 import subprocess
 import time
@@ -18,14 +19,14 @@ import pytest
 from aiohttp.test_utils import TestClient
 from playwright.async_api import Page
 
-from devstack.browser import System, chromium, running_system
+from devstack.browser import chromium
+from devstack.system import Backends, System, plan, running
 from session_api import create_app
 from session_api.accounts import AccountLinks, link_signature, sign_account_link
 from session_api.errors import AccountLinkRejected
 from shared.appkeys import METRICS
 from shared.mongo import Store
 from shared.settings import Settings, SettingsError
-from tests.conftest import Servers
 from tests.helpers import simulator_to_ingest
 
 Client = TestClient[Any, Any]
@@ -225,8 +226,8 @@ def test_the_readmes_node_example_makes_a_link_we_accept(tmp_path: Path) -> None
 
 @pytest.fixture
 async def sim_url(settings: Settings, store: Store) -> AsyncIterator[str]:
-    async with simulator_to_ingest(settings) as (url, _ingest_url, _http):
-        yield url
+    async with simulator_to_ingest(settings) as sim:
+        yield sim.url
 
 
 async def ready(client: Client) -> Client:
@@ -448,13 +449,12 @@ async def test_without_a_key_the_account_is_taken_as_given(unsigned: Client) -> 
 
 
 @pytest.fixture(scope="module")
-def system(servers: Servers) -> Iterator[System]:
+def system(servers: Backends) -> Iterator[System]:
     servers.ensure_running()
     base = Settings.from_env({}, log_level="WARNING", account_link_key=KEY)
-    with running_system(
-        servers.redis_url, servers.mongo_base_url, servers.tmp, base=base
-    ) as running:
-        yield running
+    database = f"links_{secrets.token_hex(4)}"
+    with running(plan(base, servers, database=database, owns_backends=False)) as started:
+        yield started
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -21,8 +22,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from devstack.browser import System, running_system
-from tests.conftest import Servers
+from devstack.system import Backends, System, plan, running
+from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "payment-push.json"
@@ -179,10 +180,12 @@ def test_dashboard_panels_use_the_prometheus_variable_and_unique_ids() -> None:
 
 
 @pytest.fixture(scope="module")
-def system(servers: Servers) -> Iterator[System]:
+def system(servers: Backends) -> Iterator[System]:
     servers.ensure_running()
-    with running_system(servers.redis_url, servers.mongo_base_url, servers.tmp) as running:
-        yield running
+    base = Settings.from_env({}, log_level="WARNING")
+    database = f"monitoring_{secrets.token_hex(4)}"
+    with running(plan(base, servers, database=database, owns_backends=False)) as started:
+        yield started
 
 
 async def scrape(system: System) -> dict[str, str]:
