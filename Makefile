@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
-	./scripts/ensure-system-packages.sh chromium nginx nchan
+	./scripts/ensure-system-packages.sh chromium nginx nchan promtool
 
 run: setup
 	$(BIN)/python -m devstack

@@ -40,8 +40,8 @@ async def one_deposit(browser: Browser, system: System, *, block_stream: bool) -
     if block_stream:
         await page.route("**/api/webhooks/stream*", block)
     await page.goto(system.page_url)
-    await page.get_by_label("Account number").fill("8" + str(secrets.randbelow(10**9)).zfill(9))
-    await page.get_by_role("button", name="Create QR code").click()
+    await page.locator("#account").fill("8" + str(secrets.randbelow(10**9)).zfill(9))
+    await page.locator("#create").click()
     await page.wait_for_selector("body[data-state=waiting]")
     transport = "polling" if block_stream else "stream"
     await page.wait_for_selector(f"body[data-transport={transport}]")

@@ -8,8 +8,11 @@ each on the port its settings name.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
+from urllib.parse import urlencode
 
+from session_api.accounts import MAX_LINK_SECONDS, sign_account_link
 from shared.settings import Settings, is_set
 
 from .servers import Process, port_open, serve_until_stopped, stop_on_sigterm
@@ -48,8 +51,14 @@ def main() -> int:
         print(f"starting {proc.name} on port {proc.port} (log: {proc.log_path})", flush=True)
 
     def all_up() -> list[str]:
+        page = f"http://127.0.0.1:{settings.session_api_port}/"
+        if settings.account_link_key:
+            # What the shop's backend would link its signed-in user "demo" to (valid 1 h).
+            expires = int(time.time()) + MAX_LINK_SECONDS
+            token = sign_account_link(settings.account_link_key, "demo", expires)
+            page += "?" + urlencode({"account": "demo", "token": token})
         return [
-            f"  deposit page    http://127.0.0.1:{settings.session_api_port}/",
+            f"  deposit page    {page}",
             f"  webhooks        http://127.0.0.1:{settings.webhook_ingest_port}/api/webhooks",
             f"  streams         http://127.0.0.1:{settings.stream_gateway_port}/api/webhooks/stream?uuid=",
             f"  PayOS simulator {settings.payos_base_url}",

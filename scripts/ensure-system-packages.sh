@@ -11,6 +11,10 @@ for extra in "$@"; do
     nginx) command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx) ;;
     # The C push server `make bench-peer` measures the gateway against (an nginx module).
     nchan) [ -e /usr/lib/nginx/modules/ngx_nchan_module.so ] || need+=(libnginx-mod-nchan) ;;
+    # promtool checks the alert rules offline (tests/test_monitoring.py); Debian ships it in
+    # the server's package. Installing it starts nothing where policy-rc.d forbids it (containers);
+    # elsewhere Debian starts a Prometheus on :9090, which nothing here uses.
+    promtool) command -v promtool >/dev/null 2>&1 || need+=(prometheus) ;;
   esac
 done
 [ ${#need[@]} -eq 0 ] && exit 0

@@ -31,10 +31,14 @@ _DEV_SECRETS = {
 }
 
 SECRETS = tuple(_DEV_SECRETS)
-# Secrets a process may use but need not have (issue 17): with SHOP_WEBHOOK_URL unset no
-# event is signed, with SHOP_API_TOKEN unset the pull API is off. Blank for every process
-# that does not name them, like the others.
-OPTIONAL_SECRETS = ("shop_webhook_secret", "shop_api_token")
+# Secrets a process may use but need not have: empty turns their feature off. With
+# SHOP_WEBHOOK_URL unset no event is signed (issue 17), with SHOP_API_TOKEN unset the pull API
+# is off; ACCOUNT_LINK_KEY: the shop signs the account it links a shopper to
+# (session_api.accounts); without it anyone may claim any account, so production refuses to
+# run without it unless told so on purpose. Blank for every process that does not name them.
+OPTIONAL_SECRETS = ("shop_webhook_secret", "shop_api_token", "account_link_key")
+# An HMAC key shorter than this is a password, not a key (generate 32 random bytes).
+MIN_ACCOUNT_LINK_KEY_LENGTH = 16
 # The secrets each process uses (issue 15): a process is given only these, requires only
 # these, and holds the others blank. The manifests give each workload exactly these keys.
 SERVICE_SECRETS: dict[str, tuple[str, ...]] = {
@@ -84,6 +88,11 @@ class Settings:
 
     cron_secret: str = DEV_CRON_SECRET
     admin_token: str = DEV_ADMIN_TOKEN
+    # The shop's key for signed account links (`/?account=…&token=…`); empty: the page asks
+    # for the account and nothing proves it (development).
+    account_link_key: str = ""
+    # Production without ACCOUNT_LINK_KEY, on purpose (a shop that has no accounts to prove).
+    allow_unsigned_accounts: bool = False
     cors_origins: tuple[str, ...] = ("http://127.0.0.1:8083", "http://localhost:8083")
 
     webhook_ingest_port: int = 8081
@@ -172,6 +181,11 @@ class Settings:
             reused = [k.upper() for k, v in _DEV_SECRETS.items() if getattr(self, k) == v]
             if reused:
                 raise SettingsError(f"production needs real secrets, set: {', '.join(reused)}")
+        if self.account_link_key and len(self.account_link_key) < MIN_ACCOUNT_LINK_KEY_LENGTH:
+            raise SettingsError(
+                f"ACCOUNT_LINK_KEY must be at least {MIN_ACCOUNT_LINK_KEY_LENGTH} characters "
+                "(openssl rand -hex 32)"
+            )
         if self.listen_backlog < 1:
             raise SettingsError("LISTEN_BACKLOG must be positive")
         if self.max_streams < 1:
@@ -284,6 +298,7 @@ class Settings:
             values[field.name] = _parse(field.name, hints[field.name], raw)
         values.update(overrides)
         required: tuple[str, ...] = _ALWAYS_REQUIRED
+        given: tuple[str, ...] = ()  # None: every secret, none of them required
         if secrets is not None:
             given = tuple(secrets)
             unknown = set(given) - set(SECRETS) - set(OPTIONAL_SECRETS)
@@ -303,6 +318,17 @@ class Settings:
         for name in required:
             if not getattr(settings, name):
                 raise SettingsError(f"{name.upper()} must not be empty")
+        if (
+            "account_link_key" in given
+            and settings.is_production
+            and not settings.account_link_key
+            and not settings.allow_unsigned_accounts
+        ):
+            raise SettingsError(
+                "production needs ACCOUNT_LINK_KEY: without it anyone can start deposits for "
+                "any account and fill its pending slots; set ALLOW_UNSIGNED_ACCOUNTS=true to "
+                "run without it on purpose"
+            )
         return settings
 
     def env(self) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -47,7 +48,8 @@ def system(servers: Backends) -> Iterator[System]:
 @pytest.fixture
 async def page(system: System) -> AsyncIterator[Page]:
     async with chromium() as browser:
-        context = await browser.new_context(viewport=PHONE)
+        # Vietnamese, as the shoppers' browsers are (the page's default language too).
+        context = await browser.new_context(viewport=PHONE, locale="vi-VN")
         page = await context.new_page()
         yield page
         await context.close()
@@ -60,9 +62,9 @@ def new_account() -> str:
 async def create_deposit(page: Page, system: System, account: str, amount: int = 50_000) -> str:
     """Fill the form, create the session, wait for its QR; return the orderCode shown."""
     await page.goto(system.page_url)
-    await page.get_by_label("Account number").fill(account)
-    await page.get_by_label("Amount (VND)").fill(str(amount))
-    await page.get_by_role("button", name="Create QR code").click()
+    await page.get_by_label("Tài khoản").fill(account)
+    await page.get_by_label("Số tiền (VND)").fill(str(amount))
+    await page.get_by_role("button", name="Tạo mã QR").click()
     await page.wait_for_selector("body[data-state=waiting]")
     # Polled from here: a page-side wait_for_function needs eval, which the page's CSP forbids.
     async with asyncio.timeout(5):
@@ -92,12 +94,14 @@ async def test_paying_on_the_simulator_page_shows_success_within_a_second(
     await payer.goto(checkout)
     await payer.screenshot(path=shots / "simulator-checkout.png", full_page=True)
     clicked_at = time.time() * 1000
-    await payer.get_by_role("button", name="Pay 50,000 VND").click()
+    await payer.get_by_role("button", name="Thanh toán 50.000 ₫", exact=True).click()
     await page.wait_for_selector("body[data-state=paid]", timeout=5_000)
     paid_at = await page.evaluate("window.paypushPaidAt")
     assert paid_at - clicked_at < 1_000
-    assert "Payment received" in await page.inner_text("#status")
-    assert "50.000" in await page.inner_text("#status")
+    status = await page.inner_text("#status")
+    assert status.startswith("Đã nhận thanh toán 50.000\xa0₫ lúc ")
+    # The time in vi-VN form, in Vietnam's zone: "14:07 27/11/2026".
+    assert re.search(r"lúc \d{2}:\d{2} \d{2}/\d{2}/\d{4}\. Cảm ơn bạn!$", status), status
     assert await page.get_attribute("body", "data-transport") == "stream"
     await page.screenshot(path=shots / "deposit-paid.png", full_page=True)
 
@@ -114,7 +118,7 @@ async def test_blocked_stream_falls_back_to_polling_and_still_succeeds(
     await sim_pay(system, order_code)
     # The page polls every 5 s.
     await page.wait_for_selector("body[data-state=paid]", timeout=8_000)
-    assert "Payment received" in await page.inner_text("#status")
+    assert "Đã nhận thanh toán" in await page.inner_text("#status")
 
 
 async def test_refused_stream_is_opened_again_without_polling(page: Page, system: System) -> None:
@@ -169,7 +173,9 @@ async def test_partial_payment_shows_what_is_still_due(
     await sim_pay(system, order_code, amount=15_000)
     await page.wait_for_selector("body[data-state=partial]", timeout=5_000)
     status = await page.inner_text("#status")
-    assert "15.000" in status and "25.000" in status
+    assert (
+        status == "Đã nhận 15.000\xa0₫ trên tổng số 40.000\xa0₫. Vui lòng chuyển thêm 25.000\xa0₫."
+    )
     await page.screenshot(path=shots / "deposit-partial.png", full_page=True)
     await sim_pay(system, order_code, amount=25_000)
     await page.wait_for_selector("body[data-state=paid]", timeout=5_000)
@@ -202,7 +208,7 @@ async def test_expired_session_shows_expired(page: Page, system: System, shots: 
     await create_deposit(page, system, new_account())
     await expire_session(system, await page.evaluate(SAVED_UUID))
     await page.wait_for_selector("body[data-state=expired]", timeout=5_000)
-    assert "expired" in await page.inner_text("#status")
+    assert "đã hết hạn" in await page.inner_text("#status")
     await page.screenshot(path=shots / "deposit-expired.png", full_page=True)
 
 
@@ -239,10 +245,10 @@ async def test_sixth_pending_deposit_shows_the_limit_message(
             ) as resp:
                 assert resp.status == 201
     await page.goto(system.page_url)
-    await page.get_by_label("Account number").fill(account)
-    await page.get_by_role("button", name="Create QR code").click()
+    await page.get_by_label("Tài khoản").fill(account)
+    await page.get_by_role("button", name="Tạo mã QR").click()
     await page.wait_for_selector("body[data-state=limit]")
-    assert "5 of 5" in await page.inner_text("#error")
+    assert "5/5 giao dịch nạp tiền chờ thanh toán" in await page.inner_text("#error")
     await page.screenshot(path=shots / "deposit-limit.png", full_page=True)
 
 
@@ -253,9 +259,9 @@ async def test_waiting_gives_up_after_ten_minutes_and_offers_a_new_qr(
     await create_deposit(page, system, new_account())
     await page.clock.fast_forward("10:01")
     await page.wait_for_selector("body[data-state=timeout]")
-    assert "10 minutes" in await page.inner_text("#error")
+    assert "ngừng chờ sau 10 phút" in await page.inner_text("#error")
     await page.screenshot(path=shots / "deposit-timeout.png", full_page=True)
-    await page.get_by_role("button", name="New QR code").click()
+    await page.get_by_role("button", name="Tạo mã QR mới").click()
     await page.wait_for_selector("body[data-state=form]")
     assert await page.evaluate("localStorage.getItem('paypush.session')") is None
 
@@ -276,9 +282,90 @@ async def test_page_fetches_nothing_from_outside_and_sends_security_headers(
 
 async def test_form_rejects_bad_input_without_creating_anything(page: Page, system: System) -> None:
     await page.goto(system.page_url)
-    await page.get_by_label("Account number").fill("12ab")
-    await page.get_by_role("button", name="Create QR code").click()
-    assert "6 to 20 digits" in await page.inner_text("#error")
+    await page.get_by_label("Tài khoản").fill("tài khoản")
+    await page.get_by_role("button", name="Tạo mã QR").click()
+    assert "tối đa 64 ký tự, gồm chữ, số và\xa0.\xa0_\xa0-" in await page.inner_text("#error")
     assert await page.get_attribute("body", "data-state") == "form"
     focused = await page.evaluate("document.activeElement.id")
     assert focused == "account"
+
+
+@pytest.fixture
+async def english_page(system: System) -> AsyncIterator[Page]:
+    """A browser whose reader prefers English (Accept-Language: en-US)."""
+    async with chromium() as browser:
+        context = await browser.new_context(viewport=PHONE, locale="en-US")
+        page = await context.new_page()
+        yield page
+        await context.close()
+
+
+async def test_page_speaks_english_to_a_browser_that_asks_for_it(
+    english_page: Page, system: System
+) -> None:
+    page = english_page
+    await page.goto(system.page_url)
+    assert await page.get_attribute("html", "lang") == "en"
+    assert await page.title() == "Deposit by bank transfer"
+    await page.get_by_label("Account").fill(new_account())
+    await page.get_by_label("Amount (VND)").fill("50000")
+    await page.get_by_role("button", name="Create QR code").click()
+    await page.wait_for_selector("body[data-state=waiting]")
+    assert await page.inner_text("#status") == "Waiting for your transfer…"
+    await sim_pay(system, await page.inner_text("#pay-order"))
+    await page.wait_for_selector("body[data-state=paid]", timeout=5_000)
+    assert (await page.inner_text("#status")).startswith("Payment received: ₫50,000 at ")
+
+
+async def test_language_switch_is_remembered_across_reloads(page: Page, system: System) -> None:
+    await page.goto(system.page_url)
+    assert await page.get_attribute("html", "lang") == "vi"
+    assert await page.inner_text("h1") == "Nạp tiền qua chuyển khoản"
+    await page.get_by_role("link", name="English").click()
+    await page.wait_for_selector("html[lang=en]")
+    # The choice is in a cookie, not the address: a reload (or a later visit) keeps it.
+    assert page.url == system.page_url
+    await page.reload()
+    assert await page.inner_text("h1") == "Deposit by bank transfer"
+    assert await page.get_attribute("#lang-en", "aria-current") == "true"
+    await page.get_by_role("link", name="Tiếng Việt").click()
+    await page.wait_for_selector("html[lang=vi]")
+    await page.reload()
+    assert await page.inner_text("h1") == "Nạp tiền qua chuyển khoản"
+
+
+async def test_switching_language_while_waiting_keeps_the_same_qr(
+    page: Page, system: System
+) -> None:
+    order_code = await create_deposit(page, system, new_account(), 120_000)
+    await page.get_by_role("link", name="English").click()
+    await page.wait_for_selector("html[lang=en]")
+    await page.wait_for_selector("body[data-state=waiting]")
+    assert await page.inner_text("#pay-order") == order_code
+    assert await page.inner_text("#pay-amount") == "₫120,000"
+    assert (await page.inner_text("#countdown")).endswith(" left")
+    await sim_pay(system, order_code)
+    await page.wait_for_selector("body[data-state=paid]", timeout=5_000)
+
+
+async def test_simulator_checkout_speaks_vietnamese_and_switches_to_english(
+    page: Page, system: System
+) -> None:
+    await create_deposit(page, system, new_account(), 30_000)
+    checkout = await page.get_attribute("#checkout", "href")
+    assert checkout is not None
+    payer = await page.context.new_page()
+    await payer.goto(checkout)
+    assert await payer.get_attribute("html", "lang") == "vi"
+    assert await payer.inner_text("#link-status") == "Chờ thanh toán"
+    await payer.get_by_role("button", name="Thanh toán thiếu (15.000 ₫)").click()
+    assert await payer.inner_text("#message") == ("Đã chuyển 15.000 ₫ và gửi webhook thành công.")
+    assert await payer.inner_text("#link-status") == "Thanh toán thiếu"
+    await payer.get_by_role("link", name="English").click()
+    await payer.wait_for_selector("html[lang=en]")
+    assert await payer.inner_text("#link-status") == "Underpaid"
+    assert await payer.inner_text("#message") == "Transferred 15,000 VND; webhook delivered."
+    await payer.reload()
+    await payer.get_by_role("button", name="Pay 15,000 VND", exact=True).click()
+    assert await payer.inner_text("#link-status") == "Paid"
+    await page.wait_for_selector("body[data-state=paid]", timeout=5_000)

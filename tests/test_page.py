@@ -49,6 +49,8 @@ async def test_page_carries_the_stream_url_and_a_strict_csp(site: Client) -> Non
     match = re.search(r'<script id="config" type="application/json">(.*?)</script>', html)
     assert match is not None
     config = json.loads(match.group(1))
+    assert config.pop("language") == "vi"
+    assert config.pop("messages")["page.title"] == "Nạp tiền qua chuyển khoản"
     assert config == {
         "streamUrl": "http://127.0.0.1:18082",
         "pollIntervalMs": 5000,
@@ -56,6 +58,7 @@ async def test_page_carries_the_stream_url_and_a_strict_csp(site: Client) -> Non
         "streamFailuresBeforePolling": 4,
         "streamProbeMs": 30000,
         "reconnectMs": 3000,
+        "signedAccounts": False,
     }
     csp = resp.headers["Content-Security-Policy"]
     assert "connect-src 'self' http://127.0.0.1:18082" in csp and "unsafe" not in csp

@@ -54,11 +54,12 @@ async def open_deposit(
     context.on("request", on_request)
     page = await context.new_page()
     await page.goto(system.page_url)
-    await page.get_by_label("Account number").fill(
+    # By id: the page speaks the browser's language.
+    await page.locator("#account").fill(
         "8" + secrets.token_hex(8)[:9].translate(str.maketrans("abcdef", "123456"))
     )
-    await page.get_by_label("Amount (VND)").fill("20000")
-    await page.get_by_role("button", name="Create QR code").click()
+    await page.locator("#amount").fill("20000")
+    await page.locator("#create").click()
     await page.wait_for_selector("body[data-state=waiting][data-transport=stream]")
     return page, await page.inner_text("#pay-order")
 

@@ -139,21 +139,55 @@ async def test_checkout_page_pays_in_full(sim: Sim, store: Store) -> None:
     created = await sim.payos.payment_requests.create(_request(session["orderCode"]))
     async with sim.http.get(created.checkout_url) as resp:
         page = await resp.text()
-    assert resp.status == 200 and 'id="pay"' in page and "15,000 VND" in page
+    assert resp.status == 200 and 'id="pay"' in page and "Thanh toán 15.000 ₫" in page
     async with sim.http.post(f"{created.checkout_url}/pay") as resp:
         after = await resp.text()
-    assert "webhook delivered" in after and "PAID" in after
+    assert "Đã chuyển 15.000 ₫ và gửi webhook thành công." in after
+    assert 'data-status="PAID">Đã thanh toán<' in after
     stored = await store.sessions.find_one({"uuid": session["uuid"]})
     assert stored is not None and stored["status"] == "completed"
+
+
+async def test_checkout_page_speaks_english_when_asked(sim: Sim, store: Store) -> None:
+    session = await add_session(store, amount=15_000)
+    created = await sim.payos.payment_requests.create(_request(session["orderCode"]))
+    english = {"Accept-Language": "en-GB,en;q=0.9,vi;q=0.5"}
+    async with sim.http.get(created.checkout_url, headers=english) as resp:
+        page = await resp.text()
+    assert resp.headers["Content-Language"] == "en"
+    assert '<html lang="en">' in page and "Pay 15,000 VND" in page and ">Pending<" in page
+
+
+async def test_checkout_language_switch_sets_a_cookie_and_keeps_the_message(sim: Sim) -> None:
+    order_code = secrets.randbelow(10**9) + 1
+    created = await sim.payos.payment_requests.create(_request(order_code))
+    async with sim.http.get(
+        f"{created.checkout_url}?m=cancelled&lang=en", allow_redirects=False
+    ) as resp:
+        assert resp.status == 303
+        assert resp.headers["Location"].endswith(
+            f"{created.checkout_url.rsplit('/', 1)[1]}?m=cancelled"
+        )
+        assert "paypush_lang=en" in resp.headers["Set-Cookie"]
+
+
+async def test_checkout_shows_no_text_taken_from_its_address(sim: Sim) -> None:
+    order_code = secrets.randbelow(10**9) + 1
+    created = await sim.payos.payment_requests.create(_request(order_code))
+    async with sim.http.get(created.checkout_url, params={"m": "<b>Pay to 123</b>"}) as resp:
+        page = await resp.text()
+    assert resp.status == 200 and "Pay to 123" not in page
+    assert '<p role="status" id="message"></p>' in page
 
 
 async def test_checkout_page_pays_less_then_cancels(sim: Sim, store: Store) -> None:
     session = await add_session(store, amount=15_000)
     created = await sim.payos.payment_requests.create(_request(session["orderCode"]))
     async with sim.http.post(f"{created.checkout_url}/pay-less") as resp:
-        assert "UNDERPAID" in await resp.text()
+        assert 'data-status="UNDERPAID">Thanh toán thiếu<' in await resp.text()
     async with sim.http.post(f"{created.checkout_url}/cancel") as resp:
-        assert "CANCELLED" in await resp.text()
+        after = await resp.text()
+    assert 'data-status="CANCELLED">Đã huỷ<' in after and "Đã huỷ thanh toán." in after
     stored = await store.sessions.find_one({"uuid": session["uuid"]})
     assert stored is not None and (stored["status"], stored["amountPaid"]) == ("pending", 7_500)
     link = await sim.payos.payment_requests.get(session["orderCode"])

@@ -21,6 +21,9 @@ def changed(name: str, value: object) -> object:
     hint = HINTS[name]
     if name == "app_env":
         return "production"
+    if name == "account_link_key":
+        # A key is 16 characters at least.
+        return "k" * 32
     if hint is bool:
         return not value
     if hint is int:

@@ -1,44 +1,54 @@
-"""The simulator's checkout page (a link's `checkoutUrl`): a person pays, pays less, cancels."""
+"""The simulator's checkout page (a link's `checkoutUrl`): a person pays, pays less, cancels.
+
+Vietnamese unless the reader asks for English (`shared.i18n`); its words are in
+`locales/<language>.json`.
+"""
 
 from __future__ import annotations
 
 import html
+from pathlib import Path
 from urllib.parse import urlencode
 
 from aiohttp import web
+
+from shared.i18n import (
+    Catalogues,
+    Language,
+    language_switch,
+    request_language,
+    switch_redirect,
+)
 
 from .appkeys import WORLD
 from .delivery import transfer
 from .state import PaymentLink, vn_now
 
-_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>PayOS simulator: order {order}</title>
-<style>
-body {{ font: 16px/1.5 system-ui, sans-serif; max-width: 420px; margin: 24px auto;
-        padding: 0 12px; color: #1b1f24; }}
-.badge {{ display: inline-block; padding: 2px 8px; border-radius: 6px; background: #e8eef5; }}
-button {{ width: 100%; padding: 12px; margin: 6px 0; font: inherit; font-weight: 600;
-          border: 0; border-radius: 8px; color: #fff; background: #0b5cad; cursor: pointer; }}
-button.secondary {{ background: #4a5360; }} button.danger {{ background: #a1161c; }}
-:focus-visible {{ outline: 3px solid #f0a500; outline-offset: 2px; }}
-</style></head><body>
-<h1>PayOS simulator</h1>
-<p role="status" id="message">{message}</p>
-<dl>
-  <dt>Order</dt><dd id="order">{order}</dd>
-  <dt>Amount</dt><dd>{amount} VND</dd>
-  <dt>Paid</dt><dd id="paid">{paid} VND</dd>
-  <dt>Status</dt><dd><span class="badge" id="link-status">{status}</span></dd>
-</dl>
-<form method="post" action="/web/{id}/pay">
-  <button id="pay" {disabled}>Pay {remaining} VND</button></form>
-<form method="post" action="/web/{id}/pay-less">
-  <button id="pay-less" class="secondary" {disabled}>Pay less ({half} VND)</button></form>
-<form method="post" action="/web/{id}/cancel">
-  <button id="cancel" class="danger" {disabled}>Cancel payment</button></form>
-</body></html>"""
+LOCALES_DIR = Path(__file__).parent / "locales"
+# Loaded at import: the simulator is a development tool, and a catalogue that lacks a key
+# should stop it (and the test that imports it) at once.
+CATALOGUES = Catalogues.load(LOCALES_DIR)
+# What an action tells the page it redirects to (`?m=`): a key, never text from the address.
+MESSAGES = ("closed", "cancelled", "delivered", "retrying")
+
+_STYLE = """
+body { font: 16px/1.5 system-ui, sans-serif; max-width: 420px; margin: 24px auto;
+       padding: 0 12px; color: #1b1f24; }
+.badge { display: inline-block; padding: 2px 8px; border-radius: 6px; background: #e8eef5; }
+.lang { display: flex; justify-content: flex-end; gap: 12px; font-size: .9rem; }
+.lang a { color: #0b5cad; }
+.lang a[aria-current] { color: #1b1f24; font-weight: 600; text-decoration: none; }
+button { width: 100%; padding: 12px; margin: 6px 0; font: inherit; font-weight: 600;
+         border: 0; border-radius: 8px; color: #fff; background: #0b5cad; cursor: pointer; }
+button.secondary { background: #4a5360; } button.danger { background: #a1161c; }
+:focus-visible { outline: 3px solid #f0a500; outline-offset: 2px; }
+"""
+
+
+def money(language: Language, amount: int) -> str:
+    """`50.000 ₫` in Vietnamese, `50,000 VND` in English."""
+    grouped = f"{amount:,}".replace(",", CATALOGUES.text(language, "format.thousands"))
+    return CATALOGUES.text(language, "format.money", amount=grouped)
 
 
 def _link(request: web.Request) -> PaymentLink:
@@ -48,40 +58,79 @@ def _link(request: web.Request) -> PaymentLink:
     return link
 
 
+def _message(request: web.Request, language: Language, link: PaymentLink) -> str:
+    key = request.query.get("m", "")
+    if key not in MESSAGES:
+        return ""
+    try:
+        amount = int(request.query.get("amount", "0"))
+    except ValueError:
+        amount = 0
+    status = CATALOGUES.text(language, f"status.{link.status}")
+    return CATALOGUES.text(
+        language, f"message.{key}", amount=money(language, amount), status=status
+    )
+
+
 async def page(request: web.Request) -> web.Response:
     link = _link(request)
+    switched = switch_redirect(request, secure=False)
+    if switched is not None:
+        return switched
+    lang = request_language(request)
+
+    def t(key: str, **params: object) -> str:
+        return html.escape(CATALOGUES.text(lang, key, **params))
+
     remaining = max(link.amount - link.amount_paid, 0)
-    open_ = link.status in ("PENDING", "UNDERPAID")
-    body = _PAGE.format(
-        id=html.escape(link.id),
-        order=link.order_code,
-        amount=f"{link.amount:,}",
-        paid=f"{link.amount_paid:,}",
-        remaining=f"{remaining:,}",
-        half=f"{max(remaining // 2, 1):,}",
-        status=link.status,
-        message=html.escape(request.query.get("m", "")),
-        disabled="" if open_ else "disabled",
-    )
-    return web.Response(text=body, content_type="text/html")
+    disabled = "" if link.status in ("PENDING", "UNDERPAID") else "disabled"
+    link_id = html.escape(link.id)
+    body = f"""<!doctype html>
+<html lang="{lang}"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{t("page.title", order=link.order_code)}</title>
+<style>{_STYLE}</style></head><body>
+<nav class="lang" aria-label="{t("lang.switch")}">{language_switch(request, lang, CATALOGUES)}</nav>
+<h1>{t("page.heading")}</h1>
+<p role="status" id="message">{html.escape(_message(request, lang, link))}</p>
+<dl>
+  <dt>{t("field.order")}</dt><dd id="order">{link.order_code}</dd>
+  <dt>{t("field.amount")}</dt><dd>{html.escape(money(lang, link.amount))}</dd>
+  <dt>{t("field.paid")}</dt><dd id="paid">{html.escape(money(lang, link.amount_paid))}</dd>
+  <dt>{t("field.status")}</dt><dd><span class="badge" id="link-status"
+    data-status="{link.status}">{t(f"status.{link.status}")}</span></dd>
+</dl>
+<form method="post" action="/web/{link_id}/pay">
+  <button id="pay" {disabled}>{t("button.pay", amount=money(lang, remaining))}</button></form>
+<form method="post" action="/web/{link_id}/pay-less">
+  <button id="pay-less" class="secondary" {disabled}>{
+        t("button.pay_less", amount=money(lang, max(remaining // 2, 1)))
+    }</button></form>
+<form method="post" action="/web/{link_id}/cancel">
+  <button id="cancel" class="danger" {disabled}>{t("button.cancel")}</button></form>
+</body></html>"""
+    response = web.Response(text=body, content_type="text/html")
+    response.headers["Vary"] = "Accept-Language, Cookie"
+    response.headers["Content-Language"] = lang
+    return response
 
 
 async def act(request: web.Request) -> web.Response:
     link = _link(request)
     action = request.match_info["action"]
     remaining = max(link.amount - link.amount_paid, 0)
+    message: dict[str, str | int]
     if link.status not in ("PENDING", "UNDERPAID"):
-        message = f"This payment link is {link.status}."
+        message = {"m": "closed"}
     elif action == "cancel":
         link.canceled_at = vn_now()
         link.cancellation_reason = "cancelled on the checkout page"
-        message = "Payment cancelled."
+        message = {"m": "cancelled"}
     else:
         amount = remaining if action == "pay" else max(remaining // 2, 1)
         result = await transfer(request.app, link, amount)
-        state = "delivered" if result["delivered"] else "not delivered yet (retrying)"
-        message = f"Transferred {amount:,} VND; webhook {state}."
-    raise web.HTTPSeeOther(f"/web/{link.id}?" + urlencode({"m": message}))
+        message = {"m": "delivered" if result["delivered"] else "retrying", "amount": amount}
+    raise web.HTTPSeeOther(f"/web/{link.id}?" + urlencode(message))
 
 
 def add_checkout_routes(app: web.Application) -> None:

@@ -20,7 +20,10 @@ from shared.web import (
     request_context_middleware,
 )
 
+from .accounts import AccountLinks
 from .appkeys import (
+    ACCOUNT_LINKS,
+    DEPOSIT_PAGE,
     DISPATCHER,
     EVENT_LOG,
     OUTBOX_METRICS,
@@ -35,6 +38,7 @@ from .appkeys import (
     TRUSTED_PROXIES,
 )
 from .dispatcher import Dispatcher
+from .document import DepositPage
 from .event_log import EventLog
 from .issues import PaymentIssues
 from .limits import RateLimiter, body_limit_middleware, parse_networks
@@ -136,6 +140,9 @@ def create_app(settings: Settings) -> web.Application:
     registry = new_registry(app)
     app[SESSION_METRICS] = SessionMetrics.create(registry)
     app[OUTBOX_METRICS] = OutboxMetrics.create(registry)
+    # Loaded here, not on first request: a catalogue that lacks a key stops the start.
+    app[DEPOSIT_PAGE] = DepositPage.load(settings)
+    app[ACCOUNT_LINKS] = AccountLinks(settings.account_link_key)
     app.cleanup_ctx.extend(
         [
             supervisor_ctx,

@@ -5,7 +5,9 @@ from payos import AsyncPayOS
 
 from shared.status import StatusReader
 
+from .accounts import AccountLinks
 from .dispatcher import Dispatcher
+from .document import DepositPage
 from .event_log import EventLog
 from .issues import PaymentIssues
 from .limits import Network, RateLimiter
@@ -26,3 +28,5 @@ TRUSTED_PROXIES: web.AppKey[tuple[Network, ...]] = web.AppKey("trusted_proxies")
 EVENT_LOG = web.AppKey("event_log", EventLog)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 OUTBOX_METRICS = web.AppKey("outbox_metrics", OutboxMetrics)
+DEPOSIT_PAGE = web.AppKey("deposit_page", DepositPage)
+ACCOUNT_LINKS = web.AppKey("account_links", AccountLinks)

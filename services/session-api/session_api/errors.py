@@ -116,3 +116,23 @@ class PayOSTimeout(ServiceError):
     status = 504
     label = "payos_timeout"
     retryable = True
+
+
+class AccountLinkRejected(ServiceError):
+    """With ACCOUNT_LINK_KEY set, the account came without the shop's valid signature (401):
+    missing, malformed, forged, expired, or valid for too long. Nothing was counted."""
+
+    status = 401
+    label = "unauthorized"
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        # For the page (which tells an expired link from a forged one) and the logs.
+        self.reason = reason
+
+    def fields(self) -> dict[str, Any]:
+        return {"reason": self.reason}
+
+    def headers(self) -> dict[str, str]:
+        # A 401 names how to authenticate (RFC 9110): with the shop's signed account link.
+        return {"WWW-Authenticate": 'AccountToken realm="deposit"'}

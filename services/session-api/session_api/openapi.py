@@ -15,6 +15,7 @@ from .validation import (
     ACCOUNT_RE,
     DEFAULT_PAGE_SIZE,
     DESCRIPTION_RE,
+    MAX_ACCOUNT_TOKEN,
     MAX_AMOUNT,
     MAX_DESCRIPTION,
     MAX_PAGE,
@@ -25,14 +26,27 @@ from .validation import (
 ACCOUNT: Doc = {
     "type": "string",
     "pattern": ACCOUNT_RE.pattern,
-    "description": "The bank account number: 6 to 20 digits.",
+    "description": "The shop's identifier of the account to credit: 1 to 64 letters, "
+    "digits, `.`, `_` or `-`.",
 }
+ACCOUNT_TOKEN: Doc = {
+    "type": ["string", "null"],
+    "maxLength": MAX_ACCOUNT_TOKEN,
+    "description": "With ACCOUNT_LINK_KEY set, required: the shop's signature of the account, "
+    "`<expires>.<hex HMAC-SHA256 of account:expires>` (README, accounts proven by the shop); "
+    "ignored otherwise.",
+}
+LINK_REJECTED: Doc = openapi.error(
+    "ACCOUNT_LINK_KEY is set and the account's token is missing, malformed, not the shop's, "
+    "expired or valid for more than 1 h (`reason`); nothing counted."
+)
 
 CREATE_REQUEST: Doc = {
     "type": "object",
     "required": ["accountNumber", "amount"],
     "properties": {
         "accountNumber": ACCOUNT,
+        "accountToken": ACCOUNT_TOKEN,
         "amount": {
             "type": "integer",
             "minimum": MIN_AMOUNT,
@@ -270,6 +284,7 @@ def document(settings: Settings) -> Doc:
                             "Resumed (pending, same account).", {"$ref": _REF + "Session"}
                         ),
                         "400": openapi.error("Invalid request; nothing stored."),
+                        "401": LINK_REJECTED,
                         "409": openapi.error(
                             "The uuid is already used by a session this request may not "
                             "resume: paid, expired, another account's, or gone (a uuid names "
@@ -331,11 +346,15 @@ def document(settings: Settings) -> Doc:
                     "`accountNumber` (may it create one more).",
                     "parameters": [
                         openapi.query_param("uuid", openapi.UUID, "A session's uuid."),
-                        openapi.query_param("accountNumber", ACCOUNT, "An account number."),
+                        openapi.query_param("accountNumber", ACCOUNT, "An account."),
+                        openapi.query_param(
+                            "accountToken", ACCOUNT_TOKEN, "The shop's signature of the account."
+                        ),
                     ],
                     "responses": {
                         "200": openapi.ok("The answer.", {"$ref": _REF + "CheckResult"}),
                         "400": openapi.error("Neither or both given, or malformed."),
+                        "401": LINK_REJECTED,
                         "503": openapi.STORE_UNAVAILABLE,
                     },
                 }
@@ -421,12 +440,32 @@ def document(settings: Settings) -> Doc:
             "/": {
                 "get": {
                     "operationId": "depositPage",
-                    "summary": "The deposit page.",
+                    "summary": "The deposit page, in Vietnamese unless the reader prefers "
+                    "English (Accept-Language, or the switch's cookie).",
+                    "parameters": [
+                        openapi.query_param(
+                            "lang",
+                            {"type": "string"},
+                            "The switch: `vi` or `en` is remembered in a cookie and the "
+                            "reader sent back to the address without it (303); another "
+                            "value is ignored.",
+                        ),
+                        openapi.query_param(
+                            "account", {"type": "string"}, "The shop's signed account link."
+                        ),
+                        openapi.query_param(
+                            "token", {"type": "string"}, "The shop's signature of `account`."
+                        ),
+                    ],
                     "responses": {
+                        "303": {
+                            "description": "`?lang=vi|en`: remembered; go to `Location`.",
+                            "headers": {"Location": {"schema": {"type": "string"}}},
+                        },
                         "200": {
                             "description": "HTML.",
                             "content": {"text/html": {"schema": {"type": "string"}}},
-                        }
+                        },
                     },
                 }
             },

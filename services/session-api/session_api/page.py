@@ -1,31 +1,23 @@
-"""The deposit page: one HTML document, its script and style, and the QR image of a session."""
+"""The deposit page: one HTML document in the reader's language, its script and style, and
+the QR image of a session."""
 
 from __future__ import annotations
 
 import io
-import json
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import segno
 from aiohttp import web
 
 from shared.appkeys import SETTINGS
+from shared.i18n import request_language, switch_redirect
 from shared.model import is_valid_uuid
 
-from .appkeys import SESSIONS
+from . import document
+from .appkeys import DEPOSIT_PAGE, SESSIONS
 from .errors import InvalidRequest, NotFound
 
-STATIC_DIR = Path(__file__).parent / "static"
-# The wait before the page gives up, and the fallback polling period (the original's).
-MAX_WAIT_MS = 10 * 60 * 1000
-POLL_INTERVAL_MS = 5000
-# Polling starts only after this many stream failures in a row without an event in between
-# (a rollout's dropped stream reconnects in one); while polling, the stream is tried again
-# about every STREAM_PROBE_MS. A refused stream (503) is opened again after about RECONNECT_MS.
-STREAM_FAILURES_BEFORE_POLLING = 4
-STREAM_PROBE_MS = 30_000
-RECONNECT_MS = 3000
+STATIC_DIR = document.STATIC_DIR
 
 
 def _origin(url: str) -> str:
@@ -34,20 +26,20 @@ def _origin(url: str) -> str:
 
 
 async def index(request: web.Request) -> web.Response:
-    """`GET /`: the page, configured with where the stream lives."""
+    """`GET /`: the page in the reader's language, configured with where the stream lives.
+    `?lang=` (the switch) is remembered in a cookie and dropped from the address."""
     settings = request.app[SETTINGS]
-    config = {
-        "streamUrl": settings.stream_public_url.rstrip("/"),
-        "pollIntervalMs": POLL_INTERVAL_MS,
-        "streamFailuresBeforePolling": STREAM_FAILURES_BEFORE_POLLING,
-        "streamProbeMs": STREAM_PROBE_MS,
-        "reconnectMs": RECONNECT_MS,
-        "maxWaitMs": MAX_WAIT_MS,
-    }
-    # `<` escaped so no value can close the script element.
-    payload = json.dumps(config).replace("<", "\\u003c")
-    html = (STATIC_DIR / "index.html").read_text().replace("__CONFIG__", payload)
-    return web.Response(text=html, content_type="text/html")
+    switched = switch_redirect(request, secure=settings.is_production)
+    if switched is not None:
+        return switched
+    language = request_language(request)
+    response = web.Response(
+        text=request.app[DEPOSIT_PAGE].render(request, language), content_type="text/html"
+    )
+    # The same address answers in either language.
+    response.headers["Vary"] = "Accept-Language, Cookie"
+    response.headers["Content-Language"] = language
+    return response
 
 
 async def qr_svg(request: web.Request) -> web.Response:

@@ -24,8 +24,13 @@ MAX_AMOUNT = 10_000_000_000
 MAX_DESCRIPTION = 25
 DEFAULT_DESCRIPTION = "NAPTIEN"
 DESCRIPTION_RE = re.compile(r"^[A-Za-z0-9 ]+$")
-# Vietnamese bank account numbers are 6 to 19 digits; one more for safety.
-ACCOUNT_RE = re.compile(r"^[0-9]{6,20}$")
+# The account to credit, as the shop names its user (the seeds' `123`, `shop.user-42`):
+# characters safe in a URL, a log line and a MongoDB `_id`, and `:` excluded because it
+# separates the account from the expiry in a signed account link (accounts.py).
+ACCOUNT_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# A signed account link's token is `<expires>.<64 hex digits>` (accounts.py judges it); a
+# longer string, or not a string, is not one whether or not the shop signs accounts.
+MAX_ACCOUNT_TOKEN = 128
 # The admins' list.
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
@@ -38,6 +43,9 @@ class CreateRequest:
     amount: int
     description: str
     uuid: str | None
+    # The shop's signature of the account (`accountToken`): AccountLinks judges it (401),
+    # and only when the shop has a key.
+    account_token: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +60,17 @@ class Paging:
 
 def validate_account_number(value: object) -> str:
     if not isinstance(value, str) or not ACCOUNT_RE.fullmatch(value):
-        raise InvalidRequest("`accountNumber` must be a string of 6 to 20 digits")
+        raise InvalidRequest("`accountNumber` must be 1 to 64 letters, digits, `.`, `_` or `-`")
+    return value
+
+
+def validate_account_token(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_ACCOUNT_TOKEN:
+        raise InvalidRequest(
+            f"`accountToken` must be a string of at most {MAX_ACCOUNT_TOKEN} characters"
+        )
     return value
 
 
@@ -95,7 +113,8 @@ def parse_create_request(body: object) -> CreateRequest:
         )
     raw_uuid = body.get("uuid")
     uuid = None if raw_uuid is None else validate_uuid(raw_uuid)
-    return CreateRequest(account, amount, description, uuid)
+    token = validate_account_token(body.get("accountToken"))
+    return CreateRequest(account, amount, description, uuid, token)
 
 
 def _page_arg(query: Mapping[str, str], name: str, default: int, maximum: int) -> int:

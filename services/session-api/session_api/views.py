@@ -16,6 +16,7 @@ from shared.model import SessionStatus, format_time
 from shared.web import json_error, read_body
 
 from .appkeys import (
+    ACCOUNT_LINKS,
     PAYMENT_ISSUES,
     RATE_LIMITER,
     SESSION_METRICS,
@@ -33,6 +34,7 @@ from .validation import (
     parse_json,
     parse_paging,
     validate_account_number,
+    validate_account_token,
     validate_uuid,
 )
 
@@ -58,12 +60,14 @@ def _unauthorized() -> web.Response:
 
 
 async def create_session(request: web.Request) -> web.Response:
-    """`POST /api/sessions` `{accountNumber, amount, uuid?, description?}`."""
+    """`POST /api/sessions` `{accountNumber, amount, accountToken?, uuid?, description?}`."""
     metrics = request.app[SESSION_METRICS].sessions
     try:
         await check_rate(request, request.app[RATE_LIMITER], request.app[TRUSTED_PROXIES])
         body = await read_body(request, request.app[SETTINGS].session_max_body_bytes)
         req = parse_create_request(parse_json(body))
+        # Before anything is counted or stored: the shop must have signed this account.
+        request.app[ACCOUNT_LINKS].verify(req.account_number, req.account_token)
         view = await request.app[SESSIONS].create(req)
     except ServiceError as exc:
         metrics.labels(exc.label).inc()
@@ -117,10 +121,13 @@ async def _list(request: web.Request) -> web.Response:
 
 
 async def check_session_limit(request: web.Request) -> web.Response:
-    """`GET /api/webhooks/check-session-limit?uuid=` or `?accountNumber=` (exactly one)."""
+    """`GET /api/webhooks/check-session-limit?uuid=` or `?accountNumber=` (exactly one; with
+    ACCOUNT_LINK_KEY set, the account with its `accountToken`)."""
     has_uuid, has_account = "uuid" in request.query, "accountNumber" in request.query
     if has_uuid == has_account:
         raise InvalidRequest("give exactly one of `uuid` and `accountNumber`")
+    # Validated whichever is given (like paging beside a uuid), used with an account only.
+    token = validate_account_token(request.query.get("accountToken"))
     sessions = request.app[SESSIONS]
     if has_uuid:
         doc = await sessions.find(validate_uuid(request.query["uuid"]))
@@ -144,7 +151,10 @@ async def check_session_limit(request: web.Request) -> web.Response:
                 else f"session is {status}",
             }
         )
-    count = await sessions.pending_count(validate_account_number(request.query["accountNumber"]))
+    account = validate_account_number(request.query["accountNumber"])
+    # Another account's count is not this caller's business unless the shop says it is theirs.
+    request.app[ACCOUNT_LINKS].verify(account, token)
+    count = await sessions.pending_count(account)
     maximum = sessions.max_pending
     can_create = count < maximum
     return web.json_response(

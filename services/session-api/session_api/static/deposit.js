@@ -14,9 +14,24 @@
   const config = JSON.parse(document.getElementById("config").textContent);
   const STORE_KEY = "paypush.session";
   const $ = (id) => document.getElementById(id);
-  const money = new Intl.NumberFormat("vi-VN", { style: "currency", currency: "VND" });
+  // Every word the page shows comes from the language's catalogue (locales/*.json), which
+  // the server put in the config; amounts and times are formatted in that language's locale,
+  // times in Vietnam's zone (the shop's and PayOS's).
+  const messages = config.messages;
+  const t = (key, params) => messages[key].replace(/\{(\w+)\}/g, (_, name) => String(params[name]));
+  const money = new Intl.NumberFormat(messages.locale, { style: "currency", currency: "VND" });
+  const clock = new Intl.DateTimeFormat(messages.locale, {
+    timeZone: "Asia/Ho_Chi_Minh", hour: "2-digit", minute: "2-digit",
+    day: "2-digit", month: "2-digit", year: "numeric",
+  });
 
-  let session = null;      // {uuid, accountNumber, amount, waitStartedAt}
+  // A signed account link from the shop (`/?account=…&token=…`): the account is proven, not
+  // typed, and the token goes with every request that names it.
+  const link = new URLSearchParams(location.search);
+  const linked = link.get("account") && link.get("token")
+    ? { account: link.get("account"), token: link.get("token") } : null;
+
+  let session = null;      // {uuid, accountNumber, accountToken, amount, waitStartedAt}
   let stream = null;
   let pollTimer = null;
   let probeTimer = null;
@@ -97,22 +112,27 @@
       forget();
       $("payment").hidden = true;
       setState("paid");
-      setStatus(`Payment received: ${money.format(ev.amountPaid || ev.amount)}. Thank you!`, "ok");
+      const paidAt = ev.updatedAt ? new Date(ev.updatedAt) : new Date();
+      setStatus(t("status.paid", {
+        amount: money.format(ev.amountPaid || ev.amount), time: clock.format(paidAt),
+      }), "ok");
       window.paypushPaidAt = Date.now();
     } else if (ev.status === "expired") {
       stopWaiting();
       forget();
       $("payment").hidden = true;
       setState("expired");
-      setStatus("This payment session has expired. Create a new QR code to pay.", "warn");
+      setStatus(t("status.expired"), "warn");
     } else if (ev.amountPaid > 0) {
       setState("partial");
-      setStatus(`Received ${money.format(ev.amountPaid)} of ${money.format(ev.amount)}. ` +
-        `Please transfer the remaining ${money.format(ev.amount - ev.amountPaid)}.`, "warn");
+      setStatus(t("status.partial", {
+        paid: money.format(ev.amountPaid),
+        amount: money.format(ev.amount),
+        remaining: money.format(ev.amount - ev.amountPaid),
+      }), "warn");
     } else {
-      setStatus(document.body.dataset.transport === "polling"
-        ? "Waiting for your transfer (checking every few seconds)…"
-        : "Waiting for your transfer…");
+      setStatus(t(document.body.dataset.transport === "polling"
+        ? "status.waiting_polling" : "status.waiting"));
     }
   }
 
@@ -194,52 +214,73 @@
       if (left <= 0) {
         stopWaiting();
         setState("timeout");
-        showError("We stopped waiting after 10 minutes. If you already paid, the deposit is " +
-          "still credited. Otherwise create a new QR code.");
+        showError(t("error.timeout", { minutes: Math.round(config.maxWaitMs / 60000) }));
         return;
       }
       const s = Math.ceil(left / 1000);
-      $("countdown").textContent = `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`;
+      $("countdown").textContent = t("pay.time_left", {
+        time: `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`,
+      });
     };
     tick();
     clockTimer = setInterval(tick, 1000);
   }
 
-  async function begin(accountNumber, amount, uuid, waitStartedAt, freshUuid) {
+  // The server's own messages are for developers, in English: the reader is told, in their
+  // language, what the status means for them.
+  function failure(status, body) {
+    if (status === 429) return t("error.rate", { seconds: body.retryAfter || 60 });
+    if (status === 400 || status === 413) return t("error.invalid");
+    if (status === 502 || status === 504) return t("error.payos");
+    if (status === 503 || status === 409) return t("error.busy");
+    return t("error.other", { status });
+  }
+
+  async function begin(accountNumber, accountToken, amount, uuid, waitStartedAt, freshUuid) {
     showError("");
     $("create").disabled = true;
     try {
       const { status, body } = await api("/api/sessions", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ accountNumber, amount, uuid }),
+        body: JSON.stringify({ accountNumber, accountToken, amount, uuid }),
       });
       if (status === 409 && body.retryable === false && !freshUuid) {
         // The uuid names a session that is over (it expired since we checked, say) and a
         // uuid never names a second one: deposit again under a fresh uuid, once.
         forget();
-        await begin(accountNumber, amount, newUuid(), undefined, true);
+        await begin(accountNumber, accountToken, amount, newUuid(), undefined, true);
         return;
       }
-      if (status === 429) {
+      if (status === 401) {
+        forget();
+        setState("link");
+        const reasons = { expired: "error.link_expired", missing: "error.link_missing" };
+        showError(t(reasons[body.reason] || "error.link_invalid"));
+        return;
+      }
+      if (status === 429 && body.maxAllowed !== undefined) {
         setState("limit");
-        showError(`${body.error} (${body.pendingCount} of ${body.maxAllowed} pending deposits).`);
+        showError(t("error.limit", { pending: body.pendingCount, max: body.maxAllowed }));
         return;
       }
       if (status !== 200 && status !== 201) {
-        showError(body.error || `Could not create the payment (HTTP ${status}). Try again.`);
+        showError(failure(status, body));
         return;
       }
-      session = { uuid: body.uuid, accountNumber, amount, waitStartedAt: waitStartedAt || Date.now() };
+      session = {
+        uuid: body.uuid, accountNumber, accountToken, amount,
+        waitStartedAt: waitStartedAt || Date.now(),
+      };
       save();
       finished = false;
       setState("waiting");
       showPayment(body);
-      setStatus("Waiting for your transfer…");
+      setStatus(t("status.waiting"));
       startClock();
       if (!finished) openStream();
     } catch (_) {
-      showError("The server cannot be reached. Check your connection and try again.");
+      showError(t("error.offline"));
     } finally {
       $("create").disabled = false;
     }
@@ -249,12 +290,18 @@
     let saved = null;
     try { saved = JSON.parse(localStorage.getItem(STORE_KEY) || "null"); } catch (_) { saved = null; }
     if (!saved || !saved.uuid) return;
+    if (linked && saved.accountNumber !== linked.account) {
+      // The shop sent this browser here for another account: that one's deposit is not ours.
+      forget();
+      return;
+    }
     const { status, body } = await api(
       `/api/webhooks/check-session-limit?uuid=${encodeURIComponent(saved.uuid)}`);
     if (status === 200 && body.exists && body.status === "pending") {
       $("account").value = saved.accountNumber;
       $("amount").value = saved.amount;
-      await begin(saved.accountNumber, saved.amount, saved.uuid, saved.waitStartedAt);
+      await begin(saved.accountNumber, saved.accountToken, saved.amount, saved.uuid,
+        saved.waitStartedAt);
     } else {
       forget();
     }
@@ -265,17 +312,17 @@
     const account = $("account");
     const amount = $("amount");
     if (!account.checkValidity()) {
-      showError("Enter your account number: 6 to 20 digits.");
+      showError(t("error.account"));
       account.focus();
       return;
     }
     const value = Number(amount.value);
     if (!Number.isInteger(value) || value < 1000) {
-      showError("Enter an amount of at least 1,000 VND.");
+      showError(t("error.amount", { min: money.format(1000) }));
       amount.focus();
       return;
     }
-    begin(account.value, value, newUuid(), undefined, true);
+    begin(account.value, linked ? linked.token : undefined, value, newUuid(), undefined, true);
   });
 
   $("new-qr").addEventListener("click", () => {
@@ -292,5 +339,15 @@
   });
 
   setState("form");
+  if (linked) {
+    $("account").value = linked.account;
+    $("account").readOnly = true;
+    $("account-hint").textContent = t("form.account_linked");
+  } else if (config.signedAccounts) {
+    // Only the shop can say who the shopper is: without its link there is nothing to do here.
+    setState("link");
+    $("create").disabled = true;
+    showError(t("error.link_missing"));
+  }
   resume();
 })();
