@@ -267,4 +267,4 @@ async def test_the_dashboard_charts_every_metric_the_services_expose(system: Sys
             and not family.name.endswith("_created")
             and not {family.name, f"{family.name}_total", f"{family.name}_bucket"} & charted
         }
-        assert uncharted == set(), service
+        assert uncharted == set(), (service, sorted(uncharted))
