@@ -12,13 +12,9 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
-import json
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -27,9 +23,8 @@ from aiohttp.test_utils import TestServer
 from shared.settings import Settings
 from stream_gateway import create_app
 from stream_gateway.appkeys import HUB, OPENING_READS, STREAMS
-from tests.test_gateway_limits import cache_pending
+from tests.test_gateway_limits import cache_pending, stream_clients
 
-ROOT = Path(__file__).resolve().parent.parent
 STREAM = "/api/webhooks/stream"
 
 
@@ -48,36 +43,6 @@ async def serving(
         yield app, server.port
     finally:
         await server.close()
-
-
-@contextlib.asynccontextmanager
-async def client_process(port: int, uuids: list[str]) -> AsyncIterator[dict[str, object]]:
-    """`tests.stream_clients` holding a stream for each uuid; yields its report, then closes
-    every stream."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tests.stream_clients",
-        str(port),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        cwd=ROOT,
-    )
-    assert proc.stdin is not None and proc.stdout is not None
-    try:
-        proc.stdin.write(json.dumps(uuids).encode() + b"\n")
-        await proc.stdin.drain()
-        async with asyncio.timeout(120):
-            report: dict[str, object] = json.loads(await proc.stdout.readline())
-        yield report
-        proc.stdin.write(b"stop\n")
-        await proc.stdin.drain()
-        async with asyncio.timeout(30):
-            await proc.wait()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def raw_stream(port: int, uuid: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -199,7 +164,7 @@ async def test_2000_streams_reconnecting_at_once_all_receive_their_first_event(
     uuids = await cache_pending(settings, 2000)
     async with (
         serving(dataclasses.replace(settings, max_streams=2100)) as (app, port),
-        client_process(port, uuids) as report,
+        stream_clients(port, uuids) as report,
     ):
         assert report == {"open": 2000, "failures": 0, "statuses": {"200": 2000}}
         assert len(app[STREAMS]) == 2000
@@ -214,7 +179,7 @@ async def test_ten_rounds_of_1000_streams_opened_and_closed_leave_nothing_behind
         tasks: list[int] = []
         cyclic: list[int] = []
         for _ in range(10):
-            async with client_process(port, uuids) as report:
+            async with stream_clients(port, uuids) as report:
                 assert report["open"] == 1000
                 assert len(app[STREAMS]) == 1000
             await until_no_streams(app)
