@@ -193,3 +193,24 @@ async def test_with_redis_down_the_payment_counts_unpublished_and_is_marked_for_
         assert stored is not None and stored.get(PUBLISH_PENDING)
     finally:
         await dead.aclose()
+
+
+async def test_a_redelivered_payment_for_an_unknown_order_is_a_duplicate(
+    ingestor: Ingestor, store: Store
+) -> None:
+    delivery = webhook(987_654_321, 5_000)
+    first = await ingestor.ingest(delivery)
+    assert first.outcome is Outcome.UNKNOWN_ORDER and first.event is None
+    again = await ingestor.ingest(delivery)
+    assert again.outcome is Outcome.DUPLICATE and again.event is None
+    assert await store.db["paymentIssues"].count_documents({"orderCode": 987_654_321}) == 1
+
+
+async def test_a_failed_transaction_for_an_unknown_order_is_an_unknown_order(
+    ingestor: Ingestor, store: Store
+) -> None:
+    result = await ingestor.ingest(webhook(987_654_322, 5_000, code="01"))
+    assert result.outcome is Outcome.UNKNOWN_ORDER
+    assert (result.event, result.published) == (None, False)
+    # Nothing was paid: no money to look at.
+    assert await store.db["paymentIssues"].count_documents({"orderCode": 987_654_322}) == 0
