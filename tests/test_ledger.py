@@ -13,7 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-from aiohttp.test_utils import TestClient
 
 from devstack.servers import Process, free_port, http_ok, python_service, wait_until
 from shared.cache import StatusCache
@@ -23,25 +22,8 @@ from shared.mongo import Store
 from shared.settings import Settings
 from shared.signing import sign_data
 from tests.helpers import TEST_CHECKSUM_KEY, add_session, signed_webhook, subscribed
-from webhook_ingest import create_app
-
-Client = TestClient[Any, Any]
-
-
-@pytest.fixture
-async def ingest(
-    aiohttp_client: Callable[..., Awaitable[Client]], settings: Settings, store: Store
-) -> Client:
-    client = await aiohttp_client(create_app(settings))
-    async with asyncio.timeout(5):
-        while (await client.get("/readyz")).status != 200:
-            await asyncio.sleep(0.02)
-    return client
-
-
-async def post(client: Client, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    resp = await client.post("/api/webhooks", json=body)
-    return resp.status, await resp.json()
+from tests.test_webhook_ingest import Client, post
+from tests.test_webhook_ingest import ingest as ingest  # the same real ingest fixture
 
 
 async def items(store: Store, **query: Any) -> list[dict[str, Any]]:
