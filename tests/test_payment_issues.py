@@ -8,7 +8,7 @@ import asyncio
 import dataclasses
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -24,32 +24,17 @@ from shared.ledger import Ledger, NewIssue
 from shared.model import StreamStatus, utcnow
 from shared.mongo import Store
 from shared.settings import Settings
-from tests.helpers import Sim, add_session, simulator_to_ingest, subscribed
+from tests.helpers import Sim, add_session, subscribed
 from tests.test_session_api import Client, _ready, create
+from tests.test_session_api import api_settings as api_settings  # the same fixtures
+from tests.test_session_api import sim as sim
 
 ADMIN = {"Authorization": "Bearer test-admin-token"}
 
 
 @pytest.fixture
-async def simulator(settings: Settings, store: Store) -> AsyncIterator[Sim]:
-    async with simulator_to_ingest(settings) as sim:
-        yield sim
-
-
-@pytest.fixture
-def site_settings(settings: Settings, simulator: Sim) -> Settings:
-    return dataclasses.replace(
-        settings,
-        payos_base_url=simulator.url,
-        payos_timeout_seconds=0.5,
-        cron_secret="test-cron-secret",
-        admin_token="test-admin-token",
-    )
-
-
-@pytest.fixture
-async def site(aiohttp_client: Callable[..., Awaitable[Client]], site_settings: Settings) -> Client:
-    return await _ready(await aiohttp_client(create_app(site_settings)))
+async def site(aiohttp_client: Callable[..., Awaitable[Client]], api_settings: Settings) -> Client:
+    return await _ready(await aiohttp_client(create_app(api_settings)))
 
 
 ISSUES = "/api/admin/payment-issues"
@@ -263,20 +248,18 @@ async def test_twenty_concurrent_cleanups_make_one_partial_expired_item(
 
 async def test_session_api_reconciles_a_session_whose_webhooks_were_all_dropped(
     aiohttp_client: Callable[..., Awaitable[Client]],
-    site_settings: Settings,
-    simulator: Sim,
+    api_settings: Settings,
+    sim: Sim,
     store: Store,
 ) -> None:
     settings = dataclasses.replace(
-        site_settings, reconcile_after_seconds=1.0, reconcile_interval_seconds=0.3
+        api_settings, reconcile_after_seconds=1.0, reconcile_interval_seconds=0.3
     )
     site = await _ready(await aiohttp_client(create_app(settings)))
     _, created = await create(site, {"accountNumber": "1234567890", "amount": 25_000})
-    async with simulator.http.post(f"{simulator.url}/sim/faults", json={"dropAllDeliveries": True}):
+    async with sim.http.post(f"{sim.url}/sim/faults", json={"dropAllDeliveries": True}):
         pass
-    async with simulator.http.post(
-        f"{simulator.url}/sim/pay/{created['orderCode']}", json={}
-    ) as resp:
+    async with sim.http.post(f"{sim.url}/sim/pay/{created['orderCode']}", json={}) as resp:
         assert (await resp.json())["delivered"] is False
     async with subscribed(settings.redis_url, created["uuid"]) as waiting:
         [event] = await waiting.wait_for(1, timeout=1.0 + 0.3 + 3)
@@ -297,11 +280,11 @@ def _lease_held(url: str) -> bool:
 
 
 async def test_two_session_api_processes_run_one_reconciler_and_the_other_takes_over_when_it_is_killed(  # noqa: E501
-    site_settings: Settings, store: Store, tmp_path: Path
+    api_settings: Settings, store: Store, tmp_path: Path
 ) -> None:
     lease = 2.0
     env = {
-        **site_settings.env(),
+        **api_settings.env(),
         "RECONCILE_LEASE_SECONDS": str(lease),
         "RECONCILE_INTERVAL_SECONDS": "0.3",
     }
