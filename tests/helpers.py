@@ -8,6 +8,8 @@ import contextlib
 import os
 import secrets
 import signal
+import subprocess
+import sys
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from payos import AsyncPayOS
 from redis.asyncio import Redis
@@ -198,3 +201,33 @@ def paused(proc: Process) -> Iterator[None]:
         yield
     finally:
         os.kill(proc.pid, signal.SIGCONT)
+
+
+async def run_cleanup_job(settings: Settings) -> list[tuple[str, str, str]]:
+    """One real run of the cleanup CronJob (`python -m session_api.cleanup`) on `settings`,
+    pushing to a stand-in Pushgateway; what it pushed, as (method, path, body)."""
+    pushed: list[tuple[str, str, str]] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        pushed.append((request.method, request.path, await request.text()))
+        return web.Response()
+
+    gateway = web.Application()
+    gateway.router.add_route("*", "/metrics/job/{job}", receive)
+    server = TestServer(gateway)
+    await server.start_server()
+    try:
+        env = {**settings.env(), "PUSHGATEWAY_URL": str(server.make_url("")).rstrip("/")}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "session_api.cleanup",
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        await server.close()
+    assert proc.returncode == 0, out.decode()
+    return pushed

@@ -4,13 +4,11 @@ running services (or the cleanup job) really expose."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import secrets
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,12 +16,11 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from devstack.system import Backends, System, plan, running
 from shared.settings import Settings
+from tests.helpers import run_cleanup_job
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "payment-push.json"
@@ -208,34 +205,7 @@ async def scrape(system: System) -> dict[str, str]:
 async def cleanup_job_series(system: System) -> set[str]:
     """What the cleanup CronJob pushes to the Pushgateway (it has no /metrics of its own): one
     real run of `python -m session_api.cleanup` against a stand-in Pushgateway."""
-    pushed: list[str] = []
-
-    async def receive(request: web.Request) -> web.Response:
-        pushed.append(await request.text())
-        return web.Response()
-
-    gateway = web.Application()
-    gateway.router.add_route("*", "/metrics/job/{job}", receive)
-    server = TestServer(gateway)
-    await server.start_server()
-    try:
-        env = {
-            **system.settings.env(),
-            "PUSHGATEWAY_URL": str(server.make_url("")).rstrip("/"),
-        }
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "session_api.cleanup",
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    finally:
-        await server.close()
-    assert proc.returncode == 0, out.decode()
-    [body] = pushed
+    [(_method, _path, body)] = await run_cleanup_job(system.settings)
     return exposed_series(body)
 
 

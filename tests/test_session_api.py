@@ -16,8 +16,7 @@ from typing import Any
 
 import pytest
 import redis
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from payos import APIError, AsyncPayOS
 
 from devstack.system import Backends, wait_ready
@@ -31,7 +30,7 @@ from shared.model import StatusEvent, StreamStatus, utcnow
 from shared.mongo import Store
 from shared.payos_client import payos_client
 from shared.settings import Settings
-from tests.helpers import Sim, add_session, paused, simulator_to_ingest, subscribed
+from tests.helpers import Sim, add_session, paused, run_cleanup_job, simulator_to_ingest, subscribed
 from webhook_ingest import create_app as create_ingest
 
 Client = TestClient[Any, Any]
@@ -844,31 +843,7 @@ async def test_cleanup_command_pushes_its_counts_to_the_pushgateway(
     """Issue 15: the CronJob's counts reach Prometheus (through a Pushgateway), not only the
     HTTP path's. A stand-in Pushgateway records what is pushed."""
     await add_session(store, createdAt=utcnow() - timedelta(hours=25))
-    pushed: list[tuple[str, str, str]] = []
-
-    async def receive(request: web.Request) -> web.Response:
-        pushed.append((request.method, request.path, await request.text()))
-        return web.Response(status=200)
-
-    gateway = web.Application()
-    gateway.router.add_route("*", "/metrics/job/{job}", receive)
-    server = TestServer(gateway)
-    await server.start_server()
-    try:
-        env = {**api_settings.env(), "PUSHGATEWAY_URL": str(server.make_url("")).rstrip("/")}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "session_api.cleanup",
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    finally:
-        await server.close()
-    assert proc.returncode == 0, out.decode()
-    [(method, path, body)] = pushed
+    [(method, path, body)] = await run_cleanup_job(api_settings)
     assert (method, path) == ("POST", "/metrics/job/session-cleanup")
     assert "paypush_cleanup_job_expired_sessions 1.0" in body
     assert 'paypush_cleanup_job_deleted_records{collection="sessions"}' in body
