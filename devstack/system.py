@@ -160,6 +160,7 @@ def local_settings(settings: Settings, *, redis_url: str, mongodb_url: str) -> S
         payos_base_url=f"http://127.0.0.1:{sim}",
         payos_webhook_url=f"http://127.0.0.1:{ingest}/api/webhooks",
         stream_public_url=f"http://127.0.0.1:{gateway}",
+        gateway_metrics_urls=(f"http://127.0.0.1:{gateway}/metrics",),
         site_public_url=site_url,
         cors_origins=(site_url,),
         # Tests and load tools create many sessions from this one address.
@@ -347,6 +348,11 @@ def plan(
                     {**env, port_field.upper(): str(port)},
                     logs,
                 )
+            )
+        if name == "stream-gateway" and not settings.ops_port:
+            # The console's counters scrape every gateway replica (each on its own port).
+            env["GATEWAY_METRICS_URLS"] = ",".join(
+                f"http://127.0.0.1:{p.port}/metrics" for p in group[name]
             )
         if upstream is not None:
             upstreams[upstream] = [p.port for p in group[name]]

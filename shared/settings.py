@@ -170,6 +170,13 @@ class Settings:
     # Events stay readable by the pull API (and replayable) this long.
     outbox_retention_seconds: int = 7 * 86400
 
+    # The operator console (/admin, issue 13): where session-api scrapes each stream-gateway's
+    # Prometheus text for its live counters (open streams, push latency), comma separated;
+    # the default is the gateway of `make run`. A gateway that does not answer shows "—".
+    gateway_metrics_urls: tuple[str, ...] = ("http://127.0.0.1:8082/metrics",)
+    # How long an operator's sign-in lasts (the cookie's signed expiry).
+    admin_session_seconds: int = 8 * 3600
+
     def __post_init__(self) -> None:
         if self.app_env not in ("development", "production"):
             raise SettingsError(f"APP_ENV must be development or production, not {self.app_env!r}")
@@ -218,6 +225,13 @@ class Settings:
                     f"TRUSTED_PROXIES: {proxy!r} has host bits set; write the network "
                     f"({ipaddress.ip_network(proxy, strict=False)}) or one address"
                 ) from None
+
+        for url in self.gateway_metrics_urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise SettingsError(f"GATEWAY_METRICS_URLS: {url!r} is not an http(s) URL")
+        if self.admin_session_seconds < 60:
+            raise SettingsError("ADMIN_SESSION_SECONDS must be at least 60")
 
         self._check_shop_webhooks()
 

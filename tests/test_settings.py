@@ -34,6 +34,8 @@ def changed(name: str, value: object) -> object:
         return ("whsec_" + base64.b64encode(b"s" * 32).decode(),)
     if name == "shop_webhook_url":
         return ("https://shop.example/payment-events",)
+    if name == "gateway_metrics_urls":
+        return ("http://10.0.0.9:9090/metrics", "http://10.0.0.10:9090/metrics")
     if hint == tuple[str, ...]:
         # Valid as an origin and as a trusted proxy network alike.
         return (*typing.cast(tuple[str, ...], value), "10.0.0.0/8", "192.168.1.1")
