@@ -21,6 +21,7 @@ from shared.web import (
 )
 
 from .accounts import AccountLinks
+from .admin import admin_ctx, setup_console
 from .appkeys import (
     ACCOUNT_LINKS,
     DEPOSIT_PAGE,
@@ -143,6 +144,7 @@ def create_app(settings: Settings) -> web.Application:
     # Loaded here, not on first request: a catalogue that lacks a key stops the start.
     app[DEPOSIT_PAGE] = DepositPage.load(settings)
     app[ACCOUNT_LINKS] = AccountLinks(settings.account_link_key)
+    setup_console(app, settings)
     app.cleanup_ctx.extend(
         [
             supervisor_ctx,
@@ -151,6 +153,7 @@ def create_app(settings: Settings) -> web.Application:
             _payos_ctx,
             _sessions_ctx,
             _ledger_ctx,
+            admin_ctx,
             _outbox_ctx,
         ]
     )
