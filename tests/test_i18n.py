@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient
 from devstack.payos_simulator import checkout
 from session_api import create_app
 from session_api import document as deposit_document
+from session_api.admin import render as console_render
 from shared.i18n import (
     LANGUAGES,
     CatalogueError,
@@ -29,6 +30,7 @@ Client = TestClient[Any, Any]
 CATALOGUE_DIRS = {
     "deposit page": deposit_document.LOCALES_DIR,
     "simulator checkout": checkout.LOCALES_DIR,
+    "operator console": console_render.LOCALES_DIR,
 }
 
 
@@ -182,3 +184,16 @@ async def test_page_keeps_its_csp_in_both_languages(site: Client) -> None:
             '<script id="config" type="application/json">',
             '<script src="/static/deposit.js" defer>',
         ]
+
+
+def test_every_word_the_operator_console_uses_is_in_its_catalogue() -> None:
+    keys = set(raw(console_render.LOCALES_DIR, "vi"))
+    used: set[str] = set()
+    for template in console_render.TEMPLATES_DIR.glob("*.html"):
+        used |= set(console_render.MESSAGE_RE.findall(template.read_text("utf-8")))
+    code = Path(console_render.__file__).parent
+    for module in code.glob("*.py"):
+        # Keys named in the code: "prefix.name" strings given to text() and the templates.
+        used |= set(re.findall(r'"((?:[a-z]+)\.[a-z_0-9]+)"', module.read_text("utf-8")))
+    used -= {"admin.css", "admin.js", "chart.svg"}
+    assert used - keys == set()
