@@ -434,6 +434,11 @@ ADMIN_ONLY = frozenset(
         "/api/stats",
         "/api/admin/payment-issues",
         "/api/admin/payment-issues/{id}/resolve",
+        # The operator console (issue 13).
+        "/admin",
+        "/admin/signin",
+        "/admin/sessions",
+        "/admin/issues/{id}/resolve",
     }
 )
 ADMIN_INGRESS = "payment-push-admin"
@@ -672,8 +677,8 @@ def test_compose_exposes_nginx_only_and_nginx_routes_no_more_than_the_public_ing
     for path in (*IN_CLUSTER_ONLY, *ADMIN_ONLY):
         if "{" in path:
             # A path with a parameter: refused by the prefix location of the admin paths.
-            assert path.startswith("/api/admin/")
-            path = "/api/admin/"
+            assert path.startswith(("/api/admin/", "/admin/"))
+            path = "/api/admin/" if path.startswith("/api/") else "/admin/"
             assert nginx_directives(nginx_block(text, f"location {path}")) == {"return": "404"}
             continue
         assert nginx_directives(nginx_block(text, f"location = {path}")) == {"return": "404"}
