@@ -564,3 +564,14 @@ async def test_the_gateways_figures_are_their_streams_and_the_latency_since_the_
     assert second.p50_seconds is not None and 0.0025 < second.p50_seconds <= 0.005
     assert second.p99_seconds is not None and 0.0025 < second.p99_seconds <= 0.005
     assert parse_metrics(generate_latest(CollectorRegistry()).decode()).buckets == ()
+
+
+async def test_console_pages_send_their_origin_with_forms_but_no_referrer_elsewhere(
+    site: Client,
+) -> None:
+    """Under the site's `no-referrer` a browser posts forms with `Origin: null`, which the
+    Origin check refuses: the console's pages say `same-origin` instead."""
+    resp = await site.get("/admin/signin")
+    assert resp.headers["Referrer-Policy"] == "same-origin"
+    assert resp.headers["Cache-Control"] == "no-store"
+    assert "script-src 'self';" in resp.headers["Content-Security-Policy"]

@@ -82,6 +82,9 @@ def _page(
     response = web.Response(text=text, status=status, content_type="text/html")
     # Operators' data: never kept by a browser or a proxy.
     response.headers["Cache-Control"] = "no-store"
+    # Not the site's `no-referrer`: under it a browser sends `Origin: null` with the forms'
+    # POSTs, which the Origin check must refuse. Other origins still learn nothing.
+    response.headers["Referrer-Policy"] = "same-origin"
     response.headers["Vary"] = "Accept-Language, Cookie"
     response.headers["Content-Language"] = language
     return response
