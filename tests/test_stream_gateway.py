@@ -241,24 +241,30 @@ async def test_500_streams_on_one_order_all_receive_done_over_one_pubsub_connect
     await wait_for_stats(gateway, 0, 0)
 
 
-async def test_expired_event_closes_the_stream(
-    gateway: httpx.AsyncClient, store: Store, settings: Settings, redis: Redis
+@pytest.mark.parametrize("final", ["expired", "cancelled"])
+async def test_an_expired_or_cancelled_event_closes_the_stream_and_is_not_sent_again(
+    gateway: httpx.AsyncClient, store: Store, settings: Settings, redis: Redis, final: str
 ) -> None:
     session = await add_session(store)
     async with open_stream(gateway, session["uuid"]) as stream:
         assert await stream.status() == "pending"
-        # What session-api's cleanup does: mark the session expired, then publish it.
+        # What session-api's cleanup (or a cancel) does: close the session, then publish it.
         doc = await store.sessions.find_one_and_update(
             {"uuid": session["uuid"]},
-            {"$set": {"status": "expired"}, "$inc": {"version": 1}},
+            {"$set": {"status": final}, "$inc": {"version": 1}},
             return_document=ReturnDocument.AFTER,
             projection={"_id": 0},
         )
         assert doc is not None
         assert await StatusCache(redis).put(StatusEvent.from_session(doc))
-        expired = await stream.next()
+        closing = await stream.next()
         assert await stream.closed()
-    assert (json.loads(expired.data)["status"], expired.id) == ("expired", "2")
+    assert (json.loads(closing.data)["status"], closing.id) == (final, "2")
+    # Seen: EventSource is told to stop reconnecting.
+    resp = await gateway.get(
+        "/api/webhooks/stream", params={"uuid": session["uuid"]}, headers={"Last-Event-ID": "2"}
+    )
+    assert resp.status_code == 204
 
 
 async def test_each_version_is_sent_once(

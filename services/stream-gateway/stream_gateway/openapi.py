@@ -43,7 +43,7 @@ def document(settings: Settings) -> Doc:
                     "operationId": "streamStatus",
                     "summary": "The session's status, then each change, as `text/event-stream`.",
                     "description": "The first event is the current status; the stream ends "
-                    "after a final status (`done`, `expired`) or after "
+                    "after a final status (`done`, `expired`, `cancelled`) or after "
                     f"{settings.sse_max_wait_seconds:g} s. Keep-alive comments every "
                     f"{settings.sse_keepalive_seconds:g} s.",
                     "parameters": [
