@@ -314,6 +314,25 @@ async def test_resume_of_a_final_status_already_seen_is_204(
     await wait_for_stats(gateway, 0, 0)
 
 
+async def test_a_new_eventsource_says_its_version_in_the_query_and_gets_204_for_a_final_one(
+    gateway: httpx.AsyncClient, ingest: Client, store: Store
+) -> None:
+    """A page opening a new EventSource after one gave up cannot send Last-Event-ID."""
+    session = await add_session(store)
+    await pay(ingest, session)
+    resp = await gateway.get(STREAM, params={"uuid": session["uuid"], "lastEventId": "2"})
+    assert resp.status_code == 204
+    # The header, when there is one, is what EventSource says: it wins.
+    async with aconnect_sse(
+        gateway,
+        "GET",
+        STREAM,
+        params={"uuid": session["uuid"], "lastEventId": "2"},
+        headers={"Last-Event-ID": "1"},
+    ) as src:
+        assert json.loads((await Stream(src).next()).data)["status"] == "done"
+
+
 async def test_resume_of_a_pending_status_already_seen_waits_for_the_change(
     gateway: httpx.AsyncClient, ingest: Client, store: Store
 ) -> None:

@@ -48,6 +48,12 @@ def document(settings: Settings) -> Doc:
                     f"{settings.sse_keepalive_seconds:g} s.",
                     "parameters": [
                         openapi.query_param("uuid", openapi.UUID, "The session.", required=True),
+                        openapi.query_param(
+                            "lastEventId",
+                            {"type": "string"},
+                            "The version the client has, where it cannot send `Last-Event-ID` "
+                            "(a new EventSource); the header wins when both are given.",
+                        ),
                         {
                             "name": "Last-Event-ID",
                             "in": "header",

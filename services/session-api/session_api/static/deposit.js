@@ -47,6 +47,7 @@
   let probeTimer = null;
   let reopenTimer = null;
   let streamFailures = 0;   // consecutive failures, without the stream opening in between
+  let lastVersion = 0;      // the version of the last event the stream brought (this session)
   window.paypushStreamOpens = 0;
   window.paypushPolls = 0;
   let clockTimer = null;
@@ -162,7 +163,11 @@
     if (finished) return;
     if (typeof EventSource === "undefined") { startPolling(); return; }
     if (pollTimer === null) document.body.dataset.transport = "connecting";
-    const es = new EventSource(`${config.streamUrl}/api/webhooks/stream?uuid=${encodeURIComponent(session.uuid)}`);
+    // A new EventSource sends no Last-Event-ID: say which version we have, so the gateway
+    // sends nothing it already sent (and 204 for a final status we saw).
+    const since = lastVersion ? `&lastEventId=${lastVersion}` : "";
+    const es = new EventSource(
+      `${config.streamUrl}/api/webhooks/stream?uuid=${encodeURIComponent(session.uuid)}${since}`);
     stream = es;
     es.onopen = () => {
       if (stream !== es || finished) return;
@@ -174,6 +179,7 @@
     es.onmessage = (e) => {
       if (stream !== es) return;
       streamFailures = 0;
+      if (/^\d+$/.test(e.lastEventId)) lastVersion = Number(e.lastEventId);
       onStatus(JSON.parse(e.data));
     };
     es.onerror = () => {
@@ -290,6 +296,7 @@
         uuid: body.uuid, accountNumber, accountToken, amount,
         waitStartedAt: waitStartedAt || Date.now(),
       };
+      lastVersion = 0;
       save();
       finished = false;
       setState("waiting");
