@@ -4,8 +4,8 @@ It behaves as the HTML standard's EventSource does for what the gateway uses: ea
 `id:` becomes the last event id, `retry:` the reconnection delay; when the connection ends
 or breaks it waits that delay and reconnects with `Last-Event-ID`; HTTP 204 stops it for good,
 and so does any other status but 200 (the browser's "fail the connection"; the deposit page
-then polls). On top of that it stops by itself once it has seen a final status (`done` or
-`expired`), as the deposit page closes its EventSource then.
+then polls). On top of that it stops by itself once it has seen a final status (`done`,
+`expired` or `cancelled`), as the deposit page closes its EventSource then.
 
 Raw asyncio streams, HTTP/1.1 with chunked decoding: thousands fit in one process. Not
 httpx + httpx-sse (tried for issue 14): 2,000 streams each opened, reading two events and
@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 # Chromium's reconnection delay before a server sends `retry:`.
 DEFAULT_RETRY_MS = 3000
-FINAL = frozenset({"done", "expired"})
+FINAL = frozenset({"done", "expired", "cancelled"})
 CONNECT_TIMEOUT = 5.0
 
 

@@ -47,6 +47,7 @@ class IssueKind(StrEnum):
     LATE = "late"  # paid for an expired session, outside the grace
     OVERPAID = "overpaid"  # counted beyond the session's amount (`excess`)
     PARTIAL_EXPIRED = "partial_expired"  # expired with 0 < amountPaid < amount (cleanup)
+    PARTIAL_CANCELLED = "partial_cancelled"  # cancelled with 0 < amountPaid < amount
     PAID_AFTER_CANCEL = "paid_after_cancel"  # paid for a cancelled session (issue 13)
     CURRENCY = "currency"  # paid in a currency other than VND: not counted
     # The shop's receiver refused an event for 3 days (issue 17): its `reference` is the
@@ -81,7 +82,7 @@ class NewIssue:
     amount: int
     data: dict[str, Any] | None
     session: Doc | None = None
-    source: str = "webhook"  # webhook | reconciler | cleanup
+    source: str = "webhook"  # webhook | reconciler | cleanup | cancel
     excess: int | None = None
     # PayOS's confirm-webhook test delivery: recorded, resolved at once, not alarmed.
     test: bool = False
@@ -148,6 +149,10 @@ class Ledger:
         self._store = store
         self._items = store.issues
         self._on_new = on_new
+
+    @property
+    def store(self) -> Store:
+        return self._store
 
     async def record(self, issue: NewIssue) -> bool:
         """Record `issue` unless an item for its (kind, orderCode, reference) exists; True if

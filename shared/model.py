@@ -29,11 +29,14 @@ def format_time(value: datetime) -> str:
 
 
 class SessionStatus(StrEnum):
-    """Stored status: `pending → completed | expired`, never back."""
+    """Stored status: `pending → completed | expired | cancelled`. The one way back out of a
+    final status is a payment PayOS accepted in time (shared.payments): `expired` or
+    `cancelled → completed`."""
 
     PENDING = "pending"
     COMPLETED = "completed"
     EXPIRED = "expired"
+    CANCELLED = "cancelled"
 
 
 class StreamStatus(StrEnum):
@@ -42,6 +45,7 @@ class StreamStatus(StrEnum):
     PENDING = "pending"
     DONE = "done"
     EXPIRED = "expired"
+    CANCELLED = "cancelled"
 
     @property
     def terminal(self) -> bool:
@@ -52,6 +56,7 @@ _TO_STREAM = {
     SessionStatus.PENDING: StreamStatus.PENDING,
     SessionStatus.COMPLETED: StreamStatus.DONE,
     SessionStatus.EXPIRED: StreamStatus.EXPIRED,
+    SessionStatus.CANCELLED: StreamStatus.CANCELLED,
 }
 
 

@@ -13,6 +13,8 @@ dies between counting and recording leaves the item to the redelivery:
 - a session `expired` (or past `expiresAt`) → counted, completing it, when the signed
   `transactionDateTime` is at or before `expiresAt` plus the grace (PayOS refuses payment on
   a link after its `expiredAt`, which is the session's `expiresAt`); otherwise `late`;
+- a session `cancelled` → counted (completing it when paid in full: the payment wins) and
+  `paid_after_cancel`;
 - counted beyond the amount, or paid to a completed session → `overpaid` with the excess.
 """
 
@@ -45,7 +47,6 @@ class Outcome(StrEnum):
     DUPLICATE = "duplicate"  # this orderCode + reference was received (or counted) before
     NOT_PAID = "not_paid"  # PayOS reported a failed transaction: recorded only
     UNKNOWN_ORDER = "unknown_order"  # no session: a ledger item (or PayOS's test delivery)
-    NOT_PENDING = "not_pending"  # a closed session that no rule credits (kept for issue 13)
     LATE = "late"  # paid for an expired session outside the grace: a ledger item
     OVERPAID = "overpaid"  # paid to a session already paid in full: a ledger item
     CURRENCY = "currency"  # not VND: a ledger item, nothing counted
@@ -162,10 +163,13 @@ class Payments:
             # Made in time, delivered late: the one backward move, by a counted payment.
             allowed = [SessionStatus.PENDING.value, SessionStatus.EXPIRED.value]
         else:
-            # A status no rule credits (a cancelled session, issue 13): kept, not forgotten.
-            kind = IssueKind.PAID_AFTER_CANCEL if status == "cancelled" else IssueKind.LATE
-            await self._record(kind, tx, doc)
-            return Applied(Outcome.NOT_PENDING, doc, False)
+            # Cancelled, and PayOS took the payment all the same (it was under way when the
+            # shopper cancelled, or made on another copy of the QR): the payment wins — it is
+            # counted and completes the session when it pays it in full — and the operator
+            # is told. The item first: a redelivery after a crash between the two finds the
+            # transaction counted and the item already there.
+            await self._record(IssueKind.PAID_AFTER_CANCEL, tx, doc)
+            allowed = [SessionStatus.CANCELLED.value]
         return await self._count(tx, doc, allowed, now, tries)
 
     async def _count(
@@ -246,9 +250,9 @@ class Payments:
     async def _complete_if_paid(self, doc: Doc) -> Doc | None:
         """Paid in full by transactions counted concurrently, or by one whose application
         died between counting and completing: complete now, exactly once. Only counted
-        transactions are in `references`, each made in time, so this holds for an expired
-        session too."""
-        if doc["status"] not in (SessionStatus.PENDING, SessionStatus.EXPIRED):
+        transactions are in `references`, each made in time or taken by PayOS after a
+        cancel, so this holds for an expired or cancelled session too."""
+        if doc["status"] == SessionStatus.COMPLETED:
             return None
         if doc.get("amountPaid", 0) < doc["amount"]:
             return None

@@ -369,3 +369,89 @@ async def test_simulator_checkout_speaks_vietnamese_and_switches_to_english(
     await payer.get_by_role("button", name="Pay 15,000 VND", exact=True).click()
     assert await payer.inner_text("#link-status") == "Paid"
     await page.wait_for_selector("body[data-state=paid]", timeout=5_000)
+
+
+async def _pending_count(system: System, account: str) -> int:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(
+            f"{system.settings.site_public_url}/api/webhooks/check-session-limit",
+            params={"accountNumber": account},
+        ) as resp,
+    ):
+        body: dict[str, Any] = await resp.json()
+        return int(body["pendingCount"])
+
+
+async def test_cancel_on_the_page_cancels_and_frees_the_slot_for_a_sixth_deposit(
+    page: Page, system: System, shots: Path
+) -> None:
+    account = new_account()
+    async with aiohttp.ClientSession() as http:
+        for _ in range(4):
+            async with http.post(
+                f"{system.settings.site_public_url}/api/sessions",
+                json={"accountNumber": account, "amount": 10_000},
+            ) as resp:
+                assert resp.status == 201
+    await create_deposit(page, system, account)
+    assert await _pending_count(system, account) == 5
+    await page.get_by_role("button", name="Huỷ giao dịch").click()
+    await page.wait_for_selector("body[data-state=cancelled]", timeout=5_000)
+    assert await page.inner_text("#status") == (
+        "Bạn đã huỷ giao dịch này. Khi cần, bạn có thể tạo mã QR mới."
+    )
+    assert await page.evaluate("localStorage.getItem('paypush.session')") is None
+    await page.screenshot(path=shots / "deposit-cancelled.png", full_page=True)
+    assert await _pending_count(system, account) == 4
+    # The place is free again: a sixth deposit for the account goes through.
+    await page.get_by_role("button", name="Tạo mã QR mới").click()
+    await page.get_by_role("button", name="Tạo mã QR").click()
+    await page.wait_for_selector("body[data-state=waiting]", timeout=5_000)
+    assert await _pending_count(system, account) == 5
+
+
+async def test_cancel_on_the_checkout_page_comes_back_cancelled(page: Page, system: System) -> None:
+    account = new_account()
+    order_code = await create_deposit(page, system, account)
+    uuid = await page.evaluate(SAVED_UUID)
+    checkout = await page.get_attribute("#checkout", "href")
+    assert checkout
+    # In the same tab, as a shopper who follows the checkout link on a phone.
+    await page.goto(checkout)
+    await page.get_by_role("button", name="Huỷ thanh toán").click()
+    await page.wait_for_selector("body[data-state=cancelled]", timeout=5_000)
+    # Back on our page, its address cleaned: a reload does not cancel again.
+    assert page.url == system.page_url.rstrip("/") + "/"
+    assert await _pending_count(system, account) == 0
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{system.settings.site_public_url}/api/webhooks", params={"uuid": uuid}) as resp,
+    ):
+        body = await resp.json()
+    assert (body["status"], str(body["orderCode"])) == ("cancelled", order_code)
+
+
+async def test_cancel_after_the_payment_landed_shows_it_paid(page: Page, system: System) -> None:
+    """The payment wins: PayOS took it (its webhook lost), the shopper presses cancel."""
+
+    async def block(route: Route) -> None:
+        await route.abort()
+
+    # No stream: the paid state can only come from the cancel's answer.
+    await page.route("**/api/webhooks/stream*", block)
+    order_code = await create_deposit(page, system, new_account())
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{system.settings.payos_base_url}/sim/faults", json={"dropAllDeliveries": True}
+        ) as resp:
+            assert resp.status == 200
+        try:
+            await sim_pay(system, order_code)
+            await page.get_by_role("button", name="Huỷ giao dịch").click()
+            await page.wait_for_selector("body[data-state=paid]", timeout=5_000)
+        finally:
+            async with http.post(
+                f"{system.settings.payos_base_url}/sim/faults", json={"dropAllDeliveries": False}
+            ) as resp:
+                assert resp.status == 200

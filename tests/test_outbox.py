@@ -226,6 +226,40 @@ async def test_a_receiver_that_is_down_gets_the_event_once_it_is_back(
         await receiver.stop()
 
 
+async def test_a_receiver_back_after_an_outage_gets_the_backlog_without_waiting_for_retries(
+    settings: Settings, store: Store, receiver: ShopReceiver, system_factory: Any
+) -> None:
+    """Retries are a minute away; the receiver's first success after the outage (a new
+    event) makes every waiting delivery due at once."""
+    system = system_factory(
+        shop_settings(
+            settings,
+            receiver,
+            shop_webhook_retry_first_seconds=60.0,
+            shop_webhook_retry_max_seconds=120.0,
+        )
+    )
+    ingest = await system.start("webhook_ingest")
+    api = await system.start("session_api")
+    receiver.mode = "fail"
+    during = [await add_session(store, amount=10_000) for _ in range(4)]
+    for session in during:
+        await pay(ingest, session["orderCode"], 10_000)
+    await wait_until(
+        lambda: _at_least(metric(api, "paypush_outbox_retried"), 4), 10, "one failure each"
+    )
+    receiver.mode = "ok"
+    back_at = time.monotonic()
+    after = await add_session(store, amount=10_000)
+    await pay(ingest, after["orderCode"], 10_000)
+    await receiver.wait_for(5, timeout=20)
+    caught_up = time.monotonic() - back_at
+    # Well within the first retry's delay (60 s ± 20 %): not the retries, the catch-up.
+    assert caught_up < 30, caught_up
+    assert {a.data["uuid"] for a in receiver.accepted} == {s["uuid"] for s in [*during, after]}
+    assert all(n == 1 for n in receiver.accepted_ids().values())
+
+
 async def _at_least(value: Awaitable[float], minimum: float) -> bool:
     return await value >= minimum
 

@@ -241,24 +241,30 @@ async def test_500_streams_on_one_order_all_receive_done_over_one_pubsub_connect
     await wait_for_stats(gateway, 0, 0)
 
 
-async def test_expired_event_closes_the_stream(
-    gateway: httpx.AsyncClient, store: Store, settings: Settings, redis: Redis
+@pytest.mark.parametrize("final", ["expired", "cancelled"])
+async def test_an_expired_or_cancelled_event_closes_the_stream_and_is_not_sent_again(
+    gateway: httpx.AsyncClient, store: Store, settings: Settings, redis: Redis, final: str
 ) -> None:
     session = await add_session(store)
     async with open_stream(gateway, session["uuid"]) as stream:
         assert await stream.status() == "pending"
-        # What session-api's cleanup does: mark the session expired, then publish it.
+        # What session-api's cleanup (or a cancel) does: close the session, then publish it.
         doc = await store.sessions.find_one_and_update(
             {"uuid": session["uuid"]},
-            {"$set": {"status": "expired"}, "$inc": {"version": 1}},
+            {"$set": {"status": final}, "$inc": {"version": 1}},
             return_document=ReturnDocument.AFTER,
             projection={"_id": 0},
         )
         assert doc is not None
         assert await StatusCache(redis).put(StatusEvent.from_session(doc))
-        expired = await stream.next()
+        closing = await stream.next()
         assert await stream.closed()
-    assert (json.loads(expired.data)["status"], expired.id) == ("expired", "2")
+    assert (json.loads(closing.data)["status"], closing.id) == (final, "2")
+    # Seen: EventSource is told to stop reconnecting.
+    resp = await gateway.get(
+        "/api/webhooks/stream", params={"uuid": session["uuid"]}, headers={"Last-Event-ID": "2"}
+    )
+    assert resp.status_code == 204
 
 
 async def test_each_version_is_sent_once(
@@ -306,6 +312,25 @@ async def test_resume_of_a_final_status_already_seen_is_204(
     )
     assert resp.status_code == 204
     await wait_for_stats(gateway, 0, 0)
+
+
+async def test_a_new_eventsource_says_its_version_in_the_query_and_gets_204_for_a_final_one(
+    gateway: httpx.AsyncClient, ingest: Client, store: Store
+) -> None:
+    """A page opening a new EventSource after one gave up cannot send Last-Event-ID."""
+    session = await add_session(store)
+    await pay(ingest, session)
+    resp = await gateway.get(STREAM, params={"uuid": session["uuid"], "lastEventId": "2"})
+    assert resp.status_code == 204
+    # The header, when there is one, is what EventSource says: it wins.
+    async with aconnect_sse(
+        gateway,
+        "GET",
+        STREAM,
+        params={"uuid": session["uuid"], "lastEventId": "2"},
+        headers={"Last-Event-ID": "1"},
+    ) as src:
+        assert json.loads((await Stream(src).next()).data)["status"] == "done"
 
 
 async def test_resume_of_a_pending_status_already_seen_waits_for_the_change(

@@ -125,12 +125,31 @@ async def act(request: web.Request) -> web.Response:
     elif action == "cancel":
         link.canceled_at = vn_now()
         link.cancellation_reason = "cancelled on the checkout page"
+        if link.cancel_url:
+            # As PayOS does: back to the merchant's cancel URL, which learns what happened
+            # from the query (and must not trust it: it is not signed).
+            raise web.HTTPSeeOther(_with_query(link.cancel_url, _cancel_return(link)))
         message = {"m": "cancelled"}
     else:
         amount = remaining if action == "pay" else max(remaining // 2, 1)
         result = await transfer(request.app, link, amount)
         message = {"m": "delivered" if result["delivered"] else "retrying", "amount": amount}
     raise web.HTTPSeeOther(f"/web/{link.id}?" + urlencode(message))
+
+
+def _cancel_return(link: PaymentLink) -> dict[str, str]:
+    """The query PayOS adds to the cancel URL."""
+    return {
+        "code": "00",
+        "id": link.id,
+        "cancel": "true",
+        "status": "CANCELLED",
+        "orderCode": str(link.order_code),
+    }
+
+
+def _with_query(url: str, params: dict[str, str]) -> str:
+    return url + ("&" if "?" in url else "?") + urlencode(params)
 
 
 def add_checkout_routes(app: web.Application) -> None:

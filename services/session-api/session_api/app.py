@@ -24,6 +24,7 @@ from .accounts import AccountLinks
 from .admin import admin_ctx, setup_console
 from .appkeys import (
     ACCOUNT_LINKS,
+    CANCELLATIONS,
     DEPOSIT_PAGE,
     DISPATCHER,
     EVENT_LOG,
@@ -38,6 +39,7 @@ from .appkeys import (
     STATUS_READER,
     TRUSTED_PROXIES,
 )
+from .cancel import Cancellations
 from .dispatcher import Dispatcher
 from .document import DepositPage
 from .event_log import EventLog
@@ -81,16 +83,26 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The payment ledger's admin side and the reconciler with PayOS (issue 11)."""
+    """The payment ledger's admin side, the reconciler with PayOS (issue 11) and cancels
+    (issue 13), which count through the same core."""
     settings, metrics = app[SETTINGS], app[SESSION_METRICS]
     ledger = Ledger(app[STORE], on_new=lambda item: metrics.issues_open.labels(item["kind"]).inc())
     issues = PaymentIssues(ledger, metrics)
+    payments = Payments(app[STORE], ledger, grace_seconds=settings.late_payment_grace_seconds)
+    cancellations = Cancellations(
+        app[STORE],
+        app[CACHE],
+        app[PAYOS],
+        payments,
+        payos_timeout=settings.payos_timeout_seconds,
+    )
     reconciler = Reconciler(
         store=app[STORE],
         cache=app[CACHE],
         redis=app[REDIS],
         payos=app[PAYOS],
-        payments=Payments(app[STORE], ledger, grace_seconds=settings.late_payment_grace_seconds),
+        payments=payments,
+        cancellations=cancellations,
         metrics=metrics,
         after_seconds=settings.reconcile_after_seconds,
         max_per_second=settings.reconcile_max_per_second,
@@ -99,11 +111,13 @@ async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
         payos_timeout=settings.payos_timeout_seconds,
     )
     app[PAYMENT_ISSUES], app[RECONCILER] = issues, reconciler
+    app[CANCELLATIONS] = cancellations
     issues.start(app[SUPERVISOR])
     reconciler.start(app[SUPERVISOR])
     yield
     # Before the Redis, MongoDB and PayOS clients close: the lease is handed over at once.
     await reconciler.stop()
+    await cancellations.aclose()
     await issues.stop()
 
 

@@ -6,6 +6,7 @@ from payos import AsyncPayOS
 from shared.status import StatusReader
 
 from .accounts import AccountLinks
+from .cancel import Cancellations
 from .dispatcher import Dispatcher
 from .document import DepositPage
 from .event_log import EventLog
@@ -30,3 +31,4 @@ DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 OUTBOX_METRICS = web.AppKey("outbox_metrics", OutboxMetrics)
 DEPOSIT_PAGE = web.AppKey("deposit_page", DepositPage)
 ACCOUNT_LINKS = web.AppKey("account_links", AccountLinks)
+CANCELLATIONS = web.AppKey("cancellations", Cancellations)

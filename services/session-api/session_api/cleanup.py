@@ -25,7 +25,8 @@ Rules, in this order, all against one `now`:
    the dispatcher has not taken yet.
 3. **Partial payments.** An expired session with 0 < amountPaid < amount becomes a
    `partial_expired` item of the payment ledger (shared.ledger), which holds the session
-   from the TTL and this deletion until an operator resolves it.
+   from the TTL and this deletion until an operator resolves it; a cancelled one a
+   `partial_cancelled` item (made by the cancel itself; here if its process died first).
 
 Running it twice, in a row or at once, changes nothing the first run did not already do.
 MongoDB's TTL monitor may still delete a pending session before any run sees it; browsers
@@ -57,8 +58,13 @@ from shared.settings import SERVICE_SECRETS, Settings
 
 log = structlog.get_logger(__name__)
 
-# Set on an expired session once its `partial_expired` ledger item exists.
+# Set on an expired or cancelled session once its ledger item (below) exists.
 PARTIAL_ITEM = "partialItem"
+# The item of a session closed with part of its amount paid, by how it was closed.
+PARTIAL_KINDS = {
+    SessionStatus.EXPIRED.value: IssueKind.PARTIAL_EXPIRED,
+    SessionStatus.CANCELLED.value: IssueKind.PARTIAL_CANCELLED,
+}
 
 # Sessions examined per round trip; rounds continue until none is left.
 BATCH = 500
@@ -172,25 +178,37 @@ async def _record_partial(store: Store) -> int:
     none yet: the ones this run expired, and any a run that died left (the mark is set only
     once the item exists). The item holds the session from the TTL while it is open."""
     ledger, recorded = Ledger(store), 0
-    query = {"status": SessionStatus.EXPIRED.value, "amountPaid": {"$gt": 0}, PARTIAL_ITEM: None}
+    query = {
+        "status": {"$in": list(PARTIAL_KINDS)},
+        "amountPaid": {"$gt": 0},
+        PARTIAL_ITEM: None,
+    }
     while True:
         batch = [doc async for doc in store.sessions.find(query).limit(BATCH)]
         for doc in batch:
-            if doc.get("amountPaid", 0) < doc["amount"]:
-                recorded += await ledger.record(
-                    NewIssue(
-                        IssueKind.PARTIAL_EXPIRED,
-                        int(doc["orderCode"]),
-                        SESSION_REFERENCE,
-                        int(doc["amountPaid"]),
-                        None,
-                        session=doc,
-                        source="cleanup",
-                    )
-                )
-            await store.sessions.update_one({"_id": doc["_id"]}, {"$set": {PARTIAL_ITEM: True}})
+            recorded += await record_partial(ledger, doc, source="cleanup")
         if len(batch) < BATCH:
             return recorded
+
+
+async def record_partial(ledger: Ledger, doc: Doc, *, source: str) -> int:
+    """The ledger item of a session closed unpaid with money on it (expired, or cancelled
+    by the shopper), then the session's mark that it has one; 1 if this call made it."""
+    recorded = 0
+    if 0 < doc.get("amountPaid", 0) < doc["amount"]:
+        recorded = await ledger.record(
+            NewIssue(
+                PARTIAL_KINDS[doc["status"]],
+                int(doc["orderCode"]),
+                SESSION_REFERENCE,
+                int(doc["amountPaid"]),
+                None,
+                session=doc,
+                source=source,
+            )
+        )
+    await ledger.store.sessions.update_one({"_id": doc["_id"]}, {"$set": {PARTIAL_ITEM: True}})
+    return recorded
 
 
 async def _expire(store: Store, _id: object) -> Doc | None:

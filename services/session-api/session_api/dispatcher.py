@@ -17,9 +17,11 @@ secret, space separated) as the Standard Webhooks specification says. A 2xx is d
 anything else, a redirect, an error or no answer within `SHOP_WEBHOOK_TIMEOUT_SECONDS` is
 retried after an exponentially growing delay with jitter, until `SHOP_WEBHOOK_GIVE_UP_SECONDS`
 (3 days) after the first attempt: then it is raised as a ledger item (`shop_not_told`) and
-marked failed. The state is written after the attempt, so a dispatcher that dies
-mid-delivery leaves it pending: its successor sends it again, with the same id (at least
-once; the shop deduplicates by id).
+marked failed. A URL that answers again after an outage (a success after several failures in
+a row) has everything waiting for a retry made due at once: catching up after a long outage
+takes the time to send the backlog, not the retry delays. The state is written after the
+attempt, so a dispatcher that dies mid-delivery leaves it pending: its successor sends it
+again, with the same id (at least once; the shop deduplicates by id).
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ STATS_EVERY_SECONDS = 5.0
 STORE_RETRY_SECONDS = 1.0
 USER_AGENT = "paypush-webhooks/1"
 JITTER = 0.2  # each retry delay is drawn within ±20 % of the schedule's
+# Failed attempts in a row at one URL that make it an outage: its next success catches up.
+OUTAGE_FAILURES = 3
+CATCH_UP_EVERY_SECONDS = 30.0
 
 
 def sign(secrets: Sequence[bytes], msg_id: str, timestamp: int, body: bytes) -> str:
@@ -184,6 +189,11 @@ class Dispatcher:
         # meanwhile may have read them as they were before (and their chain is over).
         self._touched: set[str] = set()
         self._stats_at = 0.0
+        # Outage recovery, per URL: failed attempts since its last success, the URLs that
+        # answered again after an outage, and when each was last caught up.
+        self._failures_in_a_row: dict[str, int] = defaultdict(int)
+        self._back: set[str] = set()
+        self._caught_up_at: dict[str, float] = {}
 
     async def run(self) -> None:
         """The supervised task: lead while holding the lease, wait for it otherwise."""
@@ -233,6 +243,7 @@ class Dispatcher:
         """One relay and one look for due deliveries; True if it found work."""
         self._touched.clear()
         await self._flush_delivered()
+        await self._catch_up()
         moved = await self._log.relay()
         started = 0
         for endpoint in self._log.endpoints:
@@ -311,6 +322,27 @@ class Dispatcher:
             started += 1
         return started
 
+    async def _catch_up(self) -> None:
+        """A receiver back after an outage: every delivery waiting for its retry there is due
+        now, rather than at its backoff (up to SHOP_WEBHOOK_RETRY_MAX_SECONDS away), so the
+        shop catches up at the pace of the concurrency, in order per session. Once per
+        CATCH_UP_EVERY_SECONDS per URL at most: a receiver that refuses one event while taking
+        the others is not hammered with its retries."""
+        back, self._back = self._back, set()
+        for endpoint in back:
+            last = self._caught_up_at.get(endpoint)
+            if last is not None and time.monotonic() - last < CATCH_UP_EVERY_SECONDS:
+                continue
+            self._caught_up_at[endpoint] = time.monotonic()
+            now_ms = epoch_ms(utcnow())
+            result = await self._store.deliveries.update_many(
+                {"endpoint": endpoint, "state": DeliveryState.PENDING, "nextMs": {"$gt": now_ms}},
+                {"$set": {"nextMs": now_ms}},
+            )
+            log.info(
+                "shop_webhook_receiver_back", endpoint=endpoint, made_due=result.modified_count
+            )
+
     async def _flush_delivered(self) -> None:
         if not self._delivered:
             return
@@ -381,11 +413,15 @@ class Dispatcher:
         except (aiohttp.ClientError, TimeoutError) as exc:
             ok, error = False, f"{type(exc).__name__}: {exc}"
         if ok:
+            if self._failures_in_a_row.pop(endpoint, 0) >= OUTAGE_FAILURES:
+                self._back.add(endpoint)
+                self._wake.set()
             self._delivered.append((delivery["_id"], int(delivery.get("generation", 0))))
             lag = (utcnow() - _aware(event["at"])).total_seconds()
             self._metrics.delivered.inc()
             self._metrics.lag.observe(max(lag, 0.0))
             return True
+        self._failures_in_a_row[endpoint] += 1
         await self._failed(delivery, error)
         return False
 

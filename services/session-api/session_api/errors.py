@@ -7,10 +7,12 @@ from typing import Any
 
 from shared import errors
 from shared.errors import BodyTooLarge, NotFound, ServiceError, StoreUnavailable
+from shared.model import StatusEvent
 
 __all__ = [
     "AccountBusy",
     "BodyTooLarge",
+    "CancelConflict",
     "InvalidRequest",
     "LimitReached",
     "NotFound",
@@ -136,3 +138,19 @@ class AccountLinkRejected(ServiceError):
     def headers(self) -> dict[str, str]:
         # A 401 names how to authenticate (RFC 9110): with the shop's signed account link.
         return {"WWW-Authenticate": 'AccountToken realm="deposit"'}
+
+
+class CancelConflict(ServiceError):
+    """The session cannot be cancelled (409): paid (the payment wins), expired, or changing.
+    The answer carries the session's state (`session`), so the page shows what happened."""
+
+    status = 409
+    label = "conflict"
+
+    def __init__(self, message: str, event: StatusEvent | None, *, retryable: bool = False):
+        super().__init__(message)
+        self.event = event
+        self.retryable = retryable
+
+    def fields(self) -> dict[str, Any]:
+        return {"session": self.event.to_dict() if self.event is not None else None}

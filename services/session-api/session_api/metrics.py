@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 @dataclass(frozen=True, slots=True)
 class SessionMetrics:
     sessions: Counter
+    cancels: Counter
     status_reads: Counter
     status_db_queries: Counter
     cleanup_expired: Counter
@@ -39,6 +40,12 @@ class SessionMetrics:
             sessions=Counter(
                 "paypush_session_requests",
                 "Session create requests by outcome",
+                ["outcome"],
+                registry=registry,
+            ),
+            cancels=Counter(
+                "paypush_session_cancels",
+                "Cancel requests (`POST /api/sessions/{uuid}/cancel`) by outcome",
                 ["outcome"],
                 registry=registry,
             ),

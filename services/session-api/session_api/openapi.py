@@ -303,6 +303,32 @@ def document(settings: Settings) -> Doc:
                     },
                 }
             },
+            "/api/sessions/{uuid}/cancel": {
+                "post": {
+                    "operationId": "cancelSession",
+                    "summary": "Cancel a pending session: its PayOS link first, then the "
+                    "session (`cancelled`, final; frees its place in the pending limit).",
+                    "description": "The uuid is the capability, as for reads. Idempotent: a "
+                    "session cancelled before answers 200 again. The payment wins: what PayOS "
+                    "took before the cancel is counted first, and a session it paid answers "
+                    "409 with its paid state (`session`).",
+                    "parameters": [
+                        {"name": "uuid", "in": "path", "required": True, "schema": openapi.UUID}
+                    ],
+                    "responses": {
+                        "200": openapi.ok("Cancelled (now or before).", {"$ref": _REF + "Status"}),
+                        "400": openapi.error("Malformed uuid."),
+                        "404": openapi.error("No live session with this uuid."),
+                        "409": openapi.error(
+                            "Paid, expired, or still being created (`retryable: true`); "
+                            "`session` is its state."
+                        ),
+                        "502": openapi.error("PayOS refused or is unreachable; nothing changed."),
+                        "503": openapi.STORE_UNAVAILABLE,
+                        "504": openapi.error("PayOS did not answer in time; nothing changed."),
+                    },
+                }
+            },
             "/api/webhooks": {
                 "get": {
                     "operationId": "statusOrList",

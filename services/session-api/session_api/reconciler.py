@@ -29,6 +29,8 @@ from typing import Any
 import httpx
 import structlog
 from payos import APIError, AsyncPayOS, PayOSError
+from payos.types import PaymentLink
+from payos.types import Transaction as Transaction_
 from pymongo import ASCENDING
 from pymongo.errors import PyMongoError
 from redis.asyncio import Redis
@@ -36,12 +38,15 @@ from redis.asyncio import Redis
 from shared import keys
 from shared.cache import StatusCache
 from shared.clients import REDIS_ERRORS
-from shared.model import SessionStatus, StatusEvent, utcnow
-from shared.mongo import CHECK_AT, NO_CHECK, PUBLISH_PENDING, Doc, Store
+from shared.model import SessionStatus, utcnow
+from shared.mongo import CHECK_AT, NO_CHECK, Doc, Store
 from shared.payments import Outcome, Payments, Transaction
 from shared.tasks import Supervised, Supervisor
 
+from .cancel import Cancellations
+from .errors import ServiceError
 from .metrics import SessionMetrics
+from .publishing import publish
 
 log = structlog.get_logger(__name__)
 
@@ -73,6 +78,8 @@ end
 return 0
 """
 
+# Nothing left to ask PayOS about a session in these.
+_FINAL = (SessionStatus.COMPLETED, SessionStatus.CANCELLED)
 _PAYOS_ERRORS: tuple[type[Exception], ...] = (PayOSError, httpx.HTTPError, TimeoutError)
 
 
@@ -142,6 +149,7 @@ class Reconciler:
         payos: AsyncPayOS,
         payments: Payments,
         metrics: SessionMetrics,
+        cancellations: Cancellations | None = None,
         after_seconds: float,
         max_per_second: float,
         interval_seconds: float,
@@ -154,6 +162,7 @@ class Reconciler:
         self._cache = cache
         self._payos = payos
         self._payments = payments
+        self._cancellations = cancellations
         self._metrics = metrics
         self._after = after_seconds
         self._min_gap = 1.0 / max_per_second
@@ -269,13 +278,14 @@ class Reconciler:
             await self._schedule(doc, NO_CHECK, stats, counted=False)
             return True
         await self._pace()
+        link: PaymentLink | None = None
+        transactions: Sequence[Transaction_] = ()
         try:
             async with asyncio.timeout(self._payos_timeout + 1):
                 link = await self._payos.payment_requests.get(order_code)
         except APIError as exc:
-            if exc.error_code == LINK_NOT_FOUND:
-                transactions: Sequence[Any] = ()
-            else:
+            # No link (yet): nothing PayOS took. Any other refusal: asked again later.
+            if exc.error_code != LINK_NOT_FOUND:
                 return await self._payos_failed(doc, stats, slog, exc)
         except _PAYOS_ERRORS as exc:
             return await self._payos_failed(doc, stats, slog, exc)
@@ -296,11 +306,22 @@ class Reconciler:
                 self._metrics.reconcile_recovered.inc()
                 slog.info("reconciled_transaction", reference=t.reference, outcome=applied.outcome)
         if latest is not None:
-            await self._publish(latest)
+            await publish(self._cache, self._store, latest)
+        if link is not None and link.status == "CANCELLED" and self._cancellations is not None:
+            # Cancelled at PayOS (its checkout page, or a cancel of ours whose process died
+            # after PayOS took it) and still open here: closed like a cancel from the page.
+            try:
+                closed = await self._cancellations.close(doc, link)
+            except ServiceError as exc:
+                slog.warning("reconcile_cancel_failed", error=str(exc))
+            else:
+                if closed["status"] != doc["status"]:
+                    latest = closed
+                    slog.info("reconciled_cancel", status=closed["status"])
         now = time.time()
         checks = int(doc.get("reconcileChecks", 0)) + 1
-        paid = latest is not None and latest["status"] == SessionStatus.COMPLETED
-        at = NO_CHECK if paid else next_check(doc, checks, now, after=self._after)
+        final = latest is not None and latest["status"] in _FINAL
+        at = NO_CHECK if final else next_check(doc, checks, now, after=self._after)
         await self._schedule(doc, at, stats, counted=True)
         return True
 
@@ -329,14 +350,3 @@ class Reconciler:
         if wait > 0:
             await asyncio.sleep(wait)
         self._last_call = loop.time()
-
-    async def _publish(self, doc: Doc) -> None:
-        event = StatusEvent.from_session(doc)
-        try:
-            await self._cache.put(event)
-        except REDIS_ERRORS as exc:
-            # The ingest's durable mark: its sweep publishes once Redis is back.
-            log.warning("reconcile_publish_deferred", uuid=event.uuid, error=str(exc))
-            await self._store.sessions.update_one(
-                {"uuid": event.uuid}, {"$set": {PUBLISH_PENDING: True}}
-            )

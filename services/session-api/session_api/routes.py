@@ -13,6 +13,7 @@ from .admin import views as admin
 
 def setup_routes(app: web.Application) -> None:
     app.router.add_post("/api/sessions", views.create_session)
+    app.router.add_post("/api/sessions/{uuid}/cancel", views.cancel_session)
     app.router.add_get("/api/webhooks", views.status_or_list)
     app.router.add_get("/api/webhooks/check-session-limit", views.check_session_limit)
     app.router.add_get("/api/webhooks/cleanup", views.cleanup)

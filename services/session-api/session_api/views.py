@@ -17,6 +17,7 @@ from shared.web import json_error, read_body
 
 from .appkeys import (
     ACCOUNT_LINKS,
+    CANCELLATIONS,
     PAYMENT_ISSUES,
     RATE_LIMITER,
     SESSION_METRICS,
@@ -76,6 +77,19 @@ async def create_session(request: web.Request) -> web.Response:
     return web.json_response(
         {"success": True, **view.to_dict()}, status=200 if view.resumed else 201
     )
+
+
+async def cancel_session(request: web.Request) -> web.Response:
+    """`POST /api/sessions/{uuid}/cancel`: the uuid is the capability, as for reads."""
+    metrics = request.app[SESSION_METRICS].cancels
+    try:
+        uuid = validate_uuid(request.match_info["uuid"])
+        event = await request.app[CANCELLATIONS].cancel(uuid)
+    except ServiceError as exc:
+        metrics.labels(exc.label).inc()
+        raise
+    metrics.labels("cancelled").inc()
+    return web.json_response({"success": True, **event.to_dict()})
 
 
 async def status_or_list(request: web.Request) -> web.Response:

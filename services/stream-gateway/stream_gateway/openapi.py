@@ -43,11 +43,17 @@ def document(settings: Settings) -> Doc:
                     "operationId": "streamStatus",
                     "summary": "The session's status, then each change, as `text/event-stream`.",
                     "description": "The first event is the current status; the stream ends "
-                    "after a final status (`done`, `expired`) or after "
+                    "after a final status (`done`, `expired`, `cancelled`) or after "
                     f"{settings.sse_max_wait_seconds:g} s. Keep-alive comments every "
                     f"{settings.sse_keepalive_seconds:g} s.",
                     "parameters": [
                         openapi.query_param("uuid", openapi.UUID, "The session.", required=True),
+                        openapi.query_param(
+                            "lastEventId",
+                            {"type": "string"},
+                            "The version the client has, where it cannot send `Last-Event-ID` "
+                            "(a new EventSource); the header wins when both are given.",
+                        ),
                         {
                             "name": "Last-Event-ID",
                             "in": "header",

@@ -146,7 +146,10 @@ def _delivered(metrics: GatewayMetrics, event: StatusEvent, pushed: bool) -> Non
 
 
 def _last_event_id(request: web.Request) -> int | None:
-    raw = request.headers.get("Last-Event-ID", "").strip()
+    """The version the browser has: EventSource's `Last-Event-ID` on its own reconnects, else
+    `?lastEventId=` — the page sends that when it opens a new EventSource after one gave up
+    (a 503 from a stopping gateway), which cannot set the header."""
+    raw = request.headers.get("Last-Event-ID", "").strip() or request.query.get("lastEventId", "")
     return int(raw) if raw.isdigit() and len(raw) < 19 else None
 
 

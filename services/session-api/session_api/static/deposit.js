@@ -31,12 +31,23 @@
   const linked = link.get("account") && link.get("token")
     ? { account: link.get("account"), token: link.get("token") } : null;
 
+  // PayOS's cancel return URL (`/?cancelled=1&cancel=true&status=CANCELLED&orderCode=…`): the
+  // query only says where the shopper comes from (it is not signed); the saved session is
+  // what gets cancelled. The address is cleaned so a reload does not cancel again.
+  const cancelReturn = link.has("cancelled") || link.get("cancel") === "true";
+  if (cancelReturn) {
+    const kept = new URLSearchParams(location.search);
+    ["cancelled", "cancel", "code", "id", "status", "orderCode"].forEach((k) => kept.delete(k));
+    history.replaceState(null, "", location.pathname + (kept.toString() ? `?${kept}` : ""));
+  }
+
   let session = null;      // {uuid, accountNumber, accountToken, amount, waitStartedAt}
   let stream = null;
   let pollTimer = null;
   let probeTimer = null;
   let reopenTimer = null;
   let streamFailures = 0;   // consecutive failures, without the stream opening in between
+  let lastVersion = 0;      // the version of the last event the stream brought (this session)
   window.paypushStreamOpens = 0;
   window.paypushPolls = 0;
   let clockTimer = null;
@@ -123,6 +134,14 @@
       $("payment").hidden = true;
       setState("expired");
       setStatus(t("status.expired"), "warn");
+    } else if (ev.status === "cancelled") {
+      stopWaiting();
+      forget();
+      $("payment").hidden = true;
+      setState("cancelled");
+      setStatus(ev.amountPaid > 0
+        ? t("status.cancelled_partial", { paid: money.format(ev.amountPaid) })
+        : t("status.cancelled"), "warn");
     } else if (ev.amountPaid > 0) {
       setState("partial");
       setStatus(t("status.partial", {
@@ -144,7 +163,11 @@
     if (finished) return;
     if (typeof EventSource === "undefined") { startPolling(); return; }
     if (pollTimer === null) document.body.dataset.transport = "connecting";
-    const es = new EventSource(`${config.streamUrl}/api/webhooks/stream?uuid=${encodeURIComponent(session.uuid)}`);
+    // A new EventSource sends no Last-Event-ID: say which version we have, so the gateway
+    // sends nothing it already sent (and 204 for a final status we saw).
+    const since = lastVersion ? `&lastEventId=${lastVersion}` : "";
+    const es = new EventSource(
+      `${config.streamUrl}/api/webhooks/stream?uuid=${encodeURIComponent(session.uuid)}${since}`);
     stream = es;
     es.onopen = () => {
       if (stream !== es || finished) return;
@@ -156,6 +179,7 @@
     es.onmessage = (e) => {
       if (stream !== es) return;
       streamFailures = 0;
+      if (/^\d+$/.test(e.lastEventId)) lastVersion = Number(e.lastEventId);
       onStatus(JSON.parse(e.data));
     };
     es.onerror = () => {
@@ -272,6 +296,7 @@
         uuid: body.uuid, accountNumber, accountToken, amount,
         waitStartedAt: waitStartedAt || Date.now(),
       };
+      lastVersion = 0;
       save();
       finished = false;
       setState("waiting");
@@ -286,13 +311,47 @@
     }
   }
 
+  // Cancel (the button, or back from PayOS's checkout through its cancel URL). The payment
+  // wins: a session paid meanwhile answers 409 with its paid state, shown as paid.
+  async function cancelSession() {
+    if (!session || finished) return;
+    $("cancel").disabled = true;
+    showError("");
+    setStatus(t("status.cancelling"));
+    try {
+      const { status, body } = await api(
+        `/api/sessions/${encodeURIComponent(session.uuid)}/cancel`, { method: "POST" });
+      if (status === 200) onStatus(body);
+      else if (status === 409 && body.session) onStatus(body.session);
+      else if (status === 404) onStatus({ uuid: session.uuid, status: "expired" });
+      else showError(status === 502 || status === 504 ? t("error.payos") : t("error.cancel"));
+    } catch (_) {
+      showError(t("error.offline"));
+    } finally {
+      $("cancel").disabled = false;
+    }
+  }
+
   async function resume() {
     let saved = null;
     try { saved = JSON.parse(localStorage.getItem(STORE_KEY) || "null"); } catch (_) { saved = null; }
-    if (!saved || !saved.uuid) return;
+    if (!saved || !saved.uuid) {
+      // Cancelled on PayOS's checkout from another browser: PayOS closed the link, and
+      // the reconciler closes the session it was for.
+      if (cancelReturn) { setState("cancelled"); setStatus(t("status.cancelled"), "warn"); }
+      return;
+    }
     if (linked && saved.accountNumber !== linked.account) {
       // The shop sent this browser here for another account: that one's deposit is not ours.
       forget();
+      return;
+    }
+    if (cancelReturn) {
+      // Back from the checkout's "cancel": cancel the session it was for.
+      session = saved;
+      finished = false;
+      await cancelSession();
+      if (!finished) forget();
       return;
     }
     const { status, body } = await api(
@@ -324,6 +383,8 @@
     }
     begin(account.value, linked ? linked.token : undefined, value, newUuid(), undefined, true);
   });
+
+  $("cancel").addEventListener("click", cancelSession);
 
   $("new-qr").addEventListener("click", () => {
     forget();
