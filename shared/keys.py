@@ -54,6 +54,11 @@ def session_rate_key(client: str) -> str:
     return f"{PREFIX}:ratelimit:sessions:{client}"
 
 
+def admin_signin_rate_key(client: str) -> str:
+    """The counter of the operator console's failed sign-ins by one client address."""
+    return f"{PREFIX}:ratelimit:admin-signin:{client}"
+
+
 # The reconciler's lease (session-api): one holder per deployment asks PayOS about pending
 # sessions; the value is the holder's token, so only it renews or releases the lease.
 RECONCILER_LEASE_KEY = f"{PREFIX}:reconciler:lease"

@@ -118,6 +118,18 @@ async def test_a_wrong_token_is_401_with_the_form_again_and_no_cookie(
     assert (await site.get("/admin", allow_redirects=False)).status == 303
 
 
+async def test_sign_in_attempts_are_limited_per_address_even_with_the_right_token(
+    site: Client,
+) -> None:
+    for _ in range(10):
+        assert (await sign_in(site, "guess")).status == 401
+    resp = await sign_in(site)
+    assert resp.status == 429
+    assert 1 <= int(resp.headers["Retry-After"]) <= 60
+    assert "quá nhiều lần" in await resp.text()
+    assert COOKIE not in resp.cookies
+
+
 async def test_the_right_token_sets_an_httponly_strict_session_cookie_that_is_not_the_token(
     site: Client,
 ) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +51,8 @@ class Decision:
 
 
 class RateLimiter:
-    """At most `limit` session creations per client address and window (0: unlimited)."""
+    """At most `limit` hits (session creations, unless `key` names another counter) per client
+    address and window (0: unlimited)."""
 
     def __init__(
         self,
@@ -59,18 +60,18 @@ class RateLimiter:
         limit: int,
         *,
         window_seconds: int = keys.RATE_LIMIT_WINDOW_SECONDS,
+        key: Callable[[str], str] = keys.session_rate_key,
     ) -> None:
         self.limit = limit
         self.window_seconds = window_seconds
+        self._key = key
         self._hit = redis.register_script(_HIT)
 
     async def hit(self, client: str) -> Decision:
         """Count one creation by `client`; raises one of `REDIS_ERRORS`."""
         if self.limit <= 0:
             return Decision(True, 0, 0)
-        result: Any = await self._hit(
-            keys=[keys.session_rate_key(client)], args=[self.window_seconds * 1000]
-        )
+        result: Any = await self._hit(keys=[self._key(client)], args=[self.window_seconds * 1000])
         count, ttl_ms = int(result[0]), int(result[1])
         if count <= self.limit:
             return Decision(True, count, 0)

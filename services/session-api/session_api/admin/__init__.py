@@ -12,17 +12,22 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from shared.appkeys import SETTINGS, STORE
+from shared import keys
+from shared.appkeys import REDIS, SETTINGS, STORE
 from shared.settings import Settings
 
 from ..appkeys import STATS
-from .appkeys import ADMIN_AUTH, ADMIN_CONSOLE, ADMIN_OVERVIEW
+from ..limits import RateLimiter
+from .appkeys import ADMIN_AUTH, ADMIN_CONSOLE, ADMIN_OVERVIEW, ADMIN_SIGNIN_LIMITER
 from .auth import AdminAuth
 from .gateway import GatewayScraper
 from .overview import OverviewSnapshot
 from .render import STATIC_DIR, Console
 
 __all__ = ["STATIC_DIR", "admin_ctx", "setup_console"]
+
+# Sign-in attempts per client address a minute: plenty for a person, nothing for a guesser.
+SIGNIN_ATTEMPTS_PER_MINUTE = 10
 
 
 def setup_console(app: web.Application, settings: Settings) -> None:
@@ -43,4 +48,7 @@ async def admin_ctx(app: web.Application) -> AsyncIterator[None]:
     async with aiohttp.ClientSession() as http:
         scraper = GatewayScraper(http, app[SETTINGS].gateway_metrics_urls)
         app[ADMIN_OVERVIEW] = OverviewSnapshot(app[STORE], app[STATS], scraper)
+        app[ADMIN_SIGNIN_LIMITER] = RateLimiter(
+            app[REDIS], SIGNIN_ATTEMPTS_PER_MINUTE, key=keys.admin_signin_rate_key
+        )
         yield

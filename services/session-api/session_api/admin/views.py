@@ -18,11 +18,12 @@ from shared.appkeys import SETTINGS, STORE
 from shared.i18n import Language, language_switch, request_language, switch_redirect
 from shared.ledger import IssueKind, IssueStatus
 
-from ..appkeys import PAYMENT_ISSUES
-from ..errors import InvalidRequest, NotFound, ServiceError, StoreUnavailable
+from ..appkeys import PAYMENT_ISSUES, TRUSTED_PROXIES
+from ..errors import InvalidRequest, NotFound, RateLimited, ServiceError, StoreUnavailable
 from ..issues import IssueResolved, parse_issue_query, parse_resolution, validate_item_id
+from ..limits import check_rate
 from . import chart, render
-from .appkeys import ADMIN_AUTH, ADMIN_CONSOLE, ADMIN_OVERVIEW
+from .appkeys import ADMIN_AUTH, ADMIN_CONSOLE, ADMIN_OVERVIEW, ADMIN_SIGNIN_LIMITER
 from .auth import COOKIE, CSRF_FIELD, AdminSession
 from .filters import STATUSES, VIETNAM, FilterError, find_sessions, parse_session_filter
 from .overview import Overview
@@ -230,6 +231,14 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
     if not auth.same_origin(request):
         log.warning("admin_post_refused", reason="origin", origin=request.headers.get("Origin"))
         return _error_page(request, Refused(403, "error.origin"), None)
+    try:
+        # Every attempt counts (a person signs in once): guessing the token is not an option.
+        await check_rate(request, request.app[ADMIN_SIGNIN_LIMITER], request.app[TRUSTED_PROXIES])
+    except RateLimited as exc:
+        log.warning("admin_signin_rate_limited", remote=request.remote)
+        limited = _sign_in_page(request, "signin.too_many", status=429)
+        limited.headers["Retry-After"] = str(exc.retry_after)
+        return limited
     form = await request.post()
     if not auth.token_matches(_field(form, "token") or ""):
         log.warning("admin_signin_refused", remote=request.remote)
