@@ -134,7 +134,7 @@ async def run_cleanup(
                 break
 
     partial = await _record_partial(store)
-    closed = {"$in": [SessionStatus.COMPLETED.value, SessionStatus.EXPIRED.value]}
+    closed = {"$in": [s.value for s in SessionStatus if s is not SessionStatus.PENDING]}
     # Past their `purgeAt` (a day after `expiresAt`, so a payment made in time but delivered
     # late still finds its session); a session held by an open ledger item has none.
     # Not while an event of the session waits in its outbox (the dispatcher moves it to the
