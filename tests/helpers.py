@@ -20,13 +20,15 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from payos import AsyncPayOS
+from playwright.async_api import Page, ViewportSize
 from redis.asyncio import Redis
 
+from devstack.browser import chromium
 from devstack.payos_simulator import create_app as create_simulator
 from devstack.payos_simulator.state import VN, Transaction, new_reference, vn_now
 from devstack.payos_simulator.webhooks import webhook_body
 from devstack.servers import Process
-from devstack.system import wait_ready
+from devstack.system import Backends, System, plan, running, wait_ready
 from shared import keys
 from shared.model import StatusEvent, new_session, utcnow
 from shared.mongo import Store
@@ -231,3 +233,28 @@ async def run_cleanup_job(settings: Settings) -> list[tuple[str, str, str]]:
         await server.close()
     assert proc.returncode == 0, out.decode()
     return pushed
+
+
+PHONE: ViewportSize = {"width": 390, "height": 844}
+
+
+@contextlib.contextmanager
+def system_over(servers: Backends, name: str, **settings: Any) -> Iterator[System]:
+    """The whole system as processes over the suite's backends, in a database of its own
+    (`name_…`), with `settings` over the defaults."""
+    servers.ensure_running()
+    base = Settings.from_env({}, log_level="WARNING", **settings)
+    database = f"{name}_{secrets.token_hex(4)}"
+    with running(plan(base, servers, database=database, owns_backends=False)) as system:
+        yield system
+
+
+@contextlib.asynccontextmanager
+async def browser_page(
+    viewport: ViewportSize = PHONE, locale: str = "vi-VN"
+) -> AsyncIterator[Page]:
+    """A page of a fresh headless Chromium; Vietnamese, as the shoppers' browsers are."""
+    async with chromium() as browser:
+        context = await browser.new_context(viewport=viewport, locale=locale)
+        yield await context.new_page()
+        await context.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
-import secrets
 import shutil
 import subprocess
 import time
@@ -19,15 +18,14 @@ import pytest
 from aiohttp.test_utils import TestClient
 from playwright.async_api import Page
 
-from devstack.browser import chromium
-from devstack.system import Backends, System, plan, running
+from devstack.system import Backends, System
 from session_api import create_app
 from session_api.accounts import AccountLinks, link_signature, sign_account_link
 from session_api.errors import AccountLinkRejected
 from shared.appkeys import METRICS
 from shared.mongo import Store
 from shared.settings import Settings, SettingsError
-from tests.helpers import simulator_to_ingest
+from tests.helpers import browser_page, simulator_to_ingest, system_over
 
 Client = TestClient[Any, Any]
 
@@ -450,19 +448,14 @@ async def test_without_a_key_the_account_is_taken_as_given(unsigned: Client) -> 
 
 @pytest.fixture(scope="module")
 def system(servers: Backends) -> Iterator[System]:
-    servers.ensure_running()
-    base = Settings.from_env({}, log_level="WARNING", account_link_key=KEY)
-    database = f"links_{secrets.token_hex(4)}"
-    with running(plan(base, servers, database=database, owns_backends=False)) as started:
+    with system_over(servers, "links", account_link_key=KEY) as started:
         yield started
 
 
 @pytest.fixture
 async def page(system: System) -> AsyncIterator[Page]:
-    async with chromium() as browser:
-        context = await browser.new_context(viewport={"width": 390, "height": 844}, locale="vi-VN")
-        yield await context.new_page()
-        await context.close()
+    async with browser_page() as page:
+        yield page
 
 
 @pytest.fixture

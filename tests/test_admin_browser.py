@@ -15,11 +15,10 @@ import pytest
 from playwright.async_api import Page, ViewportSize
 from pymongo import AsyncMongoClient
 
-from devstack.browser import chromium
-from devstack.system import Backends, System, plan, running
+from devstack.system import Backends, System
 from shared.ledger import IssueKind, Ledger, NewIssue
 from shared.mongo import Store
-from shared.settings import Settings
+from tests.helpers import browser_page, system_over
 from tests.test_deposit_page import create_deposit, new_account, sim_pay
 from tests.test_deposit_page import shots as shots  # the same fixture: docs/ on request
 
@@ -28,20 +27,14 @@ DESKTOP: ViewportSize = {"width": 1280, "height": 900}
 
 @pytest.fixture(scope="module")
 def system(servers: Backends) -> Iterator[System]:
-    servers.ensure_running()
-    base = Settings.from_env({}, log_level="WARNING")
-    database = f"console_{secrets.token_hex(4)}"
-    with running(plan(base, servers, database=database, owns_backends=False)) as system:
-        yield system
+    with system_over(servers, "console") as started:
+        yield started
 
 
 @pytest.fixture
 async def page(system: System) -> AsyncIterator[Page]:
-    async with chromium() as browser:
-        context = await browser.new_context(viewport=DESKTOP, locale="vi-VN")
-        page = await context.new_page()
+    async with browser_page(DESKTOP) as page:
         yield page
-        await context.close()
 
 
 async def sign_in(page: Page, system: System) -> None:

@@ -13,13 +13,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-from playwright.async_api import Page, Route, ViewportSize
+from playwright.async_api import Page, Route
 from pymongo import AsyncMongoClient
 
-from devstack.browser import chromium
-from devstack.system import Backends, System, plan, running
+from devstack.system import Backends, System
 from shared.model import utcnow
-from shared.settings import Settings
+from tests.helpers import browser_page, system_over
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -31,28 +30,20 @@ def shots(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
     return DOCS if request.config.getoption("--update-screenshots") else tmp_path
 
 
-PHONE: ViewportSize = {"width": 390, "height": 844}
 # The uuid of the session the page keeps for resuming after a reload.
 SAVED_UUID = "JSON.parse(localStorage.getItem('paypush.session')).uuid"
 
 
 @pytest.fixture(scope="module")
 def system(servers: Backends) -> Iterator[System]:
-    servers.ensure_running()
-    base = Settings.from_env({}, log_level="WARNING")
-    database = f"page_{secrets.token_hex(4)}"
-    with running(plan(base, servers, database=database, owns_backends=False)) as system:
-        yield system
+    with system_over(servers, "page") as started:
+        yield started
 
 
 @pytest.fixture
 async def page(system: System) -> AsyncIterator[Page]:
-    async with chromium() as browser:
-        # Vietnamese, as the shoppers' browsers are (the page's default language too).
-        context = await browser.new_context(viewport=PHONE, locale="vi-VN")
-        page = await context.new_page()
+    async with browser_page() as page:
         yield page
-        await context.close()
 
 
 def new_account() -> str:
@@ -71,6 +62,17 @@ async def create_deposit(page: Page, system: System, account: str, amount: int =
         while not await page.evaluate("document.getElementById('qr').naturalWidth > 0"):
             await asyncio.sleep(0.05)
     return await page.inner_text("#pay-order")
+
+
+async def pending_sessions(system: System, account: str, n: int) -> None:
+    """`n` pending sessions of `account`, made through session-api's API."""
+    async with aiohttp.ClientSession() as http:
+        for _ in range(n):
+            async with http.post(
+                f"{system.settings.site_public_url}/api/sessions",
+                json={"accountNumber": account, "amount": 10_000},
+            ) as resp:
+                assert resp.status == 201
 
 
 async def sim_pay(system: System, order_code: str, **body: Any) -> dict[str, Any]:
@@ -237,13 +239,7 @@ async def test_sixth_pending_deposit_shows_the_limit_message(
     page: Page, system: System, shots: Path
 ) -> None:
     account = new_account()
-    async with aiohttp.ClientSession() as http:
-        for _ in range(5):
-            async with http.post(
-                f"{system.settings.site_public_url}/api/sessions",
-                json={"accountNumber": account, "amount": 10_000},
-            ) as resp:
-                assert resp.status == 201
+    await pending_sessions(system, account, 5)
     await page.goto(system.page_url)
     await page.get_by_label("Tài khoản").fill(account)
     await page.get_by_role("button", name="Tạo mã QR").click()
@@ -293,11 +289,8 @@ async def test_form_rejects_bad_input_without_creating_anything(page: Page, syst
 @pytest.fixture
 async def english_page(system: System) -> AsyncIterator[Page]:
     """A browser whose reader prefers English (Accept-Language: en-US)."""
-    async with chromium() as browser:
-        context = await browser.new_context(viewport=PHONE, locale="en-US")
-        page = await context.new_page()
+    async with browser_page(locale="en-US") as page:
         yield page
-        await context.close()
 
 
 async def test_page_speaks_english_to_a_browser_that_asks_for_it(
@@ -387,13 +380,7 @@ async def test_cancel_on_the_page_cancels_and_frees_the_slot_for_a_sixth_deposit
     page: Page, system: System, shots: Path
 ) -> None:
     account = new_account()
-    async with aiohttp.ClientSession() as http:
-        for _ in range(4):
-            async with http.post(
-                f"{system.settings.site_public_url}/api/sessions",
-                json={"accountNumber": account, "amount": 10_000},
-            ) as resp:
-                assert resp.status == 201
+    await pending_sessions(system, account, 4)
     await create_deposit(page, system, account)
     assert await _pending_count(system, account) == 5
     await page.get_by_role("button", name="Huỷ giao dịch").click()

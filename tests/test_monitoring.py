@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -18,9 +17,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from devstack.system import Backends, System, plan, running
-from shared.settings import Settings
-from tests.helpers import run_cleanup_job
+from devstack.system import Backends, System
+from tests.helpers import run_cleanup_job, system_over
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "payment-push.json"
@@ -178,10 +176,7 @@ def test_dashboard_panels_use_the_prometheus_variable_and_unique_ids() -> None:
 
 @pytest.fixture(scope="module")
 def system(servers: Backends) -> Iterator[System]:
-    servers.ensure_running()
-    base = Settings.from_env({}, log_level="WARNING")
-    database = f"monitoring_{secrets.token_hex(4)}"
-    with running(plan(base, servers, database=database, owns_backends=False)) as started:
+    with system_over(servers, "monitoring") as started:
         yield started
 
 

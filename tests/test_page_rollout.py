@@ -24,8 +24,8 @@ import pytest
 from playwright.async_api import Browser, Page, Request
 
 from devstack.browser import chromium
-from devstack.system import Backends, System, plan, running
-from shared.settings import Settings
+from devstack.system import Backends, System
+from tests.helpers import PHONE, system_over
 
 PAGES = int(os.environ.get("PAGE_ROLLOUT_PAGES", "50"))
 OPEN_CONCURRENCY = 10
@@ -33,12 +33,9 @@ OPEN_CONCURRENCY = 10
 
 @pytest.fixture(scope="module")
 def system(servers: Backends) -> Iterator[System]:
-    servers.ensure_running()
     # Every page comes from 127.0.0.1: no per-address creation limit here.
-    base = Settings.from_env({}, log_level="WARNING", session_rate_limit_per_minute=0)
-    database = f"page_{secrets.token_hex(4)}"
-    with running(plan(base, servers, database=database, owns_backends=False)) as system:
-        yield system
+    with system_over(servers, "rollout", session_rate_limit_per_minute=0) as started:
+        yield started
 
 
 @pytest.fixture
@@ -50,7 +47,7 @@ async def browser(system: System) -> AsyncIterator[Browser]:
 async def open_deposit(
     browser: Browser, system: System, on_request: Callable[[Request], None]
 ) -> tuple[Page, str]:
-    context = await browser.new_context(viewport={"width": 390, "height": 844})
+    context = await browser.new_context(viewport=PHONE)
     context.on("request", on_request)
     page = await context.new_page()
     await page.goto(system.page_url)
