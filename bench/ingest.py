@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from pymongo.errors import PyMongoError
 
 from devstack.seed import store_pending_sessions
 from devstack.servers import free_port
@@ -33,6 +34,7 @@ from devstack.system import Backends, plan, wait_ready
 from shared.cache import StatusCache
 from shared.clients import redis_client
 from shared.ledger import Ledger
+from shared.model import StatusEvent
 from shared.mongo import Store, mongo_client
 from shared.payments import Payments, Transaction
 from shared.settings import Settings
@@ -118,23 +120,29 @@ async def steps_alone(
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return time.perf_counter() - start, results
 
-    record_s, _ = await timed(ingestor._record, webhooks)
-    txs = [Transaction(w.order_code, w.reference, w.amount, w.data) for w in webhooks]
-    apply_s, applied = await timed(payments.apply, txs)
-    from shared.model import StatusEvent
-
-    events = [StatusEvent.from_session(a.session) for a in applied]
-    redis_s, _ = await timed(cache.put, events)
-    await redis.aclose()
-    await store.client.close()
-    mongo_s = record_s + apply_s
     rows: list[list[object]] = [
-        ["signature check + parse", f"{parse_s / n * 1e6:.0f} µs", f"{n / parse_s:,.0f}/s"],
-        ["MongoDB: store delivery", f"{record_s / n * 1e6:.0f} µs", f"{n / record_s:,.0f}/s"],
-        ["MongoDB: complete session", f"{apply_s / n * 1e6:.0f} µs", f"{n / apply_s:,.0f}/s"],
-        ["MongoDB: both (store step)", f"{mongo_s / n * 1e6:.0f} µs", f"{n / mongo_s:,.0f}/s"],
-        ["Redis: cache + publish", f"{redis_s / n * 1e6:.0f} µs", f"{n / redis_s:,.0f}/s"],
+        ["signature check + parse", f"{parse_s / n * 1e6:.0f} µs", f"{n / parse_s:,.0f}/s"]
     ]
+    try:
+        record_s, _ = await timed(ingestor._record, webhooks)
+        txs = [Transaction(w.order_code, w.reference, w.amount, w.data) for w in webhooks]
+        apply_s, applied = await timed(payments.apply, txs)
+        events = [StatusEvent.from_session(a.session) for a in applied]
+        redis_s, _ = await timed(cache.put, events)
+    except PyMongoError as exc:
+        # A MongoDB stand-in slowed down by other work on the machine times out here.
+        rows.append(["MongoDB steps", f"failed: {type(exc).__name__}", ""])
+    else:
+        mongo_s = record_s + apply_s
+        rows += [
+            ["MongoDB: store delivery", f"{record_s / n * 1e6:.0f} µs", f"{n / record_s:,.0f}/s"],
+            ["MongoDB: complete session", f"{apply_s / n * 1e6:.0f} µs", f"{n / apply_s:,.0f}/s"],
+            ["MongoDB: both (store step)", f"{mongo_s / n * 1e6:.0f} µs", f"{n / mongo_s:,.0f}/s"],
+            ["Redis: cache + publish", f"{redis_s / n * 1e6:.0f} µs", f"{n / redis_s:,.0f}/s"],
+        ]
+    finally:
+        await redis.aclose()
+        await store.client.close()
     return rows, parse_s / n
 
 
