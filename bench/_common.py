@@ -24,6 +24,7 @@ import aiohttp
 
 from devstack.payos_simulator.state import Transaction, vn_now
 from devstack.payos_simulator.webhooks import webhook_body
+from devstack.servers import Process, free_port, http_ok
 from devstack.system import Backends, System, plan, running, running_backends
 from shared.cache import StatusCache
 from shared.model import StatusEvent, StreamStatus
@@ -50,6 +51,27 @@ def own_system(base: Settings, **kwargs: Any) -> Iterator[System]:
     """`devstack.system.plan(base, …, **kwargs)` on backends of the benchmark's own, running."""
     with backends() as env, running(plan(base, env, owns_backends=False, **kwargs)) as started:
         yield started
+
+
+@contextlib.contextmanager
+def bare_aiohttp(env: dict[str, str] | None = None) -> Iterator[Process]:
+    """`python -m bench.bare` (a bare aiohttp handler returning a constant, served as the
+    services are) on a free port, running; `env` as a service's (its host, its log level)."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="paypush-bare-") as tmp:
+        process = Process(
+            "bare-aiohttp",
+            [sys.executable, "-m", "bench.bare", "--port", str(port)],
+            port=port,
+            log_dir=Path(tmp),
+            env=env,
+            ready=lambda: http_ok(f"http://127.0.0.1:{port}/healthz"),
+        )
+        process.start()
+        try:
+            yield process
+        finally:
+            process.stop()
 
 
 def percentile(values: Sequence[float], pct: float) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -112,3 +113,69 @@ class StatusCache:
         async for _ in self._redis.scan_iter(match=f"{keys.PREFIX}:status:*", count=1000):
             n += 1
         return n
+
+
+class BatchedReads:
+    """`StatusCache.get_json` for a hot path: the reads that arrive in the same moment go to
+    Redis as one MGET (up to `BATCH` keys), one MGET in flight at a time.
+
+    A GET costs the process far more than Redis (a pooled connection taken and given back,
+    a write and a read syscall, a timeout armed, a reply parsed, a loop turn to wake up): a
+    poller's cached status read cost 2.5 times a bare aiohttp request for that alone. The
+    busier the process, the more reads share one round trip. A read is sent after it
+    arrived (the batch in flight when it arrives is not its own), so it never answers with a
+    status older than the last write Redis acknowledged before the request came in. What the
+    MGET raises (Redis unreachable) is raised to every read of its batch.
+    """
+
+    BATCH = 500
+
+    def __init__(self, cache: StatusCache) -> None:
+        self._cache = cache
+        self._waiting: list[tuple[str, asyncio.Future[bytes | None]]] = []
+        # The task sending the batches while there are any (a strong reference: the loop
+        # keeps only weak ones); it ends when nothing waits.
+        self._sender: asyncio.Task[None] | None = None
+
+    @property
+    def pending(self) -> int:
+        """Reads waiting for their batch, plus the sender if running (for leak checks)."""
+        return len(self._waiting) + (self._sender is not None)
+
+    async def get_json(self, uuid: str) -> bytes | None:
+        """The cached event of `uuid` exactly as stored (JSON bytes), or None."""
+        fut: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((uuid, fut))
+        if self._sender is None:
+            # It first runs at the loop's next turn: the reads of this one go out together.
+            self._sender = asyncio.create_task(self._send_batches())
+        return await fut
+
+    async def _send_batches(self) -> None:
+        try:
+            while self._waiting:
+                batch = self._waiting[: self.BATCH]
+                del self._waiting[: self.BATCH]
+                await self._read(batch)
+        finally:
+            self._sender = None
+            # Left only if this task was cancelled (shutdown): nobody would send them.
+            for _, fut in self._waiting:
+                fut.cancel()
+            self._waiting.clear()
+
+    async def _read(self, batch: list[tuple[str, asyncio.Future[bytes | None]]]) -> None:
+        try:
+            found = await self._cache.get_many_json([uuid for uuid, _ in batch])
+        except Exception as exc:
+            for _, fut in batch:
+                if not fut.done():  # its request may have gone meanwhile
+                    fut.set_exception(exc)
+            return
+        except BaseException:
+            for _, fut in batch:
+                fut.cancel()
+            raise
+        for (_, fut), body in zip(batch, found, strict=True):
+            if not fut.done():
+                fut.set_result(body)

@@ -1,16 +1,21 @@
-"""The status cache's put-if-newer, on a real redis-server: what may replace a cached status."""
+"""The status cache's put-if-newer, on a real redis-server: what may replace a cached status;
+and the pollers' batched reads."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+import uuid as uuidlib
+from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
+from devstack.servers import free_port
 from shared import keys
-from shared.cache import StatusCache
+from shared.cache import BatchedReads, StatusCache
 from shared.model import StatusEvent, StreamStatus, utcnow
 from shared.settings import Settings
 from tests.helpers import subscribed
@@ -203,3 +208,114 @@ async def test_a_cached_value_that_is_no_status_is_replaced_by_the_first_version
         assert stored is not None and (stored.order_code, stored.version) == (order_code, 1)
     finally:
         await redis.aclose()
+
+
+# -- BatchedReads: the reads of one moment as one MGET -------------------------------------
+
+
+def cached_event(uuid: str, version: int = 1) -> StatusEvent:
+    return dataclasses.replace(event(1_000, StreamStatus.PENDING, version), uuid=uuid)
+
+
+async def test_reads_of_the_same_moment_share_one_mget_and_each_gets_its_own_status(
+    cache: StatusCache, settings: Settings
+) -> None:
+    uuids = [str(uuidlib.uuid4()) for _ in range(50)]
+    for u in uuids[:40]:
+        await cache.put(cached_event(u))
+    reads = BatchedReads(cache)
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        await redis.config_resetstat()
+        bodies = await asyncio.gather(*(reads.get_json(u) for u in uuids))
+        stats = await redis.info("commandstats")
+    finally:
+        await redis.aclose()
+    assert [b is not None and StatusEvent.from_json(b).uuid for b in bodies] == [
+        *uuids[:40],
+        *[False] * 10,
+    ]
+    assert stats["cmdstat_mget"]["calls"] == 1
+    assert "cmdstat_get" not in stats
+    assert reads.pending == 0
+
+
+class HeldCache(StatusCache):
+    """A StatusCache whose MGET, once answered by Redis, is held until `release` is set."""
+
+    def __init__(self, redis: Redis) -> None:
+        super().__init__(redis)
+        self.answered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def get_many_json(self, uuids: Sequence[str]) -> list[bytes | None]:
+        found = await super().get_many_json(uuids)
+        self.answered.set()
+        await self.release.wait()
+        return found
+
+
+async def test_a_read_arriving_while_a_batch_is_in_flight_sees_the_writes_before_it(
+    settings: Settings,
+) -> None:
+    # Its batch is the next one, sent after it came in: never the answer of the batch
+    # already on its way, which may predate a write acknowledged before the read arrived.
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        cache = HeldCache(redis)
+        u = str(uuidlib.uuid4())
+        await cache.put(cached_event(u, version=1))
+        reads = BatchedReads(cache)
+        first = asyncio.create_task(reads.get_json(u))
+        async with asyncio.timeout(5):
+            await cache.answered.wait()
+        await cache.put(cached_event(u, version=2))
+        second = asyncio.create_task(reads.get_json(u))
+        await asyncio.sleep(0)
+        cache.release.set()
+        async with asyncio.timeout(5):
+            old, new = await asyncio.gather(first, second)
+    finally:
+        await redis.aclose()
+    assert old is not None and StatusEvent.from_json(old).version == 1
+    assert new is not None and StatusEvent.from_json(new).version == 2
+    assert reads.pending == 0
+
+
+async def test_a_read_that_leaves_does_not_take_its_batchs_answers_with_it(
+    settings: Settings,
+) -> None:
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        cache = HeldCache(redis)
+        uuids = [str(uuidlib.uuid4()) for _ in range(3)]
+        for u in uuids:
+            await cache.put(cached_event(u))
+        reads = BatchedReads(cache)
+        tasks = [asyncio.create_task(reads.get_json(u)) for u in uuids]
+        async with asyncio.timeout(5):
+            await cache.answered.wait()
+        tasks[0].cancel()
+        cache.release.set()
+        async with asyncio.timeout(5):
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        await redis.aclose()
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert [StatusEvent.from_json(r).uuid for r in results[1:]] == uuids[1:]  # type: ignore[arg-type]
+    assert reads.pending == 0
+
+
+async def test_with_redis_unreachable_every_read_of_the_batch_raises_a_redis_error() -> None:
+    redis = Redis.from_url(f"redis://127.0.0.1:{free_port()}", socket_connect_timeout=1)
+    try:
+        reads = BatchedReads(StatusCache(redis))
+        uuids = [str(uuidlib.uuid4()) for _ in range(5)]
+        async with asyncio.timeout(10):
+            results = await asyncio.gather(
+                *(reads.get_json(u) for u in uuids), return_exceptions=True
+            )
+    finally:
+        await redis.aclose()
+    assert all(isinstance(r, RedisConnectionError) for r in results), results
+    assert reads.pending == 0

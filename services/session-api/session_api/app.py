@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from shared.appkeys import CACHE, REDIS, SETTINGS, STORE, SUPERVISOR
+from shared.cache import BatchedReads
 from shared.clients import mongo_ctx, redis_ctx, supervisor_ctx
 from shared.ledger import Ledger
 from shared.payments import Payments
@@ -24,6 +25,7 @@ from .accounts import AccountLinks
 from .admin import admin_ctx, setup_console
 from .appkeys import (
     ACCOUNT_LINKS,
+    CACHED_READS,
     CANCELLATIONS,
     DEPOSIT_PAGE,
     DISPATCHER,
@@ -72,6 +74,7 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
         payos_timeout=settings.payos_timeout_seconds,
     )
     app[RATE_LIMITER] = RateLimiter(app[REDIS], settings.session_rate_limit_per_minute)
+    app[CACHED_READS] = BatchedReads(app[CACHE])
     app[STATUS_READER] = StatusReader(
         app[CACHE], app[STORE], on_db_query=app[SESSION_METRICS].status_db_queries.inc
     )

@@ -3,6 +3,7 @@
 from aiohttp import web
 from payos import AsyncPayOS
 
+from shared.cache import BatchedReads
 from shared.status import StatusReader
 
 from .accounts import AccountLinks
@@ -20,6 +21,8 @@ from .stats import StatsSnapshot
 PAYOS = web.AppKey("payos", AsyncPayOS)
 SESSIONS = web.AppKey("sessions", Sessions)
 STATUS_READER = web.AppKey("status_reader", StatusReader)
+# The pollers' cached reads, batched (`GET /api/webhooks?uuid=`).
+CACHED_READS = web.AppKey("cached_reads", BatchedReads)
 SESSION_METRICS = web.AppKey("session_metrics", SessionMetrics)
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 STATS = web.AppKey("stats", StatsSnapshot)

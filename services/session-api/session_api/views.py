@@ -17,6 +17,7 @@ from shared.web import json_error, read_body
 
 from .appkeys import (
     ACCOUNT_LINKS,
+    CACHED_READS,
     CANCELLATIONS,
     PAYMENT_ISSUES,
     RATE_LIMITER,
@@ -107,9 +108,10 @@ async def _status(request: web.Request) -> web.Response:
     try:
         uuid = validate_uuid(request.query["uuid"])
         # Hot path (pollers of cached sessions): the cached event is already the JSON we
-        # answer with, so it is passed through rather than decoded and encoded again.
+        # answer with, so it is passed through rather than decoded and encoded again; the
+        # reads of the same moment share one MGET.
         try:
-            body = await request.app[CACHE].get_json(uuid)
+            body = await request.app[CACHED_READS].get_json(uuid)
         except REDIS_ERRORS:
             body = None  # the reader falls back to MongoDB
         if body is not None:
