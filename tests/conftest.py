@@ -37,6 +37,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "runs fewer per mutant)",
     )
     parser.addoption(
+        "--payment-machine-runs",
+        type=int,
+        default=40,
+        help="runs of the counting core's state machine in tests/test_payment_machine.py "
+        "(`make faults` runs many more)",
+    )
+    parser.addoption(
         "--update-screenshots",
         action="store_true",
         help="write the deposit page's screenshots into docs/ (the README shows them)",
