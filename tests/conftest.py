@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 import redis
+from hypothesis import Phase
+from hypothesis import settings as hypothesis_settings
 from pymongo import AsyncMongoClient
 from pymongo.errors import AutoReconnect
 
@@ -20,6 +22,10 @@ from devstack.system import Backends, running_backends
 from shared.mongo import Store, mongo_client
 from shared.settings import Settings
 from tests.helpers import TEST_CHECKSUM_KEY
+
+# `make mutate` (`--hypothesis-profile=mutate`): a failure found is enough to kill a mutant;
+# shrinking it (minutes for a state machine on a real database) tells the run nothing more.
+hypothesis_settings.register_profile("mutate", phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -35,6 +41,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=200,
         help="runs of the hub's state machine in tests/test_hub_machine.py (`make mutate` "
         "runs fewer per mutant)",
+    )
+    parser.addoption(
+        "--payment-machine-runs",
+        type=int,
+        default=40,
+        help="runs of the counting core's state machine in tests/test_payment_machine.py "
+        "(`make faults` runs many more)",
     )
     parser.addoption(
         "--update-screenshots",
