@@ -55,6 +55,10 @@ class IssueKind(StrEnum):
     SHOP_NOT_TOLD = "shop_not_told"
 
 
+# Items about part of a session's amount: settled if the session is later paid in full.
+PARTIAL_KINDS = (IssueKind.PARTIAL_EXPIRED, IssueKind.PARTIAL_CANCELLED)
+
+
 class IssueStatus(StrEnum):
     OPEN = "open"
     RESOLVED = "resolved"
@@ -258,6 +262,30 @@ class Ledger:
             raise AlreadyResolved(existing)
         await self._release(int(done["orderCode"]))
         return done
+
+    async def settle_partials(self, order_code: int) -> int:
+        """A session closed short (expired, cancelled) and then paid in full: its partial
+        items are settled by the system, saying why — the money is in the completed payment
+        the shop was told of, not the shopper's to refund. How many it settled."""
+        result = await self._items.update_many(
+            {
+                "orderCode": order_code,
+                "kind": {"$in": [k.value for k in PARTIAL_KINDS]},
+                "status": IssueStatus.OPEN.value,
+            },
+            {
+                "$set": {
+                    "status": IssueStatus.RESOLVED.value,
+                    "resolvedBy": SYSTEM,
+                    "note": "paid in full afterwards (payment.completed for the whole amount)",
+                },
+                "$currentDate": {"resolvedAt": True},
+            },
+        )
+        if result.modified_count:
+            log.info("payment_issue_settled", order_code=order_code, items=result.modified_count)
+            await self._release(order_code)
+        return result.modified_count
 
     async def _release(self, order_code: int) -> None:
         """Give the session back to the TTL once no open item is about it."""

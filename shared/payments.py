@@ -190,6 +190,8 @@ class Payments:
         doc = await self._complete_if_paid(counted) or counted
         await self._record_excess(tx, doc)
         completed = doc["status"] == SessionStatus.COMPLETED
+        if completed:
+            await self._ledger.settle_partials(tx.order_code)
         return Applied(Outcome.COMPLETED if completed else Outcome.PARTIAL, doc, True)
 
     async def _count_once(self, tx: Transaction, doc: Doc, allowed: list[str]) -> Doc | None:
@@ -243,6 +245,9 @@ class Payments:
         (completion, the excess item), and report it as a duplicate otherwise."""
         done = await self._complete_if_paid(doc)
         await self._record_excess(tx, done or doc)
+        if (done or doc)["status"] == SessionStatus.COMPLETED:
+            # Also what a first delivery that died before it may have left open.
+            await self._ledger.settle_partials(tx.order_code)
         if done is not None:
             return Applied(Outcome.COMPLETED, done, True)
         return Applied(Outcome.DUPLICATE, doc, False)

@@ -73,6 +73,29 @@ async def test_a_payment_made_a_second_before_expiry_and_delivered_five_minutes_
     assert await items(store) == []
 
 
+async def test_a_partial_item_is_settled_when_a_payment_made_in_time_completes_the_session_later(
+    ingest: Client, store: Store, settings: Settings
+) -> None:
+    """Not the shopper's money to refund any more: the shop was told it was paid in full."""
+    expires = utcnow() - timedelta(minutes=5)
+    session = await add_session(
+        store, amount=40_000, amountPaid=10_000, references=["FT1"], expiresAt=expires
+    )
+    await expire_by_cleanup(store, settings)
+    [item] = await items(store)
+    assert (item["kind"], item["status"]) == ("partial_expired", "open")
+    held = await store.sessions.find_one({"uuid": session["uuid"]})
+    assert held is not None and "heldPurgeAt" in held
+    webhook = signed_webhook(session["orderCode"], 30_000, made_at=expires - timedelta(seconds=1))
+    status, body = await post(ingest, webhook)
+    assert (status, body["outcome"]) == (200, "completed")
+    [settled] = await items(store)
+    assert (settled["status"], settled["resolvedBy"]) == ("resolved", "system")
+    assert "paid in full" in settled["note"] and "resolvedAt" in settled
+    released = await store.sessions.find_one({"uuid": session["uuid"]})
+    assert released is not None and "purgeAt" in released and "heldPurgeAt" not in released
+
+
 async def test_a_payment_made_twenty_minutes_after_expiry_is_a_late_item_and_the_session_stays_expired(  # noqa: E501
     ingest: Client, store: Store, settings: Settings
 ) -> None:

@@ -208,6 +208,12 @@ async def record_partial(ledger: Ledger, doc: Doc, *, source: str) -> int:
             )
         )
     await ledger.store.sessions.update_one({"_id": doc["_id"]}, {"$set": {PARTIAL_ITEM: True}})
+    if recorded:
+        # Paid in full since `doc` was read: the item was made after the payment settled
+        # partial items, so it is settled here.
+        fresh = await ledger.store.sessions.find_one({"_id": doc["_id"]}, {"status": 1})
+        if fresh is not None and fresh["status"] == SessionStatus.COMPLETED:
+            await ledger.settle_partials(int(doc["orderCode"]))
     return recorded
 
 
