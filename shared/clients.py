@@ -103,6 +103,10 @@ def bounded_redis_ctx(
 redis_ctx = bounded_redis_ctx()
 
 
+# How long shutdown lets an index creation under way finish before cancelling it.
+INDEX_STOP_WAIT_SECONDS = 2.0
+
+
 async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
     """Open MongoDB and create the indexes, retrying in the background while MongoDB is down.
 
@@ -113,6 +117,10 @@ async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
     app[STORE] = store
     task = app[SUPERVISOR].spawn("mongo-indexes", lambda: _ensure_indexes(store), forever=False)
     yield
+    if task.task is not None:
+        # A creation under way is let finish (briefly): a command cancelled halfway leaves
+        # its connection's socket behind, which the client's close does not reach.
+        await asyncio.wait([task.task], timeout=INDEX_STOP_WAIT_SECONDS)
     await task.stop()
     await store.client.close()
 

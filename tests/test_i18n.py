@@ -24,6 +24,7 @@ from shared.i18n import (
 )
 from shared.mongo import Store
 from shared.settings import Settings
+from tests.test_session_api import _ready
 
 Client = TestClient[Any, Any]
 
@@ -110,7 +111,8 @@ def test_accept_language_picks_the_readers_best_language_we_speak(
 async def site(
     aiohttp_client: Callable[..., Awaitable[Client]], settings: Settings, store: Store
 ) -> Client:
-    return await aiohttp_client(create_app(settings))
+    # Ready first: an app stopped while its indexes are being created is not what is tested.
+    return await _ready(await aiohttp_client(create_app(settings)))
 
 
 async def title(resp: Any) -> str:
