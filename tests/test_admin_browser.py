@@ -184,7 +184,8 @@ async def test_live_counters_move_when_a_payment_lands(
 
 async def test_the_payments_chart_is_drawn_on_the_server(page: Page, system: System) -> None:
     session = await new_session(system, new_account(), 10_000)
-    await sim_pay(system, str(session["orderCode"]))
+    # Delivered (acknowledged by the ingest) before the console counts.
+    await sim_pay(system, str(session["orderCode"]), wait=True)
     await sign_in(page, system)
     assert await page.evaluate("document.getElementById('chart').naturalWidth") == 640
     payments = as_int(await page.inner_text("[data-counter=payments]"))
