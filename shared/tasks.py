@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Coroutine
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -26,6 +26,7 @@ RESTART_MAX_SECONDS = 30.0
 STABLE_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 2.0
 
+T = TypeVar("T")
 TaskState = Literal["running", "restarting", "finished"]
 Run = Callable[[], Coroutine[Any, Any, None]]
 
@@ -143,3 +144,24 @@ class Supervisor:
     async def stop(self) -> None:
         """Stop every task (what a component did not stop itself)."""
         await asyncio.gather(*(t.stop() for t in list(self._tasks.values())))
+
+
+class BackgroundTasks:
+    """Short pieces of work that must outlive their caller's cancellation (a rollback, a
+    cancel's close): each runs in a task of its own, kept until it ends, and `aclose` waits
+    for those still running (at shutdown, before the clients they use close). Await a
+    spawned task through `asyncio.shield` to let a cancelled caller leave it running."""
+
+    def __init__(self) -> None:
+        # Strong references: the loop keeps only weak ones.
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, work: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def aclose(self) -> None:
+        while running := [task for task in self._tasks if not task.done()]:
+            await asyncio.gather(*running, return_exceptions=True)

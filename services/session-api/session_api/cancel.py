@@ -30,6 +30,7 @@ from shared.errors import storage
 from shared.model import SessionStatus, StatusEvent, StreamStatus
 from shared.mongo import CHECK_AT, NO_CHECK, PUBLISH_PENDING, Doc, Store
 from shared.payments import Payments, Transaction
+from shared.tasks import BackgroundTasks
 
 from .cleanup import record_partial
 from .errors import CancelConflict, NotFound, PayOSFailed, PayOSTimeout, StoreUnavailable
@@ -60,7 +61,7 @@ class Cancellations:
         self._payments = payments
         self._payos_timeout = payos_timeout
         # Closings still running after their caller stopped waiting; shutdown waits for them.
-        self._background: set[asyncio.Task[Doc]] = set()
+        self._background = BackgroundTasks()
 
     async def cancel(self, uuid: str) -> StatusEvent:
         """Cancel the live session `uuid`: its state once cancelled (the same answer again for
@@ -81,11 +82,10 @@ class Cancellations:
                 retryable=True,
             )
         link = await self._cancel_at_payos(doc)
-        task = asyncio.create_task(self.close(doc, link), name="session-cancel")
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
         try:
-            closed = await asyncio.shield(task)
+            closed = await asyncio.shield(
+                self._background.spawn(self.close(doc, link), "session-cancel")
+            )
         except PyMongoError as exc:
             raise StoreUnavailable(str(exc)) from exc
         if closed["status"] != SessionStatus.CANCELLED:
@@ -94,8 +94,7 @@ class Cancellations:
 
     async def aclose(self) -> None:
         """Wait for closings still running (at shutdown, before their clients close)."""
-        while running := [task for task in self._background if not task.done()]:
-            await asyncio.gather(*running, return_exceptions=True)
+        await self._background.aclose()
 
     def _conflict(self, doc: Doc) -> CancelConflict:
         event = StatusEvent.from_session(doc)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid as uuidlib
-from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -42,6 +41,7 @@ from shared.errors import storage
 from shared.keys import SESSION_TTL_SECONDS
 from shared.model import SessionStatus, StatusEvent, new_session, utcnow
 from shared.mongo import Doc, Store
+from shared.tasks import BackgroundTasks
 
 from .errors import (
     AccountBusy,
@@ -108,7 +108,7 @@ class Sessions:
         self._locks = locks or AccountLocks(store.db[LOCKS])
         self._codes = OrderCodes(store.db[COUNTERS])
         # Rollbacks and link cancellations still running; shutdown waits for them.
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = BackgroundTasks()
 
     async def create(self, req: CreateRequest) -> SessionView:
         """Resume `req.uuid`'s pending session, or create a new one within the limit."""
@@ -134,8 +134,7 @@ class Sessions:
     async def aclose(self) -> None:
         """Wait for rollbacks and link cancellations still running (at shutdown, before the
         clients they use are closed)."""
-        while running := [task for task in self._background if not task.done()]:
-            await asyncio.gather(*running, return_exceptions=True)
+        await self._background.aclose()
 
     async def _complete(self, doc: Doc, attempt: _Attempt) -> SessionView:
         """Give the reserved session its PayOS link, store it, cache its status."""
@@ -316,18 +315,11 @@ class Sessions:
             log.warning("payos_unreachable", order_code=doc["orderCode"], error=str(exc))
             raise PayOSFailed(f"PayOS could not be reached: {exc}") from None
 
-    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        """Run `work` in a task of its own, kept (and waited for at shutdown) until it ends."""
-        task = asyncio.create_task(work, name=name)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
-
     async def _roll_back(self, attempt: _Attempt, cause: BaseException) -> None:
         """Undo `attempt` to the end, in a task of its own: shielded, a cancellation of the
         caller (shutdown) does not stop it, and `aclose` waits for it if the caller stops
         waiting (cancelled once more)."""
-        await asyncio.shield(self._spawn(self._undo(attempt, cause), "session-rollback"))
+        await asyncio.shield(self._background.spawn(self._undo(attempt, cause), "session-rollback"))
 
     async def _undo(self, attempt: _Attempt, cause: BaseException) -> None:
         """Delete the reservation and give its uuid back, then cancel the PayOS link that may
@@ -352,7 +344,7 @@ class Sessions:
         if attempt.link_requested:
             # Not awaited: the answer (a 504 after a slow PayOS, say) need not wait for a
             # PayOS that may be as slow to cancel.
-            self._spawn(self._cancel_link(doc, rlog), "payos-link-cancel")
+            self._background.spawn(self._cancel_link(doc, rlog), "payos-link-cancel")
 
     async def _delete_reservation(self, doc: Doc) -> bool:
         """Delete the reservation if still pending and give its uuid back; True if the session
