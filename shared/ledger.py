@@ -266,7 +266,9 @@ class Ledger:
     async def settle_partials(self, order_code: int) -> int:
         """A session closed short (expired, cancelled) and then paid in full: its partial
         items are settled by the system, saying why — the money is in the completed payment
-        the shop was told of, not the shopper's to refund. How many it settled."""
+        the shop was told of, not the shopper's to refund. How many it settled. Callers
+        skip it for a session that is not held: `record` holds the session before it
+        inserts an item, so one without `heldPurgeAt` has no open item to settle."""
         result = await self._items.update_many(
             {
                 "orderCode": order_code,

@@ -30,7 +30,7 @@ from pymongo import ReturnDocument
 from . import outbox
 from .ledger import IssueKind, Ledger, NewIssue, is_test_delivery
 from .model import SessionStatus, utcnow
-from .mongo import CHECK_AT, NO_CHECK, Doc, Store
+from .mongo import CHECK_AT, HELD_PURGE_AT, NO_CHECK, Doc, Store
 
 # Fresh reads of one session a transaction may take: each means the session moved on under
 # it — its status, or (the version guard of the outbox, issue 17) another transaction of the
@@ -190,7 +190,7 @@ class Payments:
         doc = await self._complete_if_paid(counted) or counted
         await self._record_excess(tx, doc)
         completed = doc["status"] == SessionStatus.COMPLETED
-        if completed:
+        if completed and HELD_PURGE_AT in doc:
             await self._ledger.settle_partials(tx.order_code)
         return Applied(Outcome.COMPLETED if completed else Outcome.PARTIAL, doc, True)
 
@@ -245,7 +245,8 @@ class Payments:
         (completion, the excess item), and report it as a duplicate otherwise."""
         done = await self._complete_if_paid(doc)
         await self._record_excess(tx, done or doc)
-        if (done or doc)["status"] == SessionStatus.COMPLETED:
+        after = done or doc
+        if after["status"] == SessionStatus.COMPLETED and HELD_PURGE_AT in after:
             # Also what a first delivery that died before it may have left open.
             await self._ledger.settle_partials(tx.order_code)
         if done is not None:
