@@ -26,6 +26,19 @@ RESTART_MAX_SECONDS = 30.0
 STABLE_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 2.0
 
+
+def checkpoint() -> None:
+    """Raise `CancelledError` if the current task was asked to stop and something swallowed
+    the request. PyMongo's async cursor can end an iteration normally when the cancellation
+    lands in it (about 1 cancel in 70 on a `find` iteration, measured): the task's
+    `cancelling()` count stays set, but no `CancelledError` ever reaches the loop, which then
+    runs on past its app's shutdown and opens connections on closed clients. Every supervised
+    loop calls this once per round, outside any cleanup that runs while cancelling."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()
+
+
 T = TypeVar("T")
 TaskState = Literal["running", "restarting", "finished"]
 Run = Callable[[], Coroutine[Any, Any, None]]
@@ -59,7 +72,11 @@ class Supervised:
         for task in tasks:
             task.cancel()
         self._supervisor.forget(self)
-        await asyncio.wait(tasks, timeout=STOP_TIMEOUT_SECONDS)
+        _, running = await asyncio.wait(tasks, timeout=STOP_TIMEOUT_SECONDS)
+        if running:
+            # Said out loud: a task left running past its app's shutdown uses clients that
+            # are about to close.
+            log.error("background_task_stop_timeout", task=self.name, seconds=STOP_TIMEOUT_SECONDS)
 
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()

@@ -7,6 +7,7 @@ would otherwise open a new subscribed connection that nobody reads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,13 +15,18 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
+from session_api import create_app as create_api_app
+from session_api.event_log import EventLog
+from session_api.issues import PaymentIssues
 from shared import tasks
 from shared.appkeys import SUPERVISOR
 from shared.settings import Settings
 from shared.tasks import Supervisor
 from stream_gateway.links import LinkClosedError, PubSubLink
 from webhook_ingest import create_app as create_ingest_app
+from webhook_ingest.resync import Resync
 
 Client = TestClient[Any, Any]
 
@@ -180,3 +186,107 @@ async def test_a_closed_link_refuses_commands_and_opens_no_connection(
     finally:
         await redis.aclose()
         await admin.aclose()
+
+
+async def test_checkpoint_raises_in_a_task_whose_cancellation_was_swallowed() -> None:
+    entered = asyncio.Event()
+
+    async def swallowing_then_checkpoint() -> str:
+        try:
+            entered.set()
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            pass  # what PyMongo's cursor sometimes does with a cancellation
+        tasks.checkpoint()
+        return "ran on"
+
+    task = asyncio.create_task(swallowing_then_checkpoint())
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_checkpoint_lets_a_task_nobody_cancelled_run_on() -> None:
+    async def plain() -> str:
+        tasks.checkpoint()
+        return "ran on"
+
+    assert await asyncio.create_task(plain()) == "ran on"
+
+
+async def test_a_stop_that_runs_out_of_time_is_logged(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tasks, "STOP_TIMEOUT_SECONDS", 0.05)
+    supervisor = Supervisor()
+    release = asyncio.Event()
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            await release.wait()
+
+    supervisor.spawn("stubborn", stubborn)
+    await asyncio.sleep(0.01)
+    with capture_logs() as logs:
+        await supervisor.stop()
+    release.set()
+    await asyncio.sleep(0.01)
+    assert [e for e in logs if e["event"] == "background_task_stop_timeout"] == [
+        {
+            "event": "background_task_stop_timeout",
+            "task": "stubborn",
+            "seconds": 0.05,
+            "log_level": "error",
+        }
+    ]
+
+
+def _swallowing(entered: asyncio.Event, result: Any) -> Callable[..., Awaitable[Any]]:
+    """A step that waits until cancelled and then returns normally, as PyMongo's async cursor
+    sometimes does when a cancellation lands in an iteration (rare, so made certain here);
+    only the first time."""
+
+    swallowed = False
+
+    async def step(*_args: Any, **_kwargs: Any) -> Any:
+        nonlocal swallowed
+        entered.set()
+        if swallowed:  # once: a later cancellation is not lost
+            await asyncio.Event().wait()
+        swallowed = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+        return result
+
+    return step
+
+
+@pytest.mark.parametrize(
+    ("service", "task_name", "target", "result"),
+    [
+        ("session-api", "outbox-dispatcher", (EventLog, "relay"), 0),
+        ("session-api", "payment-issues-gauge", (PaymentIssues, "refresh_gauge"), None),
+        ("webhook-ingest", "ingest-resync", (Resync, "_sweep"), None),
+    ],
+    ids=["outbox-dispatcher", "payment-issues-gauge", "ingest-resync"],
+)
+async def test_a_loop_whose_cancellation_a_driver_swallowed_still_ends_with_its_app(
+    aiohttp_client: Callable[..., Awaitable[Client]],
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    service: str,
+    task_name: str,
+    target: tuple[type, str],
+    result: Any,
+) -> None:
+    entered = asyncio.Event()
+    monkeypatch.setattr(*target, _swallowing(entered, result))
+    app = (create_api_app if service == "session-api" else create_ingest_app)(settings)
+    client = await aiohttp_client(app)
+    async with asyncio.timeout(10):
+        await entered.wait()
+    [loop] = [t for t in asyncio.all_tasks() if t.get_name() == task_name]
+    await client.close()
+    # Ended with its app, not left running on closed clients past the stop's bound.
+    assert loop.done()

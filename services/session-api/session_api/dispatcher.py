@@ -51,6 +51,7 @@ from shared.ledger import IssueKind, Ledger, NewIssue
 from shared.model import utcnow
 from shared.mongo import Doc, Store
 from shared.settings import Settings, webhook_secret_bytes
+from shared.tasks import checkpoint
 
 from .event_log import DeliveryState, EventLog, epoch_ms
 from .metrics import OutboxMetrics
@@ -228,6 +229,7 @@ class Dispatcher:
     async def _rounds(self) -> None:
         poll = self._settings.outbox_poll_seconds
         while True:
+            checkpoint()
             try:
                 busy = await self.round()
             except PyMongoError as exc:

@@ -22,7 +22,7 @@ from shared.ledger import (
     Ledger,
     public_item,
 )
-from shared.tasks import Supervised, Supervisor
+from shared.tasks import Supervised, Supervisor, checkpoint
 
 from .errors import InvalidRequest
 from .metrics import SessionMetrics
@@ -159,4 +159,5 @@ class PaymentIssues:
     async def _run(self) -> None:
         while True:
             await self.refresh_gauge()
+            checkpoint()
             await asyncio.sleep(GAUGE_SECONDS)

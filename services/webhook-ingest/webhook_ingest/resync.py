@@ -19,7 +19,7 @@ from shared.cache import StatusCache
 from shared.clients import REDIS_ERRORS
 from shared.model import StatusEvent
 from shared.mongo import PUBLISH_PENDING, Store
-from shared.tasks import Supervised, Supervisor
+from shared.tasks import Supervised, Supervisor, checkpoint
 
 log = structlog.get_logger(__name__)
 
@@ -76,6 +76,7 @@ class Resync:
         # (an unforeseen failure): nothing marked is skipped.
         self._wakeup.set()
         while True:
+            checkpoint()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), self._sweep_seconds)
             self._wakeup.clear()
