@@ -33,7 +33,8 @@ def checkpoint() -> None:
     lands in it (about 1 cancel in 70 on a `find` iteration, measured): the task's
     `cancelling()` count stays set, but no `CancelledError` ever reaches the loop, which then
     runs on past its app's shutdown and opens connections on closed clients. Every supervised
-    loop calls this once per round, outside any cleanup that runs while cancelling."""
+    loop that only a cancellation ends calls this once per round, outside any cleanup that
+    runs while cancelling (the reconciler's loop also ends on its own stop event)."""
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError()

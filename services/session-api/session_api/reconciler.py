@@ -41,7 +41,7 @@ from shared.clients import REDIS_ERRORS
 from shared.model import SessionStatus, utcnow
 from shared.mongo import CHECK_AT, NO_CHECK, Doc, Store
 from shared.payments import Outcome, Payments, Transaction
-from shared.tasks import Supervised, Supervisor, checkpoint
+from shared.tasks import Supervised, Supervisor
 
 from .cancel import Cancellations
 from .errors import ServiceError
@@ -220,7 +220,6 @@ class Reconciler:
                     log.info("reconciler_cycle_failed", error=str(exc))
             # Not holding: try again well within a lease period, so a dead holder is
             # replaced soon after its lease runs out.
-            checkpoint()
             wait = self._interval if self.holding else min(self._interval, self._lease_seconds / 3)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
