@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import re
 import shutil
@@ -26,6 +25,7 @@ from shared.appkeys import METRICS
 from shared.mongo import Store
 from shared.settings import Settings, SettingsError
 from tests.helpers import browser_page, simulator_to_ingest, system_over
+from tests.test_session_api import _ready
 
 Client = TestClient[Any, Any]
 
@@ -228,20 +228,13 @@ async def sim_url(settings: Settings, store: Store) -> AsyncIterator[str]:
         yield sim.url
 
 
-async def ready(client: Client) -> Client:
-    async with asyncio.timeout(5):
-        while (await client.get("/readyz")).status != 200:
-            await asyncio.sleep(0.02)
-    return client
-
-
 @pytest.fixture
 async def signed(
     aiohttp_client: Callable[..., Awaitable[Client]], settings: Settings, sim_url: str
 ) -> Client:
     """session-api whose shop signs account links."""
     app = create_app(dataclasses.replace(settings, payos_base_url=sim_url, account_link_key=KEY))
-    return await ready(await aiohttp_client(app))
+    return await _ready(await aiohttp_client(app))
 
 
 @pytest.fixture
@@ -249,7 +242,7 @@ async def unsigned(
     aiohttp_client: Callable[..., Awaitable[Client]], settings: Settings, sim_url: str
 ) -> Client:
     """session-api without ACCOUNT_LINK_KEY (development)."""
-    return await ready(
+    return await _ready(
         await aiohttp_client(create_app(dataclasses.replace(settings, payos_base_url=sim_url)))
     )
 
