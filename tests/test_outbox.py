@@ -443,6 +443,31 @@ async def test_a_relay_repeated_after_dying_before_emptying_the_outbox_appends_n
     assert doc is not None and (doc[outbox.OUTBOX], doc[outbox.OUTBOX_PENDING]) == ([], 0)
 
 
+async def test_a_sequence_counter_behind_the_log_drops_no_event(
+    settings: Settings, store: Store
+) -> None:
+    """The counter's document lost (or restored from an older backup) while the log stays:
+    the numbers it hands out are taken. The relay moves past the log's last number; an
+    event refused for its number is never taken for one appended before and dropped."""
+    for seq in (1, 2, 3):
+        await store.events.insert_one({"_id": f"evt_before_{seq}", "seq": seq})
+    session = await add_session(store)
+    entries = [
+        outbox.session_entry(outbox.EventType.PARTIAL, session, reference=ref)
+        for ref in ("FT1", "FT2")
+    ]
+    await store.sessions.update_one(
+        {"uuid": session["uuid"]}, outbox.with_entry({"$set": {"x": 1}}, *entries)
+    )
+    log = EventLog(store, urls=[], retention_seconds=3600)
+    assert await log.relay() == 2
+    relayed = [e async for e in store.events.find({"session": session["uuid"]}).sort("seq", 1)]
+    assert [e["_id"] for e in relayed] == [json.loads(raw)["id"] for raw in entries]
+    assert [e["seq"] for e in relayed] == [4, 5]
+    doc = await store.sessions.find_one({"uuid": session["uuid"]})
+    assert doc is not None and (doc[outbox.OUTBOX], doc[outbox.OUTBOX_PENDING]) == ([], 0)
+
+
 def test_signatures_verify_with_the_standardwebhooks_library_under_either_secret_in_rotation() -> (
     None
 ):

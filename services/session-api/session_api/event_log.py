@@ -6,7 +6,8 @@ cursor), with one delivery per configured receiver URL in `eventDeliveries`; onl
 it take them out of the outbox. Every step may be repeated after a crash: an event or a
 delivery already appended is recognised by its id (a unique `_id`), and the outbox is only
 emptied by a conditional update guarded by the count it read, so an entry pushed meanwhile
-stays for the next round.
+stays for the next round. A sequence number already taken (the counter behind the log) is
+never mistaken for such a repeat: the counter is moved past the log and the entry appended.
 
 Only the dispatcher's lease holder relays (session_api.dispatcher): the sequence therefore
 grows in the order events are appended, and a reader following the cursor misses none.
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from pymongo import ASCENDING, ReturnDocument, UpdateOne
+import structlog
+from pymongo import ASCENDING, DESCENDING, ReturnDocument, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError
 
@@ -30,6 +32,8 @@ from shared.model import utcnow
 from shared.mongo import Doc, Store
 
 from .errors import InvalidRequest, NotFound, ServiceError
+
+log = structlog.get_logger(__name__)
 
 # Documents (and so events) taken per relay round.
 RELAY_BATCH = 200
@@ -104,6 +108,21 @@ class EventLog:
         return moved
 
     async def _append(self, source: AsyncCollection[Doc], docs: list[Doc]) -> int:
+        try:
+            return await self._append_once(source, docs)
+        except KeyTaken:
+            # The counter is behind the log (its document lost or restored from an older
+            # backup): move it past the log's last number, then append again. What the
+            # first try appended is recognised by its id and keeps its number.
+            top = await self._store.events.find_one({}, {"seq": 1}, sort=[("seq", DESCENDING)])
+            log.error("event_sequence_behind", log_seq=top and top["seq"])
+            if top is not None:
+                await self._store.counters.update_one(
+                    {"_id": SEQ_COUNTER}, {"$max": {"seq": int(top["seq"])}}, upsert=True
+                )
+            return await self._append_once(source, docs)
+
+    async def _append_once(self, source: AsyncCollection[Doc], docs: list[Doc]) -> int:
         entries = [(doc, raw) for doc in docs for raw in doc[outbox.OUTBOX]]
         counter = await self._store.counters.find_one_and_update(
             {"_id": SEQ_COUNTER},
@@ -254,12 +273,18 @@ def epoch_ms(value: datetime) -> int:
     return int(value.timestamp() * 1000)
 
 
+class KeyTaken(Exception):
+    """An insert refused for a key other than `_id`: the document is not stored (for an
+    event, its sequence number is taken: the counter is behind the log)."""
+
+
 async def _insert_ignoring_duplicates(
     collection: AsyncCollection[Doc], docs: list[Doc]
 ) -> list[Any]:
     """Insert `docs` in their order, skipping those whose `_id` is stored already; the
     skipped ids. Ordered: a pull reader never sees a later sequence number before an
-    earlier one of the same round."""
+    earlier one of the same round. Raises KeyTaken for a duplicate of another unique key:
+    skipping that document would drop it."""
     repeated: list[Any] = []
     remaining = docs
     while remaining:
@@ -271,7 +296,11 @@ async def _insert_ignoring_duplicates(
                 raise
             # An ordered insert stops at its first error: go on after it.
             first = min(int(error["index"]) for error in errors)
-            repeated.append(remaining[first]["_id"])
+            doc_id = remaining[first]["_id"]
+            # Which key was duplicated is not in every server's answer alike: ask for the id.
+            if await collection.find_one({"_id": doc_id}, {"_id": 1}) is None:
+                raise KeyTaken(f"{collection.name}: {doc_id!r} refused for another key") from exc
+            repeated.append(doc_id)
             remaining = remaining[first + 1 :]
         else:
             break
