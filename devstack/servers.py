@@ -191,8 +191,14 @@ def redis_server(
 
 
 def mongo_standin(port: int, data_dir: Path, log_dir: Path) -> Process:
-    """The MongoDB wire-protocol stand-in (nx-27017), its data in a file that survives restarts."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    """The MongoDB wire-protocol stand-in (nx-27017), its data in files that survive restarts.
+
+    Given a directory, it keeps one file per database, as MongoDB keeps databases apart;
+    given a file, every database name would share one set of collections (a test's
+    `drop_database` emptying every other test's, a late write leaking into the next test).
+    """
+    databases = data_dir / "databases"
+    databases.mkdir(parents=True, exist_ok=True)
     argv = [
         sys.executable,
         "-m",
@@ -202,7 +208,7 @@ def mongo_standin(port: int, data_dir: Path, log_dir: Path) -> Process:
         "--port",
         str(port),
         "--db",
-        str(data_dir / "paypush.db"),
+        str(databases),
         "--pid-file",
         str(data_dir / "nx.pid"),
         "--log-file",

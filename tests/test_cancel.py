@@ -55,16 +55,26 @@ async def stored(store: Store, uuid: str) -> dict[str, Any]:
     return doc
 
 
-async def shop_events(store: Store, uuid: str) -> list[str]:
-    """The types of the shop's events about `uuid`, wherever the dispatcher has them now (the
-    session's outbox or its ledger items', or the event log it moves them to)."""
-    doc = await stored(store, uuid)
-    in_outbox = [json.loads(raw) for raw in doc.get("outbox", [])]
-    async for item in store.issues.find({"uuid": uuid}):
-        in_outbox += [json.loads(raw) for raw in item.get("outbox", [])]
-    logged = [json.loads(e["body"]) async for e in store.events.find({})]
-    seen = {e["id"]: e["type"] for e in [*in_outbox, *logged] if e["data"].get("uuid") == uuid}
-    return sorted(seen.values())
+async def shop_events(store: Store, uuid: str, *, within: float = 5.0) -> list[str]:
+    """The types of the shop's events about `uuid`, once the dispatcher has moved all of them
+    from the outboxes (the session's, its ledger items') into the event log. Read until every
+    event seen in an outbox is in the log: the three collections are not read at one instant,
+    and the dispatcher moves entries between them meanwhile."""
+    seen: dict[str, str] = {}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        doc = await stored(store, uuid)
+        in_outbox = [json.loads(raw) for raw in doc.get("outbox", [])]
+        async for item in store.issues.find({"uuid": uuid}):
+            in_outbox += [json.loads(raw) for raw in item.get("outbox", [])]
+        logged = [json.loads(e["body"]) async for e in store.events.find({})]
+        ours = [e for e in [*in_outbox, *logged] if e["data"].get("uuid") == uuid]
+        seen.update((e["id"], e["type"]) for e in ours)
+        if not in_outbox and seen.keys() <= {e["id"] for e in logged}:
+            return sorted(seen.values())
+        assert loop.time() < deadline, f"not relayed into the event log: {seen}, {logged}"
+        await asyncio.sleep(0.02)
 
 
 def cancels(client: Client, outcome: str) -> float:
