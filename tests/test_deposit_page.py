@@ -17,6 +17,7 @@ from playwright.async_api import Page, Route
 from pymongo import AsyncMongoClient
 
 from devstack.system import Backends, System
+from session_api.document import STREAM_DOWN_BEFORE_POLLING_MS
 from shared.model import utcnow
 from tests.helpers import browser_page, system_over
 
@@ -116,7 +117,10 @@ async def test_blocked_stream_falls_back_to_polling_and_still_succeeds(
 
     await page.route("**/api/webhooks/stream*", block)
     order_code = await create_deposit(page, system, new_account())
-    await page.wait_for_selector("body[data-transport=polling]")
+    waiting = time.monotonic()
+    await page.wait_for_selector("body[data-transport=polling]", timeout=45_000)
+    # Not before the stream has been down longer than a gateway restart takes.
+    assert time.monotonic() - waiting >= STREAM_DOWN_BEFORE_POLLING_MS / 1000 - 2
     await sim_pay(system, order_code)
     # The page polls every 5 s.
     await page.wait_for_selector("body[data-state=paid]", timeout=8_000)

@@ -56,6 +56,7 @@ async def test_page_carries_the_stream_url_and_a_strict_csp(site: Client) -> Non
         "pollIntervalMs": 5000,
         "maxWaitMs": 600000,
         "streamFailuresBeforePolling": 4,
+        "streamDownBeforePollingMs": 20000,
         "streamProbeMs": 30000,
         "reconnectMs": 3000,
         "signedAccounts": False,

@@ -26,9 +26,13 @@ MESSAGE_RE = re.compile(r"\{\{([a-z_.]+)\}\}")
 MAX_WAIT_MS = 10 * 60 * 1000
 POLL_INTERVAL_MS = 5000
 # Polling starts only after this many stream failures in a row without an event in between
-# (a rollout's dropped stream reconnects in one); while polling, the stream is tried again
-# about every STREAM_PROBE_MS. A refused stream (503) is opened again after about RECONNECT_MS.
+# (a rollout's dropped stream reconnects in one) and once the stream has been down this long:
+# a gateway restart on a loaded machine takes longer than a few `retry:` intervals, and every
+# page it drops must wait for it rather than poll session-api. While polling, the stream is
+# tried again about every STREAM_PROBE_MS. A refused stream (503) is opened again after about
+# RECONNECT_MS.
 STREAM_FAILURES_BEFORE_POLLING = 4
+STREAM_DOWN_BEFORE_POLLING_MS = 20_000
 STREAM_PROBE_MS = 30_000
 RECONNECT_MS = 3000
 
@@ -67,6 +71,7 @@ class DepositPage:
                 "streamUrl": settings.stream_public_url.rstrip("/"),
                 "pollIntervalMs": POLL_INTERVAL_MS,
                 "streamFailuresBeforePolling": STREAM_FAILURES_BEFORE_POLLING,
+                "streamDownBeforePollingMs": STREAM_DOWN_BEFORE_POLLING_MS,
                 "streamProbeMs": STREAM_PROBE_MS,
                 "reconnectMs": RECONNECT_MS,
                 "maxWaitMs": MAX_WAIT_MS,

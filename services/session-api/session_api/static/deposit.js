@@ -4,8 +4,8 @@
 // A stream that drops (a gateway rollout closes every stream, a network blip) is not a reason
 // to poll: EventSource reconnects by itself after the server's jittered `retry:`, sending
 // Last-Event-ID, and the gateway's first event is the current status. The page polls only
-// after several consecutive failures without the stream opening in between, or where EventSource
-// does not exist; while polling it tries the stream again now and then, and stops polling once
+// after several consecutive failures without the stream opening in between and once the stream
+// has been down longer than a gateway restart takes, or where EventSource does not exist; while polling it tries the stream again now and then, and stops polling once
 // the stream is back. A gateway rollout so costs reconnects spread over seconds, not a wave of
 // 5-second pollers on session-api (issue 15).
 "use strict";
@@ -47,6 +47,7 @@
   let probeTimer = null;
   let reopenTimer = null;
   let streamFailures = 0;   // consecutive failures, without the stream opening in between
+  let streamUpAt = 0;       // when the stream last worked (or was first tried)
   let lastVersion = 0;      // the version of the last event the stream brought (this session)
   window.paypushStreamOpens = 0;
   window.paypushPolls = 0;
@@ -163,6 +164,7 @@
     if (finished) return;
     if (typeof EventSource === "undefined") { startPolling(); return; }
     if (pollTimer === null) document.body.dataset.transport = "connecting";
+    if (streamUpAt === 0) streamUpAt = Date.now();
     // A new EventSource sends no Last-Event-ID: say which version we have, so the gateway
     // sends nothing it already sent (and 204 for a final status we saw).
     const since = lastVersion ? `&lastEventId=${lastVersion}` : "";
@@ -173,12 +175,14 @@
       if (stream !== es || finished) return;
       window.paypushStreamOpens += 1;
       streamFailures = 0;
+      streamUpAt = Date.now();
       stopPolling();
       document.body.dataset.transport = "stream";
     };
     es.onmessage = (e) => {
       if (stream !== es) return;
       streamFailures = 0;
+      streamUpAt = Date.now();
       if (/^\d+$/.test(e.lastEventId)) lastVersion = Number(e.lastEventId);
       onStatus(JSON.parse(e.data));
     };
@@ -192,7 +196,8 @@
         return;
       }
       streamFailures += 1;
-      if (streamFailures >= config.streamFailuresBeforePolling) {
+      if (streamFailures >= config.streamFailuresBeforePolling
+          && Date.now() - streamUpAt >= config.streamDownBeforePollingMs) {
         // Really unavailable (blocked, a proxy that buffers, every gateway gone): poll.
         es.close();
         stream = null;
