@@ -40,9 +40,10 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from devstack.system import Backends, System, plan, running, wait_ready
+from session_api.event_log import SEQ_COUNTER
 from shared import keys
-from shared.mongo import EVENTS, ISSUES, SESSIONS
-from shared.outbox import OUTBOX_PENDING
+from shared.mongo import COUNTERS, EVENTS, ISSUES, SESSIONS
+from shared.outbox import OUTBOX, OUTBOX_PENDING
 from shared.settings import Settings
 from shared.signing import sign_data, verify_data
 from tests.helpers import TEST_CHECKSUM_KEY, signed_webhook
@@ -85,15 +86,20 @@ class Target:
     def records(self) -> tuple[dict[str, int], int]:
         """Documents per collection, and Redis keys that are records (not refusal counters)."""
         db = self.mongo.get_default_database()
-        docs = {name: db[name].count_documents({}) for name in db.list_collection_names()}
         # session-api's dispatcher moves outbox entries into the event log in the background,
-        # whenever it likes: an entry counts the same in a document's outbox or in the log.
-        queued = sum(
-            int(doc.get(OUTBOX_PENDING, 0))
+        # whenever it likes: an event counts once, whether in a document's outbox or in the
+        # log. The outboxes are read first: the relay appends to the log before it empties an
+        # outbox, so an event gone from the outboxes by now is in the log read after.
+        queued = {
+            json.loads(raw)["id"]
             for name in (SESSIONS, ISSUES)
-            for doc in db[name].find({OUTBOX_PENDING: {"$gt": 0}}, {OUTBOX_PENDING: 1})
-        )
-        docs[EVENTS] = docs.get(EVENTS, 0) + queued
+            for doc in db[name].find({OUTBOX_PENDING: {"$gt": 0}}, {OUTBOX: 1})
+            for raw in doc.get(OUTBOX, ())
+        }
+        docs = {name: db[name].count_documents({}) for name in db.list_collection_names()}
+        docs[EVENTS] = len(queued | {e["_id"] for e in db[EVENTS].find({}, {"_id": 1})})
+        # The log's sequence counter is the relay's too (made by its first round).
+        docs[COUNTERS] = db[COUNTERS].count_documents({"_id": {"$ne": SEQ_COUNTER}})
         redis_keys = [k.decode() if isinstance(k, bytes) else k for k in self.redis.keys("*")]
         return docs, sum(1 for k in redis_keys if not k.startswith(REFUSAL_KEYS))
 
