@@ -8,12 +8,13 @@ import dataclasses
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from devstack.servers import free_port
+from devstack.servers import LocalRedisCluster, free_port
 from shared import keys
 from shared.cache import BatchedReads, StatusCache
 from shared.model import StatusEvent, StreamStatus, utcnow
@@ -269,9 +270,11 @@ async def test_a_read_arriving_while_a_batch_is_in_flight_sees_the_writes_before
         first = asyncio.create_task(reads.get_json(u))
         async with asyncio.timeout(5):
             await cache.answered.wait()
+        assert reads.pending == 1  # the sender, its batch in flight
         await cache.put(cached_event(u, version=2))
         second = asyncio.create_task(reads.get_json(u))
         await asyncio.sleep(0)
+        assert reads.pending == 2  # and one read waiting for the next batch
         cache.release.set()
         async with asyncio.timeout(5):
             old, new = await asyncio.gather(first, second)
@@ -319,3 +322,71 @@ async def test_with_redis_unreachable_every_read_of_the_batch_raises_a_redis_err
         await redis.aclose()
     assert all(isinstance(r, RedisConnectionError) for r in results), results
     assert reads.pending == 0
+
+
+async def test_more_reads_than_one_batch_holds_go_out_in_batches_of_500(
+    cache: StatusCache, settings: Settings
+) -> None:
+    uuids = [str(uuidlib.uuid4()) for _ in range(BatchedReads.BATCH + 1)]
+    await cache.put(cached_event(uuids[-1]))
+    reads = BatchedReads(cache)
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        await redis.config_resetstat()
+        bodies = await asyncio.gather(*(reads.get_json(u) for u in uuids))
+        stats = await redis.info("commandstats")
+    finally:
+        await redis.aclose()
+    assert BatchedReads.BATCH == 500
+    assert bodies[:-1] == [None] * BatchedReads.BATCH
+    assert bodies[-1] is not None and StatusEvent.from_json(bodies[-1]).uuid == uuids[-1]
+    assert stats["cmdstat_mget"]["calls"] == 2
+
+
+async def test_reads_left_when_the_sender_is_cancelled_are_cancelled_not_left_waiting(
+    settings: Settings,
+) -> None:
+    """At shutdown the loop cancels the sender: the reads of the batch in flight and those
+    waiting for the next one end (cancelled) instead of waiting for an answer nobody sends."""
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        cache = HeldCache(redis)
+        reads = BatchedReads(cache)
+        in_flight = asyncio.create_task(reads.get_json(str(uuidlib.uuid4())))
+        async with asyncio.timeout(5):
+            await cache.answered.wait()
+        waiting = asyncio.create_task(reads.get_json(str(uuidlib.uuid4())))
+        await asyncio.sleep(0)
+        sender = reads._sender
+        assert sender is not None
+        sender.cancel()
+        async with asyncio.timeout(5):
+            results = await asyncio.gather(in_flight, waiting, return_exceptions=True)
+    finally:
+        await redis.aclose()
+    assert [type(r) for r in results] == [asyncio.CancelledError] * 2
+    assert reads.pending == 0
+    assert not reads._waiting
+
+
+async def test_on_a_cluster_the_reads_of_one_batch_span_every_shard(tmp_path: Path) -> None:
+    """One MGET may only name keys of one slot on a cluster: a sharded cache reads each
+    shard's keys apart and answers in the order asked."""
+    cluster = LocalRedisCluster(tmp_path / "cluster")
+    await asyncio.to_thread(cluster.start)
+    client = RedisCluster.from_url(cluster.url)
+    try:
+        cache = StatusCache(client, sharded=True)  # type: ignore[arg-type]
+        uuids = [str(uuidlib.uuid4()) for _ in range(30)]
+        for u in uuids[:20]:
+            await cache.put(cached_event(u))
+        slots = {client.keyslot(keys.status_key(u)) for u in uuids}
+        found = await cache.get_many_json(uuids)
+    finally:
+        await client.aclose()
+        await asyncio.to_thread(cluster.stop)
+    assert len(slots) > 1
+    assert [b is not None and StatusEvent.from_json(b).uuid for b in found] == [
+        *uuids[:20],
+        *[False] * 10,
+    ]
