@@ -147,6 +147,46 @@ async def test_a_listener_closed_from_its_own_write_does_not_wait_for_itself() -
     assert listener.pending == 0  # ...and closing dropped it (a closed stream holds nothing)
 
 
+async def test_a_stream_writes_what_is_queued_in_its_own_task_then_what_comes_later() -> None:
+    listener = Listener("s0")
+    listener.offer(event("s0", 1))
+    listener.offer(event("s0", 2), pushed=True)
+    inbox = Inbox()
+    await listener.start(inbox.send)
+    # Written before start returned: by the stream's handler, no task of its own.
+    assert inbox.sent == [(1, False), (2, True)]
+    assert listener.pending == 0
+    listener.offer(event("s0", 3), pushed=True)
+    await settle()
+    assert inbox.sent == [(1, False), (2, True), (3, True)]
+
+
+async def test_a_stream_that_ends_while_writing_its_queue_writes_nothing_after() -> None:
+    listener = Listener("s0")
+    for version in (1, 2, 3):
+        listener.offer(event("s0", version))
+    inbox = Inbox(end_at=1)
+    await listener.start(inbox.send)
+    await settle()
+    assert inbox.sent == [(1, False)]
+    assert listener.offer(event("s0", 4)) is False
+
+
+async def test_a_listener_that_never_wrote_closes_at_once() -> None:
+    listener = Listener("s0")
+    listener.offer(event("s0", 1))
+    await asyncio.wait_for(listener.close(), 1)
+    assert listener.pending == 0
+    assert listener.offer(event("s0", 2)) is False
+
+
+async def test_a_hub_never_started_stops_cleanly() -> None:
+    """An app whose start-up failed before the hub started still runs its cleanup."""
+    rig = Rig()
+    await asyncio.wait_for(rig.hub.stop(), 1)
+    assert rig.hub.subscription_count == 0
+
+
 class CountingLink(FakeLink):
     def __init__(self, server: FakeRedis, commands: list[tuple[str, int]]) -> None:
         super().__init__(server)
