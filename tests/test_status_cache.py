@@ -9,6 +9,7 @@ import uuid as uuidlib
 from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis, RedisCluster
@@ -218,6 +219,20 @@ def cached_event(uuid: str, version: int = 1) -> StatusEvent:
     return dataclasses.replace(event(1_000, StreamStatus.PENDING, version), uuid=uuid)
 
 
+async def read_at_once(
+    reads: BatchedReads, uuids: list[str], settings: Settings
+) -> tuple[list[bytes | None], dict[str, Any]]:
+    """`uuids` read at the same moment; the answers, and Redis's command counts meanwhile."""
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        await redis.config_resetstat()
+        bodies = await asyncio.gather(*(reads.get_json(u) for u in uuids))
+        stats: dict[str, Any] = await redis.info("commandstats")
+    finally:
+        await redis.aclose()
+    return bodies, stats
+
+
 async def test_reads_of_the_same_moment_share_one_mget_and_each_gets_its_own_status(
     cache: StatusCache, settings: Settings
 ) -> None:
@@ -225,13 +240,7 @@ async def test_reads_of_the_same_moment_share_one_mget_and_each_gets_its_own_sta
     for u in uuids[:40]:
         await cache.put(cached_event(u))
     reads = BatchedReads(cache)
-    redis = Redis.from_url(settings.redis_url)
-    try:
-        await redis.config_resetstat()
-        bodies = await asyncio.gather(*(reads.get_json(u) for u in uuids))
-        stats = await redis.info("commandstats")
-    finally:
-        await redis.aclose()
+    bodies, stats = await read_at_once(reads, uuids, settings)
     assert [b is not None and StatusEvent.from_json(b).uuid for b in bodies] == [
         *uuids[:40],
         *[False] * 10,
@@ -329,14 +338,7 @@ async def test_more_reads_than_one_batch_holds_go_out_in_batches_of_500(
 ) -> None:
     uuids = [str(uuidlib.uuid4()) for _ in range(BatchedReads.BATCH + 1)]
     await cache.put(cached_event(uuids[-1]))
-    reads = BatchedReads(cache)
-    redis = Redis.from_url(settings.redis_url)
-    try:
-        await redis.config_resetstat()
-        bodies = await asyncio.gather(*(reads.get_json(u) for u in uuids))
-        stats = await redis.info("commandstats")
-    finally:
-        await redis.aclose()
+    bodies, stats = await read_at_once(BatchedReads(cache), uuids, settings)
     assert BatchedReads.BATCH == 500
     assert bodies[:-1] == [None] * BatchedReads.BATCH
     assert bodies[-1] is not None and StatusEvent.from_json(bodies[-1]).uuid == uuids[-1]
