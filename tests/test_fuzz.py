@@ -96,7 +96,11 @@ class Target:
             for doc in db[name].find({OUTBOX_PENDING: {"$gt": 0}}, {OUTBOX: 1})
             for raw in doc.get(OUTBOX, ())
         }
-        docs = {name: db[name].count_documents({}) for name in db.list_collection_names()}
+        docs = {
+            name: db[name].count_documents({})
+            for name in db.list_collection_names()
+            if name not in (EVENTS, COUNTERS)
+        }
         docs[EVENTS] = len(queued | {e["_id"] for e in db[EVENTS].find({}, {"_id": 1})})
         # The log's sequence counter is the relay's too (made by its first round).
         docs[COUNTERS] = db[COUNTERS].count_documents({"_id": {"$ne": SEQ_COUNTER}})

@@ -5,8 +5,9 @@
 // to poll: EventSource reconnects by itself after the server's jittered `retry:`, sending
 // Last-Event-ID, and the gateway's first event is the current status. The page polls only
 // after several consecutive failures without the stream opening in between and once the stream
-// has been down longer than a gateway restart takes, or where EventSource does not exist; while polling it tries the stream again now and then, and stops polling once
-// the stream is back. A gateway rollout so costs reconnects spread over seconds, not a wave of
+// has been down longer than a gateway restart takes, or where EventSource does not exist;
+// while polling it tries the stream again now and then, and stops polling once the stream is
+// back. A gateway rollout so costs reconnects spread over seconds, not a wave of
 // 5-second pollers on session-api (issue 15).
 "use strict";
 
