@@ -230,7 +230,8 @@ class BatchReader(FakeReader):
 
 
 class Rig:
-    def __init__(self) -> None:
+    def __init__(self, link_class: type[CountingLink] = CountingLink) -> None:
+        self.link_class = link_class
         self.server = FakeRedis()
         self.commands: list[tuple[str, int]] = []
         self.reader = BatchReader(self.server)
@@ -249,7 +250,7 @@ class Rig:
         )
 
     def open_link(self) -> FakeLink:
-        link = CountingLink(self.server, self.commands)
+        link = self.link_class(self.server, self.commands)
         self.server.links.append(link)
         return link
 
@@ -287,9 +288,10 @@ async def test_after_a_reconnect_every_stream_is_read_again_in_batches_of_500(ri
     rig.reader.batches.clear()
     assert rig.server.current is not None
     rig.server.current.drop()
-    await rig.until(lambda: sum(rig.reader.batches) >= 1_001)
+    await rig.until(
+        lambda: (rig.registry.get_sample_value("paypush_stream_resync_reads_total") or 0) >= 1_001
+    )
     assert sorted(rig.reader.batches) == [1, 500, 500]
-    assert (rig.registry.get_sample_value("paypush_stream_resync_reads_total") or 0) >= 1_001
 
 
 async def test_a_bad_event_on_the_link_is_skipped_and_the_next_one_delivered(rig: Rig) -> None:
@@ -378,6 +380,22 @@ async def test_a_failed_re_read_is_tried_again(rig: Rig) -> None:
     assert rig.reader.fail == 0
 
 
+async def test_a_failing_re_read_is_retried_after_a_pause_not_in_a_busy_loop(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hub_module, "REREAD_RETRY_SECONDS", 0.3)
+    await rig.hub.join(Listener("s0"))
+    rig.reader.batches.clear()
+    rig.reader.fail = 1_000_000  # MongoDB away
+    assert rig.server.current is not None
+    rig.server.current.drop()
+    await rig.until(lambda: rig.reader.batches)
+    await asyncio.sleep(0.2)
+    assert rig.reader.batches == [1]
+    rig.reader.fail = 0
+    await rig.until(lambda: len(rig.reader.batches) == 2, timeout=2)
+
+
 async def test_the_hub_says_whether_it_is_connected_and_counts_its_connections(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -437,3 +455,291 @@ async def test_a_join_waiting_on_a_link_that_ends_returns_at_once(rig: Rig) -> N
     await rig.until(lambda: len(link.held) == 1)
     link.drop()
     await asyncio.wait_for(joining, 1.0)
+
+
+async def test_the_hub_runs_its_three_tasks_under_the_names_health_reports(rig: Rig) -> None:
+    # Operators read these names in /healthz and in paypush_task_restarts_total.
+    assert rig.supervisor.states() == {
+        "hub-reader": "running",
+        "hub-flusher": "running",
+        "hub-reread": "running",
+    }
+
+
+async def test_a_stopped_hub_says_it_is_closing() -> None:
+    rig = Rig()
+    rig.hub.start()
+    await rig.until(lambda: rig.hub.connected)
+    assert not rig.hub.closing
+    await rig.hub.stop()
+    assert rig.hub.closing
+
+
+async def test_the_last_stream_of_a_session_leaving_twice_changes_nothing(rig: Rig) -> None:
+    listener = Listener("s0")
+    await rig.hub.join(listener)
+    rig.hub.leave(listener)
+    rig.hub.leave(listener)
+    assert rig.hub.subscription_count == 0 and not rig.hub.holds(listener)
+    await rig.until(lambda: rig.commands.count(("unsubscribe", 1)) == 1)
+    await settle()
+    assert rig.commands == [("subscribe", 1), ("unsubscribe", 1)]
+
+
+async def test_a_stream_that_comes_and_goes_before_the_flusher_runs_costs_no_command(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hub_module, "CONFIRM_TIMEOUT", 0.1)
+    told = Listener("told")
+    await rig.hub.join(told)
+    rig.commands.clear()
+    # The flusher is busy (a SUBSCRIBE stuck in a full socket buffer) while one stream leaves
+    # and another comes back on a channel already subscribed, and a stream joins and leaves a
+    # new one: once free, it has nothing more to say.
+    rig.server.stall = asyncio.Event()
+    busy = asyncio.create_task(rig.hub.join(Listener("busy")))
+    await rig.until(lambda: rig.commands == [("subscribe", 1)])
+    rig.hub.leave(told)
+    await rig.hub.join(Listener("told"))
+    gone = Listener("never")
+    brief = asyncio.create_task(rig.hub.join(gone))
+    await rig.until(lambda: rig.hub.subscription_count == 3)
+    rig.hub.leave(gone)
+    rig.server.release()
+    await asyncio.gather(busy, brief)
+    await settle()
+    assert rig.commands == [("subscribe", 1)]
+    assert rig.server.current is not None
+    assert rig.server.current.subscribed == {"told", "busy"}
+
+
+async def test_once_closing_the_hub_sends_no_command(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hub_module, "CONFIRM_TIMEOUT", 0.1)
+    listener = Listener("s0")
+    await rig.hub.join(listener)
+    rig.commands.clear()
+    rig.hub.closing = True  # what the app does first on shutdown
+    rig.hub.leave(listener)
+    await asyncio.wait_for(rig.hub.join(Listener("s1")), 1)
+    await settle()
+    assert rig.commands == []
+
+
+async def test_a_join_while_redis_is_unreachable_returns_at_once(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing can be confirmed while there is no link: the next link re-reads the stream, so
+    # waiting out the confirmation timeout would only delay its first read.
+    monkeypatch.setattr(hub_module, "BACKOFF_MIN", 10.0)
+    monkeypatch.setattr(hub_module, "BACKOFF_MAX", 10.0)
+    rig.server.fail_opens = 1_000_000
+    link = rig.server.current
+    assert link is not None
+    link.drop()
+    await rig.until(lambda: not rig.hub.connected)
+    await asyncio.wait_for(rig.hub.join(Listener("s0")), 0.5)
+    assert rig.hub.subscription_count == 1
+
+
+async def test_a_stream_joining_a_channel_just_unsubscribed_waits_for_its_new_subscription(
+    rig: Rig,
+) -> None:
+    first = Listener("s0")
+    await rig.hub.join(first)
+    rig.hub.leave(first)
+    await rig.until(lambda: rig.commands.count(("unsubscribe", 1)) == 1)
+    await settle()
+    link = rig.server.current
+    assert link is not None and link.subscribed == set()
+    rig.server.slow = True
+    joining = asyncio.create_task(rig.hub.join(Listener("s0")))
+    await rig.until(lambda: len(link.held) == 1)
+    await settle()
+    assert not joining.done()  # a publish now would reach nobody: the read must wait
+    link.process_held()
+    await asyncio.wait_for(joining, 1)
+    assert link.subscribed == {"s0"}
+
+
+async def test_a_stream_confirmed_late_is_read_again_when_the_confirmation_comes(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hub_module, "CONFIRM_TIMEOUT", 0.05)
+    link = rig.server.current
+    assert link is not None
+    listener = Listener("s0")
+    inbox = Inbox()
+    listener.attach(inbox.send)
+    rig.server.slow = True
+    await asyncio.wait_for(rig.hub.join(listener), 1)  # gave up waiting: read on its own
+    assert rig.hub._conn is not None and rig.hub._conn.waiters == {}
+    # Published while the SUBSCRIBE was not processed yet: lost on the link.
+    rig.server.publish("s0")
+    await settle()
+    assert inbox.sent == [] and rig.reader.batches == []
+    link.process_held()
+    await rig.until(lambda: inbox.sent)
+    assert inbox.sent == [(1, False)]
+    assert rig.reader.batches == [1]
+    # Confirmed once: a later publish is pushed, and nothing is read again.
+    rig.server.publish("s0")
+    await rig.until(lambda: len(inbox.sent) == 2)
+    assert inbox.sent[1] == (2, True) and rig.reader.batches == [1]
+    # Nor after its stream left and came back (confirmed in time, then).
+    rig.server.release()
+    rig.hub.leave(listener)
+    await rig.until(lambda: "s0" not in link.subscribed)
+    await rig.hub.join(Listener("s0"))
+    await settle()
+    assert rig.reader.batches == [1]
+
+
+async def test_a_stream_confirmed_in_time_is_not_read_again(rig: Rig) -> None:
+    listener = Listener("s0")
+    await rig.hub.join(listener)
+    rig.server.publish("s0")
+    await settle()
+    assert rig.reader.batches == []
+
+
+async def test_a_cancelled_join_leaves_no_waiter_behind(rig: Rig) -> None:
+    link = rig.server.current
+    assert link is not None
+    rig.server.slow = True
+    joining = asyncio.create_task(rig.hub.join(Listener("s0")))
+    await rig.until(lambda: len(link.held) == 1)
+    joining.cancel()
+    await asyncio.gather(joining, return_exceptions=True)
+    assert rig.hub._conn is not None and rig.hub._conn.waiters == {}
+    assert rig.hub.subscription_count == 0
+
+
+class FailingLink(CountingLink):
+    """Its next SUBSCRIBE fails while the connection still reads (a command timing out)."""
+
+    fail_next = False
+
+    async def subscribe(self, uuids: Iterable[str]) -> None:
+        if FailingLink.fail_next:
+            FailingLink.fail_next = False
+            raise TimeoutError("subscribe timed out")
+        await super().subscribe(uuids)
+
+
+async def test_a_failed_command_ends_the_link_and_the_next_one_subscribes_every_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(hub_module, "IDLE_PING_SECONDS", 0.05)
+    rig = Rig(FailingLink)
+    rig.hub.start()
+    try:
+        await rig.until(lambda: rig.hub.connected)
+        first = rig.server.current
+        await rig.hub.join(Listener("s0"))
+        FailingLink.fail_next = True
+        await asyncio.wait_for(rig.hub.join(Listener("s1")), 5)
+        await rig.until(lambda: rig.server.current not in (None, first))
+        assert first is not None and first.closed
+        new = rig.server.current
+        assert new is not None
+        await rig.until(lambda: new.subscribed == {"s0", "s1"})
+    finally:
+        await rig.hub.stop()
+    assert rig.restarts() == 0
+
+
+async def test_a_link_that_lived_long_enough_starts_the_backoff_over(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bounds: list[float] = []
+
+    class Jitter:
+        @staticmethod
+        def uniform(low: float, high: float) -> float:
+            bounds.append(high)
+            return 0.0
+
+    monkeypatch.setattr(hub_module, "random", Jitter)
+    monkeypatch.setattr(hub_module, "STABLE_LINK_SECONDS", 0.1)
+    rig = Rig()
+    rig.server.fail_opens = 3
+    rig.hub.start()
+    try:
+        await rig.until(lambda: rig.hub.connected)
+        assert bounds == [0.05, 0.1, 0.2]
+        link = rig.server.current
+        assert link is not None
+        await asyncio.sleep(0.15)  # longer than STABLE_LINK_SECONDS
+        rig.server.fail_opens = 1
+        link.drop()
+        await rig.until(lambda: rig.hub.connected and rig.server.current not in (None, link))
+        assert bounds[3:] == [0.05, 0.1]
+        assert link.closed and all(old.closed for old in rig.server.links[:-1])
+    finally:
+        await rig.hub.stop()
+
+
+async def test_an_idle_link_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An idle read returns nothing now and then (the loop's turn to see a failed command);
+    # that is not a lost link.
+    monkeypatch.setattr(hub_module, "IDLE_PING_SECONDS", 0.01)
+    rig = Rig()
+    rig.hub.start()
+    try:
+        await rig.until(lambda: rig.hub.connected)
+        await rig.hub.join(Listener("s0"))
+        await asyncio.sleep(0.2)
+        assert len(rig.server.links) == 1 and rig.hub.connected
+        assert rig.registry.get_sample_value("paypush_stream_pubsub_connects_total") == 1
+    finally:
+        await rig.hub.stop()
+
+
+async def test_a_join_waits_for_the_last_of_five_commands_in_flight_for_its_channel(
+    rig: Rig,
+) -> None:
+    # SUBSCRIBE, UNSUBSCRIBE twice over, then SUBSCRIBE: only the fifth confirmation counts.
+    link = rig.server.current
+    assert link is not None
+    rig.server.slow = True
+    for n in (1, 3):
+        brief = asyncio.create_task(rig.hub.join(Listener("s0")))
+        await rig.until(lambda n=n: len(link.held) == n)
+        brief.cancel()
+        await asyncio.gather(brief, return_exceptions=True)
+        await rig.until(lambda n=n: len(link.held) == n + 1)
+    last = asyncio.create_task(rig.hub.join(Listener("s0")))
+    await rig.until(lambda: len(link.held) == 5)
+    for _ in range(4):
+        link._process(*link.held.pop(0))
+        await settle()
+        assert not last.done()
+    link._process(*link.held.pop(0))
+    await asyncio.wait_for(last, 1)
+    assert link.subscribed == {"s0"}
+
+
+async def test_a_stream_joining_while_its_channel_is_being_unsubscribed_waits_for_the_resubscribe(
+    rig: Rig,
+) -> None:
+    # The SUBSCRIBE confirmed, the UNSUBSCRIBE after it not yet: the channel is on its way
+    # out, so a read now could miss a publish.
+    link = rig.server.current
+    assert link is not None
+    rig.server.slow = True
+    brief = asyncio.create_task(rig.hub.join(Listener("s0")))
+    await rig.until(lambda: len(link.held) == 1)
+    brief.cancel()
+    await asyncio.gather(brief, return_exceptions=True)
+    await rig.until(lambda: len(link.held) == 2)
+    link._process(*link.held.pop(0))  # the SUBSCRIBE
+    await settle()
+    joining = asyncio.create_task(rig.hub.join(Listener("s0")))
+    await rig.until(lambda: len(link.held) == 2)
+    await settle()
+    assert not joining.done()
+    link.process_held()
+    await asyncio.wait_for(joining, 1)
+    assert link.subscribed == {"s0"}

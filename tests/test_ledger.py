@@ -96,6 +96,70 @@ async def test_a_partial_item_is_settled_when_a_payment_made_in_time_completes_t
     assert released is not None and "purgeAt" in released and "heldPurgeAt" not in released
 
 
+async def test_a_payment_made_in_time_that_still_leaves_the_session_short_keeps_its_partial_item(
+    ingest: Client, store: Store, settings: Settings
+) -> None:
+    expires = utcnow() - timedelta(minutes=5)
+    session = await add_session(
+        store, amount=40_000, amountPaid=10_000, references=["FT1"], expiresAt=expires
+    )
+    await expire_by_cleanup(store, settings)
+    webhook = signed_webhook(session["orderCode"], 5_000, made_at=expires - timedelta(seconds=1))
+    status, body = await post(ingest, webhook)
+    assert (status, body["outcome"]) == (200, "partial")
+    [item] = await items(store)
+    assert (item["kind"], item["status"]) == ("partial_expired", "open")
+    held = await store.sessions.find_one({"uuid": session["uuid"]})
+    assert held is not None and held["amountPaid"] == 15_000 and "heldPurgeAt" in held
+
+
+async def test_a_redelivered_payment_that_completed_a_held_session_settles_what_its_first_delivery_left_open(  # noqa: E501
+    ingest: Client, store: Store, settings: Settings
+) -> None:
+    """The first delivery counted and completed the session, then died before settling."""
+    expires = utcnow() - timedelta(minutes=5)
+    session = await add_session(
+        store, amount=40_000, amountPaid=10_000, references=["FT1"], expiresAt=expires
+    )
+    await expire_by_cleanup(store, settings)
+    await store.sessions.update_one(
+        {"uuid": session["uuid"]},
+        {
+            "$set": {"status": "completed", "amountPaid": 40_000},
+            "$push": {"references": "FT2"},
+            "$inc": {"version": 1},
+        },
+    )
+    webhook = signed_webhook(
+        session["orderCode"], 30_000, reference="FT2", made_at=expires - timedelta(seconds=1)
+    )
+    status, body = await post(ingest, webhook)
+    assert (status, body["outcome"]) == (200, "duplicate")
+    [settled] = await items(store)
+    assert (settled["status"], settled["resolvedBy"]) == ("resolved", "system")
+    released = await store.sessions.find_one({"uuid": session["uuid"]})
+    assert released is not None and "heldPurgeAt" not in released
+
+
+async def test_a_redelivered_partial_payment_of_a_held_session_leaves_its_item_open(
+    ingest: Client, store: Store, settings: Settings
+) -> None:
+    expires = utcnow() - timedelta(minutes=5)
+    session = await add_session(
+        store, amount=40_000, amountPaid=10_000, references=["FT1"], expiresAt=expires
+    )
+    await expire_by_cleanup(store, settings)
+    webhook = signed_webhook(
+        session["orderCode"], 10_000, reference="FT1", made_at=expires - timedelta(minutes=1)
+    )
+    status, body = await post(ingest, webhook)
+    assert (status, body["outcome"]) == (200, "duplicate")
+    [item] = await items(store)
+    assert (item["kind"], item["status"]) == ("partial_expired", "open")
+    held = await store.sessions.find_one({"uuid": session["uuid"]})
+    assert held is not None and "heldPurgeAt" in held
+
+
 async def test_a_payment_made_twenty_minutes_after_expiry_is_a_late_item_and_the_session_stays_expired(  # noqa: E501
     ingest: Client, store: Store, settings: Settings
 ) -> None:
