@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import itertools
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ from aiohttp.test_utils import TestServer
 from shared.settings import Settings
 from stream_gateway import create_app
 from stream_gateway.appkeys import HUB, OPENING_READS, STREAMS
+from stream_gateway.streams import KEEPALIVE_SLICE, OpenStreams
 from tests.test_gateway_limits import cache_pending, stream_clients
 
 STREAM = "/api/webhooks/stream"
@@ -194,6 +196,49 @@ async def test_ten_rounds_of_1000_streams_opened_and_closed_leave_nothing_behind
     # A stream's own objects form no cycle once it ended: what a collection still finds per
     # stream is the event loop's (asyncio's socket transport; uvloop's leaves none).
     assert max(cyclic[1:]) < 10 * 1000, cyclic
+
+
+class PassStream:
+    """What a keep-alive pass sees of a stream: writable, and a write that cannot wait."""
+
+    def __init__(self, log: list[PassStream]) -> None:
+        self.log = log
+
+    def writable(self) -> bool:
+        return True
+
+    async def write(self, data: bytes) -> None:
+        self.log.append(self)
+
+    def stop_streaming(self) -> None:
+        raise AssertionError("no stream of this pass is to be cut")
+
+
+async def test_a_keepalive_pass_gives_the_loop_a_turn_between_slices_of_streams() -> None:
+    # Events for any stream wait while a pass runs: it must not hold the loop for all of them.
+    written: list[PassStream] = []
+    streams = OpenStreams(keepalive_seconds=15, max_wait_seconds=600)
+    every = [PassStream(written) for _ in range(1_000)]
+    for stream in every:
+        streams.add(stream)  # type: ignore[arg-type]
+    seen: list[int] = []
+
+    async def other_work() -> None:
+        while len(written) < len(every):
+            seen.append(len(written))
+            await asyncio.sleep(0)
+
+    ending = every[600]
+    other = asyncio.create_task(other_work())
+    await asyncio.sleep(0)
+    pass_ = asyncio.create_task(streams._keepalive_pass())
+    await asyncio.sleep(0)
+    streams.discard(ending)  # type: ignore[arg-type] # ended while the pass runs: not written to
+    await pass_
+    other.cancel()
+    steps = [b - a for a, b in itertools.pairwise([0, *seen, len(written)])]
+    assert ending not in written and len(written) == len(every) - 1
+    assert 0 < max(steps) <= KEEPALIVE_SLICE, steps
 
 
 @pytest.fixture(autouse=True)
