@@ -23,8 +23,9 @@ from aiohttp.test_utils import TestServer
 
 from shared.settings import Settings
 from stream_gateway import create_app
+from stream_gateway import streams as streams_module
 from stream_gateway.appkeys import HUB, OPENING_READS, STREAMS
-from stream_gateway.streams import KEEPALIVE_SLICE, OpenStreams
+from stream_gateway.streams import KEEPALIVE_SLICE, KEEPALIVE_TICKS, OpenStreams
 from tests.test_gateway_limits import cache_pending, stream_clients
 
 STREAM = "/api/webhooks/stream"
@@ -119,7 +120,7 @@ async def test_a_stream_whose_keepalive_write_fails_is_cut_at_that_write(
         streams = [await raw_stream(port, u) for u in uuids]
         try:
             assert len(app[STREAMS]) == len(uuids)
-            passes = app[STREAMS].passes
+            ticks = app[STREAMS].ticks
             # The server's side of every connection can no longer send (EPIPE on the next
             # write), while nothing reads or closes anything: only a write can find out.
             for stream in app[STREAMS]:
@@ -127,10 +128,10 @@ async def test_a_stream_whose_keepalive_write_fails_is_cut_at_that_write(
                 assert transport is not None
                 transport.get_extra_info("socket").shutdown(socket.SHUT_WR)
             await asyncio.sleep(0.2)
-            if app[STREAMS].passes == passes:
+            if app[STREAMS].ticks == ticks:
                 assert len(app[STREAMS]) == len(uuids), "cut before any write"
             await until_no_streams(app, timeout=interval * 3)
-            assert app[STREAMS].passes > passes, "cut by a keep-alive pass"
+            assert app[STREAMS].ticks > ticks, "cut by a keep-alive write"
         finally:
             for _, writer in streams:
                 writer.close()
@@ -214,8 +215,43 @@ class PassStream:
         raise AssertionError("no stream of this pass is to be cut")
 
 
-async def test_a_keepalive_pass_gives_the_loop_a_turn_between_slices_of_streams() -> None:
-    # Events for any stream wait while a pass runs: it must not hold the loop for all of them.
+async def test_keepalives_are_spread_over_the_interval_each_stream_once() -> None:
+    # Opened all at once (a reconnect storm), still spread: no tick writes them all.
+    written: list[PassStream] = []
+    streams = OpenStreams(keepalive_seconds=15, max_wait_seconds=600)
+    every = [PassStream(written) for _ in range(1_000)]
+    for stream in every:
+        streams.add(stream)  # type: ignore[arg-type]
+    sizes = []
+    for group in range(KEEPALIVE_TICKS):
+        before = len(written)
+        await streams._keepalive_group(group)
+        sizes.append(len(written) - before)
+    assert sorted(written, key=id) == sorted(every, key=id)  # each stream once
+    assert max(sizes) - min(sizes) <= 1, sizes
+    assert streams.passes == 1 and streams.ticks == KEEPALIVE_TICKS
+
+
+async def test_a_stream_that_ends_is_no_longer_in_any_keepalive_group() -> None:
+    written: list[PassStream] = []
+    streams = OpenStreams(keepalive_seconds=15, max_wait_seconds=600)
+    every = [PassStream(written) for _ in range(200)]
+    for stream in every:
+        streams.add(stream)  # type: ignore[arg-type]
+    for stream in every[::2]:
+        streams.discard(stream)  # type: ignore[arg-type]
+    for group in range(KEEPALIVE_TICKS):
+        await streams._keepalive_group(group)
+    assert sorted(written, key=id) == sorted(every[1::2], key=id)
+    assert len(streams) == 100
+
+
+async def test_a_keepalive_tick_gives_the_loop_a_turn_between_slices_of_streams(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Events for any stream wait while a tick writes: it must not hold the loop for a whole
+    # group, however large (here one group holds every stream).
+    monkeypatch.setattr(streams_module, "KEEPALIVE_TICKS", 1)
     written: list[PassStream] = []
     streams = OpenStreams(keepalive_seconds=15, max_wait_seconds=600)
     every = [PassStream(written) for _ in range(1_000)]
@@ -231,10 +267,10 @@ async def test_a_keepalive_pass_gives_the_loop_a_turn_between_slices_of_streams(
     ending = every[600]
     other = asyncio.create_task(other_work())
     await asyncio.sleep(0)
-    pass_ = asyncio.create_task(streams._keepalive_pass())
+    tick = asyncio.create_task(streams._keepalive_group(0))
     await asyncio.sleep(0)
-    streams.discard(ending)  # type: ignore[arg-type] # ended while the pass runs: not written to
-    await pass_
+    streams.discard(ending)  # type: ignore[arg-type] # ended during the tick: not written to
+    await tick
     other.cancel()
     steps = [b - a for a, b in itertools.pairwise([0, *seen, len(written)])]
     assert ending not in written and len(written) == len(every) - 1
