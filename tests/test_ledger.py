@@ -7,7 +7,7 @@ import asyncio
 import functools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,17 @@ async def expire_by_cleanup(store: Store, settings: Settings) -> None:
     assert result.expired >= 1
 
 
+async def held_partial_session(store: Store, settings: Settings) -> tuple[dict[str, Any], datetime]:
+    """A session paid 10,000 of 40,000 (FT1) that expired 5 minutes ago: cleanup recorded its
+    open `partial_expired` item and holds it from the TTL. The session and its expiry."""
+    expires = utcnow() - timedelta(minutes=5)
+    session = await add_session(
+        store, amount=40_000, amountPaid=10_000, references=["FT1"], expiresAt=expires
+    )
+    await expire_by_cleanup(store, settings)
+    return session, expires
+
+
 def with_currency(body: dict[str, Any], currency: str) -> dict[str, Any]:
     body["data"]["currency"] = currency
     body["signature"] = sign_data(body["data"], TEST_CHECKSUM_KEY)
@@ -77,11 +88,7 @@ async def test_a_partial_item_is_settled_when_a_payment_made_in_time_completes_t
     ingest: Client, store: Store, settings: Settings
 ) -> None:
     """Not the shopper's money to refund any more: the shop was told it was paid in full."""
-    expires = utcnow() - timedelta(minutes=5)
-    session = await add_session(
-        store, amount=40_000, amountPaid=10_000, references=["FT1"], expiresAt=expires
-    )
-    await expire_by_cleanup(store, settings)
+    session, expires = await held_partial_session(store, settings)
     [item] = await items(store)
     assert (item["kind"], item["status"]) == ("partial_expired", "open")
     held = await store.sessions.find_one({"uuid": session["uuid"]})
@@ -99,11 +106,7 @@ async def test_a_partial_item_is_settled_when_a_payment_made_in_time_completes_t
 async def test_a_payment_made_in_time_that_still_leaves_the_session_short_keeps_its_partial_item(
     ingest: Client, store: Store, settings: Settings
 ) -> None:
-    expires = utcnow() - timedelta(minutes=5)
-    session = await add_session(
-        store, amount=40_000, amountPaid=10_000, references=["FT1"], expiresAt=expires
-    )
-    await expire_by_cleanup(store, settings)
+    session, expires = await held_partial_session(store, settings)
     webhook = signed_webhook(session["orderCode"], 5_000, made_at=expires - timedelta(seconds=1))
     status, body = await post(ingest, webhook)
     assert (status, body["outcome"]) == (200, "partial")
@@ -117,11 +120,7 @@ async def test_a_redelivered_payment_that_completed_a_held_session_settles_what_
     ingest: Client, store: Store, settings: Settings
 ) -> None:
     """The first delivery counted and completed the session, then died before settling."""
-    expires = utcnow() - timedelta(minutes=5)
-    session = await add_session(
-        store, amount=40_000, amountPaid=10_000, references=["FT1"], expiresAt=expires
-    )
-    await expire_by_cleanup(store, settings)
+    session, expires = await held_partial_session(store, settings)
     await store.sessions.update_one(
         {"uuid": session["uuid"]},
         {
@@ -144,11 +143,7 @@ async def test_a_redelivered_payment_that_completed_a_held_session_settles_what_
 async def test_a_redelivered_partial_payment_of_a_held_session_leaves_its_item_open(
     ingest: Client, store: Store, settings: Settings
 ) -> None:
-    expires = utcnow() - timedelta(minutes=5)
-    session = await add_session(
-        store, amount=40_000, amountPaid=10_000, references=["FT1"], expiresAt=expires
-    )
-    await expire_by_cleanup(store, settings)
+    session, expires = await held_partial_session(store, settings)
     webhook = signed_webhook(
         session["orderCode"], 10_000, reference="FT1", made_at=expires - timedelta(minutes=1)
     )

@@ -215,13 +215,19 @@ class PassStream:
         raise AssertionError("no stream of this pass is to be cut")
 
 
-async def test_keepalives_are_spread_over_the_interval_each_stream_once() -> None:
-    # Opened all at once (a reconnect storm), still spread: no tick writes them all.
+def pass_streams(n: int) -> tuple[OpenStreams, list[PassStream], list[PassStream]]:
+    """`n` streams kept alive by one `OpenStreams`; the list their writes are logged in."""
     written: list[PassStream] = []
     streams = OpenStreams(keepalive_seconds=15, max_wait_seconds=600)
-    every = [PassStream(written) for _ in range(1_000)]
+    every = [PassStream(written) for _ in range(n)]
     for stream in every:
         streams.add(stream)  # type: ignore[arg-type]
+    return streams, every, written
+
+
+async def test_keepalives_are_spread_over_the_interval_each_stream_once() -> None:
+    # Opened all at once (a reconnect storm), still spread: no tick writes them all.
+    streams, every, written = pass_streams(1_000)
     sizes = []
     for group in range(KEEPALIVE_TICKS):
         before = len(written)
@@ -233,11 +239,7 @@ async def test_keepalives_are_spread_over_the_interval_each_stream_once() -> Non
 
 
 async def test_a_stream_that_ends_is_no_longer_in_any_keepalive_group() -> None:
-    written: list[PassStream] = []
-    streams = OpenStreams(keepalive_seconds=15, max_wait_seconds=600)
-    every = [PassStream(written) for _ in range(200)]
-    for stream in every:
-        streams.add(stream)  # type: ignore[arg-type]
+    streams, every, written = pass_streams(200)
     for stream in every[::2]:
         streams.discard(stream)  # type: ignore[arg-type]
     for group in range(KEEPALIVE_TICKS):
@@ -252,11 +254,7 @@ async def test_a_keepalive_tick_gives_the_loop_a_turn_between_slices_of_streams(
     # Events for any stream wait while a tick writes: it must not hold the loop for a whole
     # group, however large (here one group holds every stream).
     monkeypatch.setattr(streams_module, "KEEPALIVE_TICKS", 1)
-    written: list[PassStream] = []
-    streams = OpenStreams(keepalive_seconds=15, max_wait_seconds=600)
-    every = [PassStream(written) for _ in range(1_000)]
-    for stream in every:
-        streams.add(stream)  # type: ignore[arg-type]
+    streams, every, written = pass_streams(1_000)
     seen: list[int] = []
 
     async def other_work() -> None:
