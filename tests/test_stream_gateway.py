@@ -333,6 +333,20 @@ async def test_a_new_eventsource_says_its_version_in_the_query_and_gets_204_for_
         assert json.loads((await Stream(src).next()).data)["status"] == "done"
 
 
+@pytest.mark.parametrize("version", ["\u00b2", "\u0662", "-1", "1e3"])
+async def test_a_version_that_is_not_ascii_digits_counts_as_none(
+    gateway: httpx.AsyncClient, ingest: Client, store: Store, version: str
+) -> None:
+    # "²" and "٢" are digits to str.isdigit; the schema fuzzer found "²" made a 500.
+    session = await add_session(store)
+    await pay(ingest, session)
+    async with aconnect_sse(
+        gateway, "GET", STREAM, params={"uuid": session["uuid"], "lastEventId": version}
+    ) as src:
+        assert src.response.status_code == 200
+        assert json.loads((await Stream(src).next()).data)["status"] == "done"
+
+
 async def test_resume_of_a_pending_status_already_seen_waits_for_the_change(
     gateway: httpx.AsyncClient, ingest: Client, store: Store
 ) -> None:

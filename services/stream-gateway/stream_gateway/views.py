@@ -150,7 +150,8 @@ def _last_event_id(request: web.Request) -> int | None:
     `?lastEventId=` — the page sends that when it opens a new EventSource after one gave up
     (a 503 from a stopping gateway), which cannot set the header."""
     raw = request.headers.get("Last-Event-ID", "").strip() or request.query.get("lastEventId", "")
-    return int(raw) if raw.isdigit() and len(raw) < 19 else None
+    # ASCII digits only: str.isdigit also takes "²" (int() refuses it) and Arabic-Indic digits.
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 19 else None
 
 
 async def stats(request: web.Request) -> web.Response:

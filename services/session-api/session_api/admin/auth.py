@@ -76,7 +76,7 @@ class AdminAuth:
             return None
         raw_expires, _, rest = value.partition(".")
         nonce, _, mac = rest.partition(".")
-        if not (raw_expires.isdigit() and len(raw_expires) <= 12):
+        if not (raw_expires.isascii() and raw_expires.isdigit() and len(raw_expires) <= 12):
             return None
         if not (_NONCE_RE.fullmatch(nonce) and _MAC_RE.fullmatch(mac)):
             return None
