@@ -70,7 +70,7 @@ class Listener:
     Events wait in a small queue until a sender starts: the first ones are written by the
     stream's handler itself (`start`), later ones by one short-lived task per burst, in order
     (an idle stream costs no task of its own beyond the connection's handler: keep-alives
-    come from one pass over every stream, `streams.OpenStreams`).
+    come from one task for every stream, `streams.OpenStreams`).
     """
 
     __slots__ = ("_closed", "_drain", "_last", "_queue", "_send", "uuid")

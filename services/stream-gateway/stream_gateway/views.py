@@ -86,7 +86,7 @@ async def _stream(request: web.Request, listener: Listener) -> SseStream:
     settings = app[SETTINGS]
     metrics = app[GATEWAY_METRICS]
     hub = app[HUB]
-    # Keep-alives and the cap come from the process's one pass over `STREAMS`.
+    # Keep-alives and the cap come from the process's one task over `STREAMS`.
     stream = SseStream(send_timeout=SEND_TIMEOUT_SECONDS)
     add_cors_headers(request, stream, settings.cors_origins)
     await stream.prepare(request)
