@@ -6,6 +6,7 @@ The interleavings of all of them together are tests/test_hub_machine.py's."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterable, Sequence
 
 import pytest
@@ -726,3 +727,62 @@ async def test_a_stream_joining_while_its_channel_is_being_unsubscribed_waits_fo
     link.process_held()
     await asyncio.wait_for(joining, 1)
     assert link.subscribed == {"s0"}
+
+
+class SwallowingLink(CountingLink):
+    """Its UNSUBSCRIBE and reads swallow a cancellation, as redis-py 8.1's pub/sub does: the
+    call returns normally and the task's `cancelling()` stays set."""
+
+    async def unsubscribe(self, uuids: Iterable[str]) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await super().unsubscribe(uuids)
+
+    async def read(self, *, idle: float) -> Message | None:
+        with contextlib.suppress(asyncio.CancelledError):
+            return await super().read(idle=idle)
+        return None
+
+
+class SwallowingReader(BatchReader):
+    """A status read that swallows the cancellations that land in it (PyMongo's cursor can):
+    both of a stopping supervisor's, here."""
+
+    async def read_fresh(self, uuids: Sequence[str]) -> dict[str, StatusEvent]:
+        for _ in range(2):
+            with contextlib.suppress(asyncio.CancelledError):
+                return await super().read_fresh(uuids)
+        return {}
+
+
+async def test_a_cancellation_a_command_swallows_still_stops_the_hub() -> None:
+    rig = Rig(SwallowingLink)
+    rig.hub.start()
+    try:
+        await rig.until(lambda: rig.hub.connected)
+        listener = Listener("s0")
+        await rig.hub.join(listener)
+        rig.server.stall = asyncio.Event()  # the UNSUBSCRIBE waits on a full socket buffer
+        rig.hub.leave(listener)
+        await rig.until(lambda: rig.commands[-1] == ("unsubscribe", 1))
+    finally:
+        await rig.hub.stop()
+    # Nothing left running past the app's shutdown, on clients about to close.
+    assert all(t.task is None or t.task.done() for t in rig.hub._tasks)
+
+
+async def test_a_cancellation_a_status_read_swallows_still_stops_the_hub() -> None:
+    rig = Rig()
+    rig.reader = SwallowingReader(rig.server)
+    rig.hub = Hub(rig.open_link, rig.reader, rig.metrics, rig.supervisor)
+    rig.hub.start()
+    try:
+        await rig.until(lambda: rig.hub.connected)
+        await rig.hub.join(Listener("s0"))
+        rig.reader.gate = asyncio.Event()  # MongoDB slow: the re-read is in flight
+        link = rig.server.current
+        assert link is not None
+        link.drop()
+        await rig.until(lambda: rig.reader.inflight == 1)
+    finally:
+        await rig.hub.stop()
+    assert all(t.task is None or t.task.done() for t in rig.hub._tasks)

@@ -30,7 +30,7 @@ from typing import Protocol
 import structlog
 
 from shared.model import StatusEvent
-from shared.tasks import Supervised, Supervisor
+from shared.tasks import Supervised, Supervisor, checkpoint
 
 from .links import CONFIRM_TIMEOUT, IDLE_PING_SECONDS, Link
 from .metrics import GatewayMetrics
@@ -332,6 +332,11 @@ class Hub:
         # The link watches its own liveness (it raises once silent, even to PING); an idle
         # read only gives the loop a turn to see a failed command.
         while True:
+            # redis-py 8.1's pub/sub can swallow a cancellation (measured: an UNSUBSCRIBE
+            # cancelled mid-batch returns normally, `cancelling()` still set), PyMongo too:
+            # every loop of the hub checks once a round (a link's open swallowing one is
+            # caught here too, on the first round).
+            checkpoint()
             if conn.failure is not None:
                 raise conn.failure
             msg = await conn.link.read(idle=IDLE_PING_SECONDS)
@@ -411,6 +416,7 @@ class Hub:
         # Until `stop` cancels it (a return would be restarted, see `_run`); nothing is sent
         # once closing.
         while True:
+            checkpoint()
             await self._dirty.wait()
             self._dirty.clear()
             conn = self._conn
@@ -451,6 +457,7 @@ class Hub:
     async def _reread_loop(self) -> None:
         async def worker() -> None:
             while True:
+                checkpoint()
                 while not self._reread:
                     self._reread_wake.clear()
                     await self._reread_wake.wait()
