@@ -27,6 +27,14 @@ READINESS_TIMEOUT = 1.0
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
+def ascii_int(raw: str, max_digits: int) -> int | None:
+    """`raw` as a number if it is 1 to `max_digits` ASCII digits, else None. Not
+    `str.isdigit` alone: it also takes "²" (which `int()` refuses) and other scripts' digits."""
+    if 0 < len(raw) <= max_digits and raw.isascii() and raw.isdigit():
+        return int(raw)
+    return None
+
+
 def json_error(status: int, message: str, **extra: Any) -> web.Response:
     """The one error shape of every service: `{success: false, error, ...}`."""
     return web.json_response({"success": False, "error": message, **extra}, status=status)

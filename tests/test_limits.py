@@ -24,7 +24,7 @@ from session_api.limits import (
 )
 from shared import keys
 from shared.settings import Settings, SettingsError
-from shared.web import error_middleware
+from shared.web import ascii_int, error_middleware
 
 CLIENT = "203.0.113.7"
 
@@ -223,3 +223,26 @@ async def test_retry_after_is_the_time_left_rounded_up_to_whole_seconds(redis: R
 
 async def test_an_unlimited_limiter_decides_without_counting(redis: Redis) -> None:
     assert await RateLimiter(redis, 0).hit(CLIENT) == Decision(True, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("0", 0),
+        ("42", 42),
+        ("123456", 123456),
+        ("1234567", None),
+        ("", None),
+        ("²", None),
+        ("٢", None),
+        ("-1", None),
+        ("+1", None),
+        (" 1", None),
+        ("1e3", None),
+    ],
+)
+def test_a_number_in_a_header_query_or_cookie_is_ascii_digits_only(
+    raw: str, expected: int | None
+) -> None:
+    # str.isdigit takes "²", which int() refuses: that was a 500 on the stream's lastEventId.
+    assert ascii_int(raw, 6) == expected

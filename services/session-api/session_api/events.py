@@ -17,7 +17,7 @@ from aiohttp import web
 from shared import outbox
 from shared.appkeys import SETTINGS
 from shared.errors import storage
-from shared.web import read_body
+from shared.web import ascii_int, read_body
 
 from .appkeys import EVENT_LOG, OUTBOX_METRICS
 from .errors import InvalidRequest, NotFound
@@ -39,17 +39,19 @@ class EventsApiOff(NotFound):
 def parse_cursor(raw: str | None) -> int:
     if raw is None or raw == "":
         return 0
-    if not raw.isascii() or not raw.isdigit() or len(raw) > MAX_CURSOR_DIGITS:
+    cursor = ascii_int(raw, MAX_CURSOR_DIGITS)
+    if cursor is None:
         raise InvalidRequest("`after` must be a cursor this API returned (digits)")
-    return int(raw)
+    return cursor
 
 
 def parse_limit(raw: str | None) -> int:
     if raw is None or raw == "":
         return DEFAULT_LIMIT
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 6 or not 1 <= int(raw) <= MAX_PAGE:
+    limit = ascii_int(raw, 6)
+    if limit is None or not 1 <= limit <= MAX_PAGE:
         raise InvalidRequest(f"`limit` must be an integer between 1 and {MAX_PAGE}")
-    return int(raw)
+    return limit
 
 
 async def list_events(request: web.Request) -> web.Response:

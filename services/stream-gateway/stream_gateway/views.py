@@ -12,7 +12,7 @@ from pymongo.errors import PyMongoError
 from shared.appkeys import SETTINGS
 from shared.errors import InvalidInput, NotFound
 from shared.model import StatusEvent, is_valid_uuid
-from shared.web import add_cors_headers
+from shared.web import add_cors_headers, ascii_int
 
 from .appkeys import ADMISSION, GATEWAY_METRICS, HUB, OPENING_READS, STREAMS
 from .errors import StreamUnavailable
@@ -150,8 +150,7 @@ def _last_event_id(request: web.Request) -> int | None:
     `?lastEventId=` — the page sends that when it opens a new EventSource after one gave up
     (a 503 from a stopping gateway), which cannot set the header."""
     raw = request.headers.get("Last-Event-ID", "").strip() or request.query.get("lastEventId", "")
-    # ASCII digits only: str.isdigit also takes "²" (int() refuses it) and Arabic-Indic digits.
-    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 19 else None
+    return ascii_int(raw, 18)
 
 
 async def stats(request: web.Request) -> web.Response:

@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from shared.web import ascii_int
+
 COOKIE = "paypush_admin"
 # Only the console's own paths ever see the cookie.
 COOKIE_PATH = "/admin"
@@ -76,14 +78,15 @@ class AdminAuth:
             return None
         raw_expires, _, rest = value.partition(".")
         nonce, _, mac = rest.partition(".")
-        if not (raw_expires.isascii() and raw_expires.isdigit() and len(raw_expires) <= 12):
+        expires = ascii_int(raw_expires, 12)
+        if expires is None:
             return None
         if not (_NONCE_RE.fullmatch(nonce) and _MAC_RE.fullmatch(mac)):
             return None
         payload = f"{raw_expires}.{nonce}"
         if not hmac.compare_digest(mac, self._mac(b"session", payload)):
             return None
-        expires, current = int(raw_expires), now if now is not None else time.time()
+        current = now if now is not None else time.time()
         if not current < expires <= current + self.max_age:
             return None
         return AdminSession(expires, self._mac(b"csrf", nonce))
