@@ -92,11 +92,15 @@ class OpenStreams:
         self._groups: list[dict[SseStream, None]] = [{} for _ in range(KEEPALIVE_TICKS)]
         self._dealt = 0
         self._wake = asyncio.Event()
-        self.passes = 0  # rounds of keep-alives begun: every group once (for tests)
-        self.ticks = 0  # groups written (for tests)
+        self.ticks = 0  # groups written, in order from the first (for tests)
 
     def __len__(self) -> int:
         return len(self._deadlines)
+
+    @property
+    def passes(self) -> int:
+        """Rounds of keep-alives begun, each writing every group once (for tests)."""
+        return -(-self.ticks // KEEPALIVE_TICKS)
 
     def __iter__(self) -> Iterator[SseStream]:
         return iter(list(self._deadlines))
@@ -160,8 +164,6 @@ class OpenStreams:
         return head
 
     async def _keepalive_group(self, group: int) -> None:
-        if group == 0:
-            self.passes += 1
         self.ticks += 1
         members = self._groups[group]
         cut = 0
