@@ -231,11 +231,15 @@ class BatchReader(FakeReader):
 
 
 class Rig:
-    def __init__(self, link_class: type[CountingLink] = CountingLink) -> None:
+    def __init__(
+        self,
+        link_class: type[CountingLink] = CountingLink,
+        reader_class: type[BatchReader] = BatchReader,
+    ) -> None:
         self.link_class = link_class
         self.server = FakeRedis()
         self.commands: list[tuple[str, int]] = []
-        self.reader = BatchReader(self.server)
+        self.reader = reader_class(self.server)
         self.registry = CollectorRegistry()
         self.metrics = GatewayMetrics.create(self.registry)
         self.supervisor = Supervisor(self.registry)
@@ -629,13 +633,14 @@ async def test_a_cancelled_join_leaves_no_waiter_behind(rig: Rig) -> None:
 
 
 class FailingLink(CountingLink):
-    """Its next SUBSCRIBE fails while the connection still reads (a command timing out)."""
+    """Once `fail_next` is set, its next SUBSCRIBE fails while the connection still reads (a
+    command timing out)."""
 
     fail_next = False
 
     async def subscribe(self, uuids: Iterable[str]) -> None:
-        if FailingLink.fail_next:
-            FailingLink.fail_next = False
+        if self.fail_next:
+            self.fail_next = False
             raise TimeoutError("subscribe timed out")
         await super().subscribe(uuids)
 
@@ -649,8 +654,9 @@ async def test_a_failed_command_ends_the_link_and_the_next_one_subscribes_every_
     try:
         await rig.until(lambda: rig.hub.connected)
         first = rig.server.current
+        assert isinstance(first, FailingLink)
         await rig.hub.join(Listener("s0"))
-        FailingLink.fail_next = True
+        first.fail_next = True
         await asyncio.wait_for(rig.hub.join(Listener("s1")), 5)
         await rig.until(lambda: rig.server.current not in (None, first))
         assert first is not None and first.closed
@@ -771,9 +777,7 @@ async def test_a_cancellation_a_command_swallows_still_stops_the_hub() -> None:
 
 
 async def test_a_cancellation_a_status_read_swallows_still_stops_the_hub() -> None:
-    rig = Rig()
-    rig.reader = SwallowingReader(rig.server)
-    rig.hub = Hub(rig.open_link, rig.reader, rig.metrics, rig.supervisor)
+    rig = Rig(reader_class=SwallowingReader)
     rig.hub.start()
     try:
         await rig.until(lambda: rig.hub.connected)
