@@ -47,6 +47,7 @@ from redis.asyncio import Redis
 
 from devstack.seed import store_pending_sessions
 from devstack.servers import Process, free_port, mongo_standin, python_service, redis_server
+from session_api.admin.gateway import parse_metrics
 from shared.cache import StatusCache
 from shared.model import StatusEvent, StreamStatus
 from shared.mongo import Store, mongo_client
@@ -63,7 +64,6 @@ BROWSER_HEADERS = (
     "Accept-Language: en-US,en;q=0.9\r\n"
 )
 VERSION = re.compile(rb'"version":(\d+)')
-DELIVERY_BUCKET = re.compile(r'paypush_stream_delivery_seconds_bucket\{le="([^"]+)"\} (\S+)')
 
 
 # -- the client processes (the same code for both systems) --------------------------------
@@ -362,9 +362,12 @@ async def gateway_system(tmp: Path, args: argparse.Namespace) -> Any:
             if not await cache.put(event):
                 raise RuntimeError("the status cache refused a newer event")
 
-        async def gc_longest() -> float | None:
+        async def scrape() -> str:
             async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
-                text = await resp.text()
+                return await resp.text()
+
+        async def gc_longest() -> float | None:
+            text = await scrape()
             longest, cpu, total = None, 0.0, 0.0
             for line in text.splitlines():
                 if line.startswith("paypush_gc_longest_pause_seconds "):
@@ -380,15 +383,9 @@ async def gateway_system(tmp: Path, args: argparse.Namespace) -> Any:
             return longest
 
         async def delivered() -> dict[float, float]:
-            """The gateway's own change -> written histogram, cumulative per bucket."""
-            async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
-                text = await resp.text()
-            buckets: dict[float, float] = {}
-            for line in text.splitlines():
-                match = DELIVERY_BUCKET.match(line)
-                if match:
-                    buckets[float(match[1])] = float(match[2])
-            return buckets
+            """The gateway's own change -> written histogram, cumulative per bucket (read as
+            the operator console reads it)."""
+            return dict(parse_metrics(await scrape()).buckets)
 
         yield System(
             "stream-gateway",
@@ -543,11 +540,13 @@ async def measure(system: System, args: argparse.Namespace) -> Figures:
                 sent[(i, version[i])] = time.time()
                 await system.publish(keys[i], event)
 
-        await asyncio.gather(*(one(k) for k in range(args.events)))
-        await asyncio.sleep(1.0)
-        gc.enable()
+        try:
+            await asyncio.gather(*(one(k) for k in range(args.events)))
+            await asyncio.sleep(1.0)
+        finally:
+            gc.enable()
         cpu_d, redis1 = _cpu(pids), cpu_seconds(system.redis_pid)
-        if system.delivered and written0 is not None:
+        if system.delivered is not None and written0 is not None:
             fig.written_ms = _written_within(written0, await system.delivered())
         # Before the streams close: closing 10,000 at once is not a phase measured here.
         longest = await system.gc_longest()
