@@ -275,6 +275,24 @@ async def test_a_keepalive_tick_gives_the_loop_a_turn_between_slices_of_streams(
     assert 0 < max(steps) <= KEEPALIVE_SLICE, steps
 
 
+async def test_after_a_stall_the_groups_that_fell_due_are_each_written_once() -> None:
+    # 1.28 s interval: a tick every 40 ms. The process stalls for 0.8 s (20 ticks late):
+    # those groups are written when it wakes, no stream twice before its interval is over.
+    streams, every, written = pass_streams(2 * KEEPALIVE_TICKS)
+    streams.keepalive_seconds = 1.28
+    running = asyncio.create_task(streams.run())
+    try:
+        await asyncio.sleep(0)
+        time.sleep(0.8)  # noqa: ASYNC251 -- the stall itself: nothing else runs
+        await asyncio.sleep(0.03)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+    counts = [written.count(s) for s in every]
+    assert max(counts) == 1, counts
+    assert sum(counts) >= 2 * 20, counts
+
+
 @pytest.fixture(autouse=True)
 def _enough_files() -> None:
     import resource
