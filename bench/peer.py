@@ -1,22 +1,27 @@
 """The gateway side by side with a C push server: nginx + nchan, same client, same run.
 
     python -m bench.peer [--streams 10000] [--clients 4] [--idle 30] [--events 5000]
-                         [--rate 500] [--keepalive 15] [--only gateway|nchan]
+                         [--rate 500] [--keepalive 15] [--only gateway|nchan|bare]
 
-Both systems get their own redis-server on a free port and serve EventSource streams of one
-channel each; both are driven by the same client processes (`--clients`, raw asyncio sockets):
+Three servers, one after the other: nginx + nchan, a bare aiohttp-sse server (`bench.bare`:
+the floor of aiohttp doing this job) and the gateway. nchan and the gateway get their own
+redis-server on a free port; all serve EventSource streams of one channel each and are driven
+by the same client processes (`--clients`, raw asyncio sockets):
 
 1. open: every stream at once (each client at most `--connect-concurrency` connecting at a
    time), until each has its first event, the current status: the gateway reads it from its
-   status cache, nchan replays the one message stored per channel (published beforehand);
+   status cache, nchan replays the one message stored per channel (published beforehand),
+   the bare server writes a constant;
 2. idle for `--idle` seconds with a keep-alive every `--keepalive` seconds on every stream;
 3. `--events` events at `--rate` per second to random streams: the gateway's through the
    status cache's cache-and-publish script (what the ingest does), nchan's POSTed to its
-   publisher location; each event's publish → receive latency is taken at the client.
+   publisher location, the bare server's to its own; each event's publish → receive
+   latency is taken at the client.
 
 Server RSS and CPU come from /proc (nginx: master + worker), Redis's CPU too, and the
 gateway's longest garbage collection from its `paypush_gc_longest_pause_seconds` metric.
-Prints one table, both systems and the ratio gateway / nchan, then what is not the same work.
+Prints one table, the gateway beside nchan and beside the bare server with both ratios, then
+what is not the same work.
 Two cores are shared with the client processes, so read the ratios, not the absolute figures.
 """
 
@@ -53,11 +58,21 @@ from shared.model import StatusEvent, StreamStatus
 from shared.mongo import Store, mongo_client
 from shared.settings import Settings
 
-from ._common import AMOUNT, cpu_seconds, percentile, raise_nofile, reap, rss_kib, table
+from ._common import (
+    AMOUNT,
+    bare_aiohttp,
+    cpu_seconds,
+    percentile,
+    raise_nofile,
+    reap,
+    rss_kib,
+    table,
+)
 
 NCHAN_MODULE = Path("/usr/lib/nginx/modules/ngx_nchan_module.so")
 STREAM_PATH = "/api/webhooks/stream?uuid="
 NCHAN_SUB_PATH = "/sub?id="
+BARE_SUB_PATH = "/sse?id="
 BROWSER_HEADERS = (
     "Accept: text/event-stream\r\nCache-Control: no-cache\r\n"
     "User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/126.0 Safari/537.36\r\n"
@@ -216,7 +231,8 @@ class System:
     port: int
     path: str
     pids: Callable[[], list[int]]
-    redis_pid: int
+    redis_pid: int | None  # the server's Redis, where it has one
+    redis_port: int | None
     publish: Callable[[str, StatusEvent], Awaitable[None]]
     gc_longest: Callable[[], Awaitable[float | None]]
     # The server's own delivery histogram (upper bound -> events), where it has one.
@@ -224,6 +240,22 @@ class System:
     # The gateway's sessions live in MongoDB and its status cache (nchan stores its own).
     store: Store | None = None
     cache: StatusCache | None = None
+
+
+async def _redis_commands(port: int | None) -> int:
+    """Commands the Redis server on `port` has run so far (INFO commandstats)."""
+    if port is None:
+        return 0
+    client = Redis(port=port)
+    try:
+        stats = await client.info("commandstats")
+    finally:
+        await client.aclose()
+    return sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+
+
+def _redis_cpu(system: System) -> float:
+    return 0.0 if system.redis_pid is None else cpu_seconds(system.redis_pid)
 
 
 def _cpu(pids: list[int]) -> float:
@@ -320,6 +352,7 @@ async def nchan_system(tmp: Path, args: argparse.Namespace) -> Any:
             NCHAN_SUB_PATH,
             lambda: [nginx.pid, *_children(nginx.pid)],
             redis.pid,
+            redis.port,
             publish,
             no_gc,
         )
@@ -327,6 +360,38 @@ async def nchan_system(tmp: Path, args: argparse.Namespace) -> Any:
         await http.close()
         nginx.stop()
         redis.stop()
+
+
+@contextlib.asynccontextmanager
+async def bare_system(tmp: Path, args: argparse.Namespace) -> Any:
+    """`bench.bare`'s aiohttp-sse stream: the floor of an aiohttp server doing this job."""
+    settings = Settings.from_env({}, log_level="WARNING", sse_keepalive_seconds=args.keepalive)
+    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
+    try:
+        with bare_aiohttp(settings.env()) as bare:
+
+            async def publish(key: str, event: StatusEvent) -> None:
+                url = f"http://127.0.0.1:{bare.port}/pub?id={key}"
+                async with http.post(url, data=event.to_json()) as resp:
+                    await resp.read()
+                    if resp.status not in (201, 202):
+                        raise RuntimeError(f"the bare server's publish answered {resp.status}")
+
+            async def no_gc() -> float | None:
+                return None
+
+            yield System(
+                "bare aiohttp-sse",
+                bare.port,
+                BARE_SUB_PATH,
+                lambda: [bare.pid],
+                None,
+                None,
+                publish,
+                no_gc,
+            )
+    finally:
+        await http.close()
 
 
 @contextlib.asynccontextmanager
@@ -393,6 +458,7 @@ async def gateway_system(tmp: Path, args: argparse.Namespace) -> Any:
             STREAM_PATH,
             lambda: [gateway.pid],
             redis.pid,
+            redis.port,
             publish,
             gc_longest,
             delivered,
@@ -415,6 +481,7 @@ class Figures:
     rss_per_stream_kib: float = 0.0
     cpu_per_open_us: float = 0.0
     opens_per_s: float = 0.0
+    redis_commands_per_open: float = 0.0
     failed_opens: int = 0
     idle_cpu_pct: float = 0.0
     cpu_per_keepalive_us: float = 0.0
@@ -480,6 +547,7 @@ async def measure(system: System, args: argparse.Namespace) -> Figures:
     keys = [e.uuid for e in current]
     await asyncio.sleep(1.0)
     pids = system.pids()
+    commands0 = await _redis_commands(system.redis_port)
     rss0, cpu0 = _rss(pids), _cpu(pids)
 
     shares = [list(range(i, n, args.clients)) for i in range(args.clients)]
@@ -501,6 +569,8 @@ async def measure(system: System, args: argparse.Namespace) -> Figures:
         good = n - fig.failed_opens
         fig.opens_per_s = good / window if window > 0 else 0.0
         fig.cpu_per_open_us = (cpu1 - cpu0) / max(1, good) * 1e6
+        commands = await _redis_commands(system.redis_port) - commands0
+        fig.redis_commands_per_open = commands / max(1, good)
         await asyncio.sleep(1.0)
         pids = system.pids()
         fig.rss_per_stream_kib = (_rss(pids) - rss0) / max(1, good)
@@ -523,7 +593,7 @@ async def measure(system: System, args: argparse.Namespace) -> Figures:
         # Nor may the publisher pause between stamping an event and sending it.
         gc.collect()
         gc.disable()
-        redis0, cpu_c = cpu_seconds(system.redis_pid), _cpu(pids)
+        redis0, cpu_c = _redis_cpu(system), _cpu(pids)
         start = time.monotonic()
         in_flight = asyncio.Semaphore(32)
 
@@ -545,7 +615,7 @@ async def measure(system: System, args: argparse.Namespace) -> Figures:
             await asyncio.sleep(1.0)
         finally:
             gc.enable()
-        cpu_d, redis1 = _cpu(pids), cpu_seconds(system.redis_pid)
+        cpu_d, redis1 = _cpu(pids), _redis_cpu(system)
         if system.delivered is not None and written0 is not None:
             fig.written_ms = _written_within(written0, await system.delivered())
         # Before the streams close: closing 10,000 at once is not a phase measured here.
@@ -577,24 +647,26 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
 
 
-def report(gw: Figures | None, nc: Figures | None, args: argparse.Namespace) -> str:
+def report(results: dict[str, Figures], args: argparse.Namespace) -> str:
+    """The table: the gateway, nchan and the gateway/nchan ratio, then the bare aiohttp-sse
+    server and the gateway/bare ratio (what the gateway costs beyond aiohttp itself)."""
+    gw = results.get("gateway")
     rows: list[list[object]] = []
 
     def row(label: str, get: Callable[[Figures], float], fmt: str) -> None:
         a = get(gw) if gw else None
-        b = get(nc) if nc else None
-        rows.append(
-            [
-                label,
-                "-" if a is None else format(a, fmt),
-                "-" if b is None else format(b, fmt),
-                _ratio(a, b) if a is not None and b is not None else "-",
-            ]
-        )
+        cells: list[object] = [label, "-" if a is None else format(a, fmt)]
+        for peer in ("nchan", "bare"):
+            f = results.get(peer)
+            b = get(f) if f else None
+            cells.append("-" if b is None else format(b, fmt))
+            cells.append(_ratio(a, b) if a is not None and b is not None else "-")
+        rows.append(cells)
 
     row("RSS per idle stream (KiB)", lambda f: f.rss_per_stream_kib, ".1f")
     row("server CPU per stream opened (us)", lambda f: f.cpu_per_open_us, ".0f")
     row("streams opened per second", lambda f: f.opens_per_s, ",.0f")
+    row("Redis commands per stream opened", lambda f: f.redis_commands_per_open, ".2f")
     row(f"idle CPU, {args.streams:,} streams (% of a core)", lambda f: f.idle_cpu_pct, ".2f")
     row("CPU per keep-alive written (us)", lambda f: f.cpu_per_keepalive_us, ".1f")
     row("server CPU per event delivered (us)", lambda f: f.cpu_per_event_us, ".0f")
@@ -605,7 +677,8 @@ def report(gw: Figures | None, nc: Figures | None, args: argparse.Namespace) -> 
     row("events lost", lambda f: f.lost, "d")
     row("failed opens", lambda f: f.failed_opens, "d")
     row("keep-alives received in the idle window", lambda f: f.keepalives, ",d")
-    out = table(["figure", "stream-gateway", "nginx + nchan", "ratio"], rows)
+    headers = ["figure", "stream-gateway", "nginx + nchan", "ratio", "bare aiohttp-sse", "ratio"]
+    out = table(headers, rows)
     if gw is not None:
         gc = "n/a" if gw.gc_longest_ms is None else f"{gw.gc_longest_ms:.1f} ms"
         out += (
@@ -632,6 +705,9 @@ Not the same work:
   nchan forwards bytes;
 - both keep-alives are an SSE comment line (the gateway's `: ping`, nchan's its ping comment);
 - the gateway runs its middlewares on every open (request id, CORS, structured logging);
+- the bare aiohttp-sse server is aiohttp-sse as its README writes a stream (a ping task per
+  stream) with no Redis, no status read, no validation and no middleware: the same HTTP
+  and SSE work as the gateway, so gateway/bare is what the gateway's own code costs;
 - figures are from one 2-core machine shared with the client processes: compare ratios."""
 
 
@@ -651,10 +727,11 @@ def _workdir(keep: str | None, which: str) -> Iterator[str]:
 async def main_async(args: argparse.Namespace) -> None:
     raise_nofile()
     results: dict[str, Figures] = {}
-    order = [s for s in ("nchan", "gateway") if args.only in (None, s)]
-    for which in order:
+    factories = {"nchan": nchan_system, "bare": bare_system, "gateway": gateway_system}
+    for which, factory in factories.items():
+        if args.only not in (None, which):
+            continue
         with _workdir(args.log_dir, which) as tmp:
-            factory = nchan_system if which == "nchan" else gateway_system
             async with factory(Path(tmp), args) as system:
                 print(f"{system.name}: {args.streams:,} streams ...", flush=True)
                 results[which] = await measure(system, args)
@@ -663,7 +740,7 @@ async def main_async(args: argparse.Namespace) -> None:
         f"{args.streams:,} streams over {args.clients} client processes; idle {args.idle:g} s "
         f"with a {args.keepalive:g} s keep-alive; {args.events:,} events at {args.rate:g}/s"
     )
-    print(report(results.get("gateway"), results.get("nchan"), args))
+    print(report(results, args))
     print()
     print(NOT_THE_SAME)
 
@@ -685,7 +762,7 @@ def main() -> None:
     parser.add_argument("--keepalive", type=float, default=15.0)
     parser.add_argument("--events", type=int, default=5000)
     parser.add_argument("--rate", type=float, default=500.0)
-    parser.add_argument("--only", choices=("gateway", "nchan"))
+    parser.add_argument("--only", choices=("gateway", "nchan", "bare"))
     parser.add_argument("--log-dir", help="keep configs and server logs here")
     args = parser.parse_args()
     asyncio.run(main_async(args))

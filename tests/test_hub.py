@@ -287,6 +287,36 @@ async def test_many_streams_at_once_are_subscribed_in_commands_of_500(rig: Rig) 
     assert rig.hub.subscription_count == 0
 
 
+async def test_streams_joining_one_after_another_share_the_next_command(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reconnect storm's streams arrive a few per loop turn: after a command the flusher
+    lets the next ones gather, so they go out together, not ~3 per SUBSCRIBE."""
+    monkeypatch.setattr(hub_module, "FLUSH_GATHER_SECONDS", 0.2)
+    first = asyncio.create_task(rig.hub.join(Listener("first")))
+    joins = []
+    for i in range(9):
+        await asyncio.sleep(0)  # each in a loop turn of its own
+        joins.append(asyncio.create_task(rig.hub.join(Listener(f"next{i}"))))
+    await asyncio.gather(first, *joins)
+    assert rig.commands == [("subscribe", 1), ("subscribe", 9)]
+
+
+async def test_a_lone_stream_is_subscribed_at_once(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gathering follows a command, never precedes one: after a quiet moment, a join's
+    SUBSCRIBE goes out within a few loop turns, not after a pause."""
+    monkeypatch.setattr(hub_module, "FLUSH_GATHER_SECONDS", 0.2)
+    await rig.hub.join(Listener("earlier"))
+    await asyncio.sleep(0.3)  # the gathering after the earlier command is over
+    rig.commands.clear()
+    join = asyncio.create_task(rig.hub.join(Listener("lone")))
+    await settle()
+    assert rig.commands == [("subscribe", 1)]
+    assert join.done()
+
+
 async def test_after_a_reconnect_every_stream_is_read_again_in_batches_of_500(rig: Rig) -> None:
     listeners = [Listener(f"u{i}") for i in range(1_001)]
     await asyncio.gather(*(rig.hub.join(listener) for listener in listeners))
