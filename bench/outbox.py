@@ -35,7 +35,8 @@ from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
 from devstack.seed import store_pending_sessions
-from devstack.servers import Process, free_port, python_service
+from devstack.servers import Process, free_port
+from devstack.system import service_process, start_ready
 from shared import outbox
 from shared.model import SessionStatus, new_session, utcnow
 from shared.mongo import Store, mongo_client
@@ -93,19 +94,6 @@ async def until(condition: Any, limit_s: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(what)
         await asyncio.sleep(0.05)
-
-
-async def ready(url: str) -> None:
-    async with aiohttp.ClientSession() as http:
-        for _ in range(300):
-            try:
-                async with http.get(url) as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise TimeoutError(url)
 
 
 async def lag_phase(
@@ -216,29 +204,24 @@ async def run(args: argparse.Namespace) -> None:
             mongodb_url=env.mongodb_url(),
             payos_checksum_key=CHECKSUM_KEY,
             log_level="WARNING",
-            webhook_ingest_port=free_port(),
-            session_api_port=free_port(),
             shop_webhook_url=(f"http://127.0.0.1:{shop.port}/hook",),
             shop_webhook_secret=(SECRET,),
             # The production retry schedule (5 s, doubling): what a real outage waits on.
             outbox_poll_seconds=0.05,
         )
-        procs: list[Process] = []
+        logs = env.dir / "logs"
+        procs = [
+            service_process(settings, name, logs) for name in ("webhook-ingest", "session-api")
+        ]
         try:
-            for name, module, port in (
-                ("webhook-ingest", "webhook_ingest", settings.webhook_ingest_port),
-                ("session-api", "session_api", settings.session_api_port),
-            ):
-                proc = python_service(name, module, port, settings.env(), env.dir / "logs")
-                proc.start()
-                procs.append(proc)
-                await ready(f"http://127.0.0.1:{port}/readyz")
+            for proc in procs:
+                await start_ready(proc, 30)
             api = procs[1]
             # The benchmark's own client waits longer: the stand-in is busy serving both services.
             store = Store(mongo_client(replace(settings, mongodb_timeout_ms=30_000)))
             await shop.start()
             lag = await lag_phase(
-                f"http://127.0.0.1:{settings.webhook_ingest_port}/api/webhooks",
+                f"http://127.0.0.1:{procs[0].port}/api/webhooks",
                 store,
                 shop,
                 api,

@@ -6,7 +6,8 @@ and the benchmarks.
 - `plan()`: the services on top (all of them or some, as many replicas of each as asked,
   nginx in front if asked) on free local ports (or on the settings' own ports), every one
   pointing at the others; a `System` to start and stop.
-- `wait_ready()`: until a service's `/readyz` says it is ready.
+- `service_process()`: one more process of a service, for those that add them one by one;
+- `wait_ready()`, `start_ready()`: until a service's `/readyz` says it is ready.
 """
 
 from __future__ import annotations
@@ -358,6 +359,31 @@ def plan(
             upstreams[upstream] = [p.port for p in group[name]]
     front = nginx_process(upstreams, nginx_port, backends.dir / "nginx") if nginx else None
     return System(settings, backends, group, front, owns_backends)
+
+
+def service_process(
+    settings: Settings,
+    name: str,
+    log_dir: Path,
+    *,
+    label: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Process:
+    """One more process of service `name` (see `SERVICES`) over `settings`' backends, on a
+    free port, not started: for a test or benchmark that starts, kills and adds processes
+    one by one. `env` overrides the settings' environment; `label` names its log."""
+    module, port_field = next((m, f) for n, m, f, _ in SERVICES if n == name)
+    port = free_port()
+    variables = {**settings.env(), **(env or {}), port_field.upper(): str(port)}
+    return python_service(label or name, module, port, variables, log_dir)
+
+
+async def start_ready(process: Process, within: float = 20.0) -> Process:
+    """Start `process` (a service) and wait until its /readyz answers 200: alive is not
+    ready (the MongoDB indexes, on which deduplication rests, come first)."""
+    await asyncio.to_thread(process.start)
+    await wait_ready(f"http://127.0.0.1:{process.port}", within)
+    return process
 
 
 @contextlib.contextmanager

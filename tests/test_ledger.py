@@ -4,9 +4,8 @@ exactly one item per case however often it is delivered (real ingest, real Mongo
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from devstack.servers import Process, free_port, http_ok, python_service, wait_until
+from devstack.system import service_process, start_ready
 from shared.cache import StatusCache
 from shared.ledger import IssueKind, IssueStatus, Ledger
 from shared.model import StreamStatus, utcnow
@@ -292,21 +291,14 @@ async def test_twenty_concurrent_redeliveries_make_exactly_one_item(
 
 
 @pytest.fixture
-def two_ingests(settings: Settings, tmp_path: Path, store: Store) -> Iterator[list[str]]:
+async def two_ingests(settings: Settings, tmp_path: Path, store: Store) -> AsyncIterator[list[str]]:
     """Two webhook-ingest processes over the same Redis and MongoDB."""
-    procs: list[Process] = []
-    urls = []
-    for i in range(2):
-        port = free_port()
-        env = {**settings.env(), "WEBHOOK_INGEST_PORT": str(port)}
-        proc = python_service(f"ingest-{i}", "webhook_ingest", port, env, tmp_path)
-        proc.start()
-        procs.append(proc)
-        urls.append(f"http://127.0.0.1:{port}")
+    procs = [
+        service_process(settings, "webhook-ingest", tmp_path, label=f"ingest-{i}") for i in range(2)
+    ]
     try:
-        for url in urls:
-            wait_until(functools.partial(http_ok, f"{url}/readyz"), 15, "ingest ready")
-        yield urls
+        await asyncio.gather(*(start_ready(proc, 15) for proc in procs))
+        yield [f"http://127.0.0.1:{proc.port}" for proc in procs]
     finally:
         for proc in procs:
             proc.stop()

@@ -8,24 +8,18 @@ from pathlib import Path
 import httpx
 import pytest
 
-from devstack.servers import free_port, python_service
-from devstack.system import wait_ready
+from devstack.servers import free_port
+from devstack.system import service_process, wait_ready
 from shared.settings import Settings
 
-SERVICES = (
-    ("webhook_ingest", "webhook_ingest_port"),
-    ("stream_gateway", "stream_gateway_port"),
-    ("session_api", "session_api_port"),
-)
 
-
-@pytest.mark.parametrize(("module", "port_field"), SERVICES)
+@pytest.mark.parametrize("service", ["webhook-ingest", "stream-gateway", "session-api"])
 async def test_ops_endpoints_live_on_the_ops_port_only(
-    settings: Settings, tmp_path: Path, module: str, port_field: str
+    settings: Settings, tmp_path: Path, service: str
 ) -> None:
-    port, ops = free_port(), free_port()
-    env = {**settings.env(), port_field.upper(): str(port), "OPS_PORT": str(ops)}
-    proc = python_service(module, module, port, env, tmp_path)
+    ops = free_port()
+    proc = service_process(settings, service, tmp_path, env={"OPS_PORT": str(ops)})
+    port = proc.port
     proc.start()
     await wait_ready(f"http://127.0.0.1:{ops}", 10)
     try:

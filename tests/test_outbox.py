@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import functools
 import json
 import os
 import random
@@ -30,9 +29,8 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 from standardwebhooks.webhooks import Webhook
 
-from devstack.servers import Process, free_port, http_ok, python_service, redis_server
-from devstack.servers import wait_until as servers_wait_until
-from devstack.system import Backends
+from devstack.servers import Process, free_port, redis_server
+from devstack.system import Backends, service_process, start_ready, wait_ready
 from session_api import create_app as create_api
 from session_api.cleanup import run_cleanup
 from session_api.dispatcher import retry_delay, schedule, sign
@@ -84,18 +82,12 @@ class System:
         self.log_dir = log_dir
         self.procs: list[Process] = []
 
-    async def start(self, module: str, **env: str) -> Process:
-        port = free_port()
-        field = {"webhook_ingest": "WEBHOOK_INGEST_PORT", "session_api": "SESSION_API_PORT"}
-        variables = {**self.settings.env(), field[module]: str(port), **env}
-        name = f"{module}-{len(self.procs)}"
-        proc = python_service(name, module, port, variables, self.log_dir)
-        await asyncio.to_thread(proc.start)
+    async def start(self, service: str, **env: str) -> Process:
+        """One more process of `service` ("webhook-ingest", "session-api"), once ready."""
+        label = f"{service}-{len(self.procs)}"
+        proc = service_process(self.settings, service, self.log_dir, label=label, env=env)
         self.procs.append(proc)
-        # Alive is not ready: the indexes (deduplication rests on them) come first.
-        ready = functools.partial(http_ok, f"http://127.0.0.1:{port}/readyz")
-        await asyncio.to_thread(servers_wait_until, ready, 15, f"{name} ready")
-        return proc
+        return await start_ready(proc, 15)
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -162,8 +154,8 @@ async def test_a_payment_reaches_the_shop_once_and_verifies_with_the_standardweb
     settings: Settings, store: Store, receiver: ShopReceiver, system_factory: Any
 ) -> None:
     system = system_factory(shop_settings(settings, receiver))
-    ingest = await system.start("webhook_ingest")
-    await system.start("session_api")
+    ingest = await system.start("webhook-ingest")
+    await system.start("session-api")
     session = await add_session(store, amount=50_000, account="shop-user-1")
     assert (await pay(ingest, session["orderCode"], 50_000))["outcome"] == "completed"
     await receiver.wait_for(1, type_="payment.completed")
@@ -187,8 +179,8 @@ async def test_partial_then_completed_arrive_in_order_once_each_after_the_receiv
     settings: Settings, store: Store, receiver: ShopReceiver, system_factory: Any
 ) -> None:
     system = system_factory(shop_settings(settings, receiver))
-    ingest = await system.start("webhook_ingest")
-    await system.start("session_api")
+    ingest = await system.start("webhook-ingest")
+    await system.start("session-api")
     receiver.mode = "fail"
     session = await add_session(store, amount=30_000)
     assert (await pay(ingest, session["orderCode"], 10_000))["outcome"] == "partial"
@@ -211,8 +203,8 @@ async def test_a_receiver_that_is_down_gets_the_event_once_it_is_back(
 ) -> None:
     receiver = ShopReceiver(new_secret())  # not started: its port refuses connections
     system = system_factory(shop_settings(settings, receiver))
-    ingest = await system.start("webhook_ingest")
-    api = await system.start("session_api")
+    ingest = await system.start("webhook-ingest")
+    api = await system.start("session-api")
     session = await add_session(store, amount=20_000)
     await pay(ingest, session["orderCode"], 20_000)
     await wait_until(
@@ -239,8 +231,8 @@ async def test_a_receiver_back_after_an_outage_gets_the_backlog_without_waiting_
             shop_webhook_retry_max_seconds=120.0,
         )
     )
-    ingest = await system.start("webhook_ingest")
-    api = await system.start("session_api")
+    ingest = await system.start("webhook-ingest")
+    api = await system.start("session-api")
     receiver.mode = "fail"
     during = [await add_session(store, amount=10_000) for _ in range(4)]
     for session in during:
@@ -268,8 +260,8 @@ async def test_a_receiver_slower_than_the_timeout_is_retried_and_credits_once(
     settings: Settings, store: Store, receiver: ShopReceiver, system_factory: Any
 ) -> None:
     system = system_factory(shop_settings(settings, receiver))
-    ingest = await system.start("webhook_ingest")
-    await system.start("session_api")
+    ingest = await system.start("webhook-ingest")
+    await system.start("session-api")
     receiver.mode, receiver.slow_seconds = "slow", 1.0  # twice the 0.5 s timeout
     session = await add_session(store, amount=20_000, account="slow-shop")
     await pay(ingest, session["orderCode"], 20_000)
@@ -294,8 +286,8 @@ async def test_two_session_api_processes_dispatch_one_at_a_time(
     settings: Settings, store: Store, receiver: ShopReceiver, system_factory: Any
 ) -> None:
     system = system_factory(shop_settings(settings, receiver))
-    ingest = await system.start("webhook_ingest")
-    apis = [await system.start("session_api"), await system.start("session_api")]
+    ingest = await system.start("webhook-ingest")
+    apis = [await system.start("session-api"), await system.start("session-api")]
     sessions = [await add_session(store, amount=10_000) for _ in range(10)]
 
     async def one_leader() -> bool:
@@ -315,8 +307,8 @@ async def test_the_dispatcher_killed_mid_delivery_its_successor_delivers_the_sam
     settings: Settings, store: Store, receiver: ShopReceiver, system_factory: Any
 ) -> None:
     system = system_factory(shop_settings(settings, receiver))
-    ingest = await system.start("webhook_ingest")
-    apis = [await system.start("session_api"), await system.start("session_api")]
+    ingest = await system.start("webhook-ingest")
+    apis = [await system.start("session-api"), await system.start("session-api")]
 
     async def one_leader() -> bool:
         return len(await leader_of(apis)) == 1
@@ -355,9 +347,9 @@ async def test_the_ingest_killed_right_after_completing_the_event_still_arrives(
     await asyncio.to_thread(frozen.start)
     try:
         system = system_factory(shop_settings(settings, receiver))
-        await system.start("session_api")
+        await system.start("session-api")
         ingest = await system.start(
-            "webhook_ingest", REDIS_URL=f"redis://127.0.0.1:{frozen.port}/0"
+            "webhook-ingest", REDIS_URL=f"redis://127.0.0.1:{frozen.port}/0"
         )
         session = await add_session(store, amount=10_000)
         os.kill(frozen.pid, signal.SIGSTOP)
@@ -387,7 +379,7 @@ async def test_the_completing_update_holds_its_event_with_the_version_it_leaves(
     settings: Settings, store: Store, system_factory: Any
 ) -> None:
     system = system_factory(shop_settings(settings, None))
-    ingest = await system.start("webhook_ingest")
+    ingest = await system.start("webhook-ingest")
     session = await add_session(store, amount=10_000)
     await pay(ingest, session["orderCode"], 10_000)
     doc = await store.sessions.find_one({"uuid": session["uuid"]})
@@ -502,9 +494,7 @@ async def api(
     aiohttp_client: Callable[..., Awaitable[Client]], settings: Settings, receiver: ShopReceiver
 ) -> Client:
     client = await aiohttp_client(create_api(shop_settings(settings, receiver)))
-    async with asyncio.timeout(5):
-        while (await client.get("/readyz")).status != 200:
-            await asyncio.sleep(0.02)
+    await wait_ready(str(client.make_url("")), 5)
     return client
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -16,7 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from devstack.servers import free_port, http_ok, python_service, wait_until
+from devstack.servers import wait_until
+from devstack.system import service_process, start_ready
 from session_api import create_app
 from session_api.cleanup import run_cleanup
 from shared.appkeys import CACHE, METRICS
@@ -283,27 +283,14 @@ async def test_two_session_api_processes_run_one_reconciler_and_the_other_takes_
     api_settings: Settings, store: Store, tmp_path: Path
 ) -> None:
     lease = 2.0
-    env = {
-        **api_settings.env(),
-        "RECONCILE_LEASE_SECONDS": str(lease),
-        "RECONCILE_INTERVAL_SECONDS": "0.3",
-    }
-    procs, urls = [], []
-    for i in range(2):
-        port = free_port()
-        proc = python_service(
-            f"session-api-{i}",
-            "session_api",
-            port,
-            {**env, "SESSION_API_PORT": str(port)},
-            tmp_path,
-        )
-        proc.start()
-        procs.append(proc)
-        urls.append(f"http://127.0.0.1:{port}")
+    env = {"RECONCILE_LEASE_SECONDS": str(lease), "RECONCILE_INTERVAL_SECONDS": "0.3"}
+    procs = [
+        service_process(api_settings, "session-api", tmp_path, label=f"session-api-{i}", env=env)
+        for i in range(2)
+    ]
+    urls = [f"http://127.0.0.1:{proc.port}" for proc in procs]
     try:
-        for url in urls:
-            wait_until(functools.partial(http_ok, f"{url}/readyz"), 15, "session-api ready")
+        await asyncio.gather(*(start_ready(proc, 15) for proc in procs))
         wait_until(lambda: any(_lease_held(u) for u in urls), 10, "a lease holder")
         await asyncio.sleep(lease)
         holders = [_lease_held(u) for u in urls]

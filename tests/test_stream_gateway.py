@@ -23,8 +23,8 @@ from httpx_sse import EventSource, ServerSentEvent, aconnect_sse
 from pymongo import ReturnDocument
 from redis.asyncio import Redis
 
-from devstack.servers import Process, free_port, python_service
-from devstack.system import Backends
+from devstack.servers import Process
+from devstack.system import Backends, service_process
 from devstack.system import wait_ready as until_ready
 from shared import keys
 from shared.appkeys import SUPERVISOR
@@ -587,13 +587,13 @@ async def gateway_processes(
         async with contextlib.AsyncExitStack() as stack:
             clients = []
             for i in range(count):
-                port = free_port()
-                env = {**settings.env(), "STREAM_GATEWAY_PORT": str(port)}
-                proc = python_service(f"gateway-{i}", "stream_gateway", port, env, servers.dir)
+                proc = service_process(
+                    settings, "stream-gateway", servers.dir, label=f"gateway-{i}"
+                )
                 procs.append(proc)
                 await asyncio.to_thread(proc.start)
                 http = httpx.AsyncClient(
-                    base_url=f"http://127.0.0.1:{port}", timeout=httpx.Timeout(10, read=None)
+                    base_url=f"http://127.0.0.1:{proc.port}", timeout=httpx.Timeout(10, read=None)
                 )
                 clients.append(await stack.enter_async_context(http))
                 await wait_ready(http)
