@@ -482,6 +482,7 @@ class Figures:
     cpu_per_open_us: float = 0.0
     opens_per_s: float = 0.0
     redis_commands_per_open: float = 0.0
+    redis_cpu_per_open_us: float = 0.0
     failed_opens: int = 0
     idle_cpu_pct: float = 0.0
     cpu_per_keepalive_us: float = 0.0
@@ -548,7 +549,7 @@ async def measure(system: System, args: argparse.Namespace) -> Figures:
     await asyncio.sleep(1.0)
     pids = system.pids()
     commands0 = await _redis_commands(system.redis_port)
-    rss0, cpu0 = _rss(pids), _cpu(pids)
+    rss0, cpu0, redis_cpu0 = _rss(pids), _cpu(pids), _redis_cpu(system)
 
     shares = [list(range(i, n, args.clients)) for i in range(args.clients)]
     clients = [
@@ -557,7 +558,7 @@ async def measure(system: System, args: argparse.Namespace) -> Figures:
     ]
     try:
         opened = [await _reply(p) for p in clients]
-        cpu1 = _cpu(system.pids())
+        cpu1, redis_cpu1 = _cpu(system.pids()), _redis_cpu(system)
         fig.failed_opens = sum(len(o["failed"]) for o in opened)
         # Events go to the streams that opened only.
         dead = {share[j] for share, o in zip(shares, opened, strict=True) for j in o["failed"]}
@@ -571,6 +572,7 @@ async def measure(system: System, args: argparse.Namespace) -> Figures:
         fig.cpu_per_open_us = (cpu1 - cpu0) / max(1, good) * 1e6
         commands = await _redis_commands(system.redis_port) - commands0
         fig.redis_commands_per_open = commands / max(1, good)
+        fig.redis_cpu_per_open_us = (redis_cpu1 - redis_cpu0) / max(1, good) * 1e6
         await asyncio.sleep(1.0)
         pids = system.pids()
         fig.rss_per_stream_kib = (_rss(pids) - rss0) / max(1, good)
@@ -667,6 +669,7 @@ def report(results: dict[str, Figures], args: argparse.Namespace) -> str:
     row("server CPU per stream opened (us)", lambda f: f.cpu_per_open_us, ".0f")
     row("streams opened per second", lambda f: f.opens_per_s, ",.0f")
     row("Redis commands per stream opened", lambda f: f.redis_commands_per_open, ".2f")
+    row("Redis CPU per stream opened (us)", lambda f: f.redis_cpu_per_open_us, ".0f")
     row(f"idle CPU, {args.streams:,} streams (% of a core)", lambda f: f.idle_cpu_pct, ".2f")
     row("CPU per keep-alive written (us)", lambda f: f.cpu_per_keepalive_us, ".1f")
     row("server CPU per event delivered (us)", lambda f: f.cpu_per_event_us, ".0f")
@@ -697,7 +700,8 @@ def report(results: dict[str, Figures], args: argparse.Namespace) -> str:
 NOT_THE_SAME = """\
 Not the same work:
 - the gateway reads each session's status on open (from its status cache, batched MGETs)
-  after Redis confirmed the SUBSCRIBE; nchan replays the message it stored for the channel;
+  after Redis confirmed the SUBSCRIBE; nchan replays the message it stored for the channel,
+  asking Redis itself (its Redis commands and CPU per open above: work nginx's CPU omits);
 - the gateway's events are published by Redis itself (the cache-and-publish script, Redis
   CPU above); nchan's arrive as HTTP POSTs to nginx, so nginx's CPU per event includes
   parsing a publish request and storing the message in Redis;
