@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from redis.asyncio import Redis
 
 from devstack.payos_simulator.state import Transaction, vn_now
 from devstack.payos_simulator.webhooks import webhook_body
@@ -33,6 +34,10 @@ from shared.settings import Settings
 CHECKSUM_KEY = "bench-checksum-key"
 AMOUNT = 50_000
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# Connections of a benchmark's own Redis client (the most commands it has in flight).
+BENCH_REDIS_CONNECTIONS = 1_024
 
 
 @contextlib.contextmanager
@@ -72,6 +77,12 @@ def bare_aiohttp(env: dict[str, str] | None = None) -> Iterator[Process]:
             yield process
         finally:
             process.stop()
+
+
+def redis_for(url: str) -> Redis:
+    """A benchmark's own Redis client: redis-py 8 caps a pool at 100 connections and refuses
+    the 101st command in flight (MaxConnectionsError), and benchmarks send hundreds at once."""
+    return Redis.from_url(url, max_connections=BENCH_REDIS_CONNECTIONS)
 
 
 def percentile(values: Sequence[float], pct: float) -> float:

@@ -65,6 +65,7 @@ from ._common import (
     percentile,
     raise_nofile,
     reap,
+    redis_for,
     rss_kib,
     table,
 )
@@ -419,7 +420,7 @@ async def gateway_system(tmp: Path, args: argparse.Namespace) -> Any:
         {**settings.env(), "STREAM_GATEWAY_PORT": str(port)},
         tmp,
     )
-    client = Redis.from_url(settings.redis_url)
+    client = redis_for(settings.redis_url)
     cache = StatusCache(client)
     http = aiohttp.ClientSession()
     try:

@@ -49,7 +49,7 @@ from shared.payments import Payments
 from shared.payos_client import payos_client
 from shared.settings import Settings
 
-from ._common import AMOUNT, CHECKSUM_KEY, backends, table
+from ._common import AMOUNT, CHECKSUM_KEY, backends, redis_for, table
 
 DAY = 24 * 3600.0
 
@@ -241,7 +241,7 @@ async def run(args: argparse.Namespace) -> None:
         )
         store = Store(client)
         await store.ensure_indexes()
-        redis = Redis.from_url(settings.redis_url)
+        redis = redis_for(settings.redis_url)
         payos = payos_client(settings)
         try:
             print("PayOS calls per pending session (the reconciler's backoff):")

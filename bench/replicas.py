@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from redis.asyncio import Redis
 
 from devstack.replicas import running
 from devstack.seed import store_pending_sessions
@@ -55,6 +54,7 @@ from ._common import (
     post_webhook,
     raise_nofile,
     reap,
+    redis_for,
     rss_kib,
     signed_body,
     spawn_client,
@@ -144,7 +144,7 @@ async def one_run(args: argparse.Namespace, gateways: int, run_dir: Path) -> Run
 async def measure(args: argparse.Namespace, system: System) -> Run:
     n = args.streams
     store = Store(mongo_client(system.settings))
-    redis = Redis.from_url(system.settings.redis_url)
+    redis = redis_for(system.settings.redis_url)
     cache = StatusCache(redis)
     clients: list[subprocess.Popen[str]] = []
     gateways: list[Process] = system.gateways

@@ -34,7 +34,7 @@ from stream_gateway.hub import Hub, Listener
 from stream_gateway.links import open_link, pubsub_client
 from stream_gateway.metrics import GatewayMetrics
 
-from ._common import AMOUNT, backends, cpu_seconds, table
+from ._common import AMOUNT, backends, cpu_seconds, redis_for, table
 
 OLD_WORKERS = 32
 
@@ -63,7 +63,7 @@ async def run(args: argparse.Namespace) -> None:
         )
         store = Store(mongo_client(settings))
         await store.ensure_indexes()
-        redis = Redis.from_url(settings.redis_url)
+        redis = redis_for(settings.redis_url)
         cache = StatusCache(redis)
         queries = 0
 

@@ -48,7 +48,7 @@ from tests.faults.harness import (
     settle,
 )
 
-from ._common import backends, rss_kib, table
+from ._common import backends, redis_for, rss_kib, table
 
 # Judged on their memory and descriptors; the others hold the run's data by design.
 JUDGED = ("webhook-ingest", "stream-gateway", "session-api")
@@ -195,7 +195,7 @@ async def run(args: argparse.Namespace) -> int:
             http_client() as http,
         ):
             settings = system.settings
-            redis = Redis.from_url(env.redis_url)
+            redis = redis_for(env.redis_url)
             store = Store(mongo_client(settings))
             driver = Driver(system, http, watch_timeout=hold + 120, rng=rng)
             processes = {p.name: p for p in system.processes}

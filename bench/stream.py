@@ -25,7 +25,6 @@ import time
 from typing import Any
 
 import aiohttp
-from redis.asyncio import Redis
 
 from devstack.seed import store_pending_sessions
 from devstack.servers import Process, free_port
@@ -46,6 +45,7 @@ from ._common import (
     post_webhook,
     raise_nofile,
     reap,
+    redis_for,
     rss_kib,
     signed_body,
     spawn_client,
@@ -221,7 +221,7 @@ async def run(args: argparse.Namespace, env: Backends) -> None:
     gw_port, ingest_port, api_port = gateway.port, ingest.port, settings.session_api_port
     clients: list[subprocess.Popen[str]] = []
     store = Store(mongo_client(settings))
-    redis = Redis.from_url(env.redis_url)
+    redis = redis_for(env.redis_url)
     try:
         await asyncio.to_thread(system.start)
         await store.ensure_indexes()
