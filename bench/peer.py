@@ -322,6 +322,27 @@ def _nginx() -> str:
     return binary
 
 
+def _posting(
+    http: aiohttp.ClientSession, port: int, who: str
+) -> Callable[[str, StatusEvent], Awaitable[None]]:
+    """Publishing as nchan and the bare server take it: a POST to `/pub?id=` (201 delivered,
+    202 stored or nobody listening)."""
+
+    async def publish(key: str, event: StatusEvent) -> None:
+        url = f"http://127.0.0.1:{port}/pub?id={key}"
+        async with http.post(url, data=event.to_json()) as resp:
+            await resp.read()
+            if resp.status not in (201, 202):
+                raise RuntimeError(f"{who}'s publish answered {resp.status}")
+
+    return publish
+
+
+async def _no_gc() -> float | None:
+    """No garbage collector to probe (nginx; the bare server has no probe)."""
+    return None
+
+
 @contextlib.asynccontextmanager
 async def nchan_system(tmp: Path, args: argparse.Namespace) -> Any:
     redis = redis_server(free_port(), tmp, name="nchan-redis")
@@ -339,16 +360,6 @@ async def nchan_system(tmp: Path, args: argparse.Namespace) -> Any:
     try:
         nginx.start()
 
-        async def publish(key: str, event: StatusEvent) -> None:
-            url = f"http://127.0.0.1:{port}/pub?id={key}"
-            async with http.post(url, data=event.to_json()) as resp:
-                await resp.read()
-                if resp.status not in (201, 202):
-                    raise RuntimeError(f"nchan publish answered {resp.status}")
-
-        async def no_gc() -> float | None:
-            return None
-
         yield System(
             "nginx + nchan",
             port,
@@ -356,8 +367,8 @@ async def nchan_system(tmp: Path, args: argparse.Namespace) -> Any:
             lambda: [nginx.pid, *_children(nginx.pid)],
             redis.pid,
             redis.port,
-            publish,
-            no_gc,
+            _posting(http, port, "nchan"),
+            _no_gc,
         )
     finally:
         await http.close()
@@ -372,17 +383,6 @@ async def bare_system(tmp: Path, args: argparse.Namespace) -> Any:
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
     try:
         with bare_aiohttp(settings.env()) as bare:
-
-            async def publish(key: str, event: StatusEvent) -> None:
-                url = f"http://127.0.0.1:{bare.port}/pub?id={key}"
-                async with http.post(url, data=event.to_json()) as resp:
-                    await resp.read()
-                    if resp.status not in (201, 202):
-                        raise RuntimeError(f"the bare server's publish answered {resp.status}")
-
-            async def no_gc() -> float | None:
-                return None
-
             yield System(
                 "bare aiohttp-sse",
                 bare.port,
@@ -390,8 +390,8 @@ async def bare_system(tmp: Path, args: argparse.Namespace) -> Any:
                 lambda: [bare.pid],
                 None,
                 None,
-                publish,
-                no_gc,
+                _posting(http, bare.port, "the bare server"),
+                _no_gc,
             )
     finally:
         await http.close()
