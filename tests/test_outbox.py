@@ -74,7 +74,7 @@ async def receiver() -> AsyncIterator[ShopReceiver]:
         yield r
 
 
-class System:
+class ServiceProcesses:
     """webhook-ingest and session-api processes over the suite's Redis and MongoDB."""
 
     def __init__(self, settings: Settings, log_dir: Path) -> None:
@@ -96,11 +96,11 @@ class System:
 
 
 @pytest.fixture
-def system_factory(tmp_path: Path) -> Iterator[Callable[[Settings], System]]:
-    made: list[System] = []
+def system_factory(tmp_path: Path) -> Iterator[Callable[[Settings], ServiceProcesses]]:
+    made: list[ServiceProcesses] = []
 
-    def make(settings: Settings) -> System:
-        made.append(System(settings, tmp_path))
+    def make(settings: Settings) -> ServiceProcesses:
+        made.append(ServiceProcesses(settings, tmp_path))
         return made[-1]
 
     yield make
