@@ -51,7 +51,8 @@ import aiohttp
 from redis.asyncio import Redis
 
 from devstack.seed import store_pending_sessions
-from devstack.servers import Process, free_port, mongo_standin, python_service, redis_server
+from devstack.servers import Process, free_port, mongo_standin, redis_server
+from devstack.system import service_process
 from session_api.admin.gateway import parse_metrics
 from shared.cache import StatusCache
 from shared.model import StatusEvent, StreamStatus
@@ -412,14 +413,8 @@ async def gateway_system(tmp: Path, args: argparse.Namespace) -> Any:
         sse_keepalive_seconds=args.keepalive,
         max_streams=args.streams + 100,
     )
-    port = free_port()
-    gateway = python_service(
-        "stream-gateway",
-        "stream_gateway",
-        port,
-        {**settings.env(), "STREAM_GATEWAY_PORT": str(port)},
-        tmp,
-    )
+    gateway = service_process(settings, "stream-gateway", tmp)
+    port = gateway.port
     client = redis_for(settings.redis_url)
     cache = StatusCache(client)
     http = aiohttp.ClientSession()
@@ -511,9 +506,21 @@ def _written_within(before: dict[float, float], after: dict[float, float]) -> tu
     return bounds[0], bounds[1]
 
 
+def _pending(uuid: str, order_code: int) -> StatusEvent:
+    """A pending session's first status, as nchan and the bare server are handed it."""
+    return StatusEvent(
+        uuid=uuid,
+        order_code=order_code,
+        status=StreamStatus.PENDING,
+        amount=AMOUNT,
+        amount_paid=0,
+        updated_at=datetime.now(UTC),
+        version=1,
+    )
+
+
 async def _prepare(system: System, n: int) -> list[StatusEvent]:
     """N sessions whose current status each system can hand a new stream first."""
-    now = datetime.now(UTC)
     store, cache = system.store, system.cache
     if store is not None and cache is not None:
         await store.ensure_indexes()
@@ -522,18 +529,7 @@ async def _prepare(system: System, n: int) -> list[StatusEvent]:
         for i in range(0, n, 500):
             await cache.put_many(events[i : i + 500])
         return events
-    events = [
-        StatusEvent(
-            uuid=os.urandom(16).hex(),
-            order_code=i + 1,
-            status=StreamStatus.PENDING,
-            amount=AMOUNT,
-            amount_paid=0,
-            updated_at=now,
-            version=1,
-        )
-        for i in range(n)
-    ]
+    events = [_pending(os.urandom(16).hex(), i + 1) for i in range(n)]
     sem = asyncio.Semaphore(48)
 
     async def one(e: StatusEvent) -> None:
@@ -542,19 +538,6 @@ async def _prepare(system: System, n: int) -> list[StatusEvent]:
 
     await asyncio.gather(*(one(e) for e in events))
     return events
-
-
-def _dummy(j: int) -> StatusEvent:
-    """An event for a channel nobody listens to."""
-    return StatusEvent(
-        uuid=f"warm-up-{j}",
-        order_code=j + 1,
-        status=StreamStatus.PENDING,
-        amount=AMOUNT,
-        amount_paid=0,
-        updated_at=datetime.now(UTC),
-        version=1,
-    )
 
 
 async def measure(system: System, args: argparse.Namespace) -> Figures:
@@ -612,7 +595,10 @@ async def measure(system: System, args: argparse.Namespace) -> Figures:
         # must not wait for a connect (a pool filling up during the phase put ~80 ms on the
         # first events, counted as the server's latency).
         await asyncio.gather(
-            *(system.publish(f"warm-up-{j}", _dummy(j)) for j in range(PUBLISHERS))
+            *(
+                system.publish(f"warm-up-{j}", _pending(f"warm-up-{j}", j + 1))
+                for j in range(PUBLISHERS)
+            )
         )
         written0 = await system.delivered() if system.delivered else None
         # Nor may the publisher pause between stamping an event and sending it.
