@@ -372,7 +372,10 @@ def service_process(
     """One more process of service `name` (see `SERVICES`) over `settings`' backends, on a
     free port, not started: for a test or benchmark that starts, kills and adds processes
     one by one. `env` overrides the settings' environment; `label` names its log."""
-    module, port_field = next((m, f) for n, m, f, _ in SERVICES if n == name)
+    found = next(((m, f) for n, m, f, _ in SERVICES if n == name), None)
+    if found is None:
+        raise ValueError(f"no service named {name!r} (one of {', '.join(ALL)})")
+    module, port_field = found
     port = free_port()
     variables = {**settings.env(), **(env or {}), port_field.upper(): str(port)}
     return python_service(label or name, module, port, variables, log_dir)

@@ -39,3 +39,10 @@ async def test_ops_endpoints_live_on_the_ops_port_only(
             assert (await http.get(f"http://127.0.0.1:{ops}/openapi.json")).status_code == 404
     finally:
         proc.stop()
+
+
+def test_a_service_process_of_an_unknown_service_is_refused_by_name(
+    settings: Settings, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match="no service named 'session_api'"):
+        service_process(settings, "session_api", tmp_path)  # the module's name, not the service's
