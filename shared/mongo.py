@@ -10,6 +10,8 @@ way both answer the same, and says "(shared.mongo: stand-in)" rather than explai
 - No condition beside a top-level `$or`: the stand-in ignores it. Run one query per branch.
 - Lookups by equality on an indexed field: what every server, and the stand-in, answers from
   the index alone. Range conditions (a session's expiry) are checked on the document read.
+- `count_documents` is an aggregation, which the stand-in runs over every document of the
+  collection: never on a path run per request; there, an equality `find` counted here.
 - The stand-in pays per operation rather than per document: batch writes (`insert_many`).
 """
 

@@ -25,7 +25,7 @@ from session_api.appkeys import SESSIONS
 from session_api.cleanup import run_cleanup
 from session_api.session_view import SessionView
 from session_api.validation import CreateRequest
-from shared.appkeys import CACHE, METRICS
+from shared.appkeys import CACHE, METRICS, STORE
 from shared.model import StatusEvent, StreamStatus, utcnow
 from shared.mongo import Store
 from shared.payos_client import payos_client
@@ -253,6 +253,37 @@ async def test_limit_frees_when_a_session_passes_its_expiry(api: Client, store: 
     await add_session(store, account=ACCOUNT, expiresAt=utcnow() - timedelta(seconds=1))
     assert (await create(api, {"accountNumber": ACCOUNT, "amount": 10_000}))[0] == 201
     assert (await create(api, {"accountNumber": ACCOUNT, "amount": 10_000}))[0] == 429
+
+
+class _CountingSessions:
+    """The real sessions collection, noting each method called on it."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self.called: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        self.called.append(name)
+        return getattr(self._real, name)
+
+
+async def test_the_account_limit_is_counted_without_an_aggregation(
+    api: Client, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `count_documents` is an aggregation, which the MongoDB stand-in runs over every stored
+    # session: once per session created, the soak's creations slowed as sessions piled up
+    # until they timed out (shared.mongo: stand-in).
+    for _ in range(3):
+        await add_session(store, account="999888777")
+    spy = _CountingSessions(api.app[STORE].sessions)
+    monkeypatch.setattr(api.app[STORE], "sessions", spy)
+    for _ in range(5):
+        assert (await create(api, {"accountNumber": ACCOUNT, "amount": 10_000}))[0] == 201
+    status, refused = await create(api, {"accountNumber": ACCOUNT, "amount": 10_000})
+    _, check = await get_json(api, f"/api/webhooks/check-session-limit?accountNumber={ACCOUNT}")
+    assert (status, refused["pendingCount"], check["pendingCount"]) == (429, 5, 5)
+    assert "find" in spy.called
+    assert not {"count_documents", "aggregate"} & set(spy.called)
 
 
 async def test_limit_frees_when_cleanup_expires_a_stale_session(api: Client, store: Store) -> None:
