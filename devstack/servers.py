@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -119,15 +118,39 @@ class Process:
         self.start()
 
 
-def stop_on_sigterm() -> threading.Event:
-    """An event SIGTERM sets, for `serve_until_stopped`."""
-    stop = threading.Event()
+class StopFlag:
+    """Set from a signal handler, waited on by the main thread.
+
+    Not a `threading.Event`: a handler runs in the main thread between two bytecodes, often
+    inside the interrupted `Event.wait` while it holds the event's lock again, and
+    `Event.set` would then wait on that lock forever (SIGTERM hung `make run`).
+    """
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float) -> bool:
+        """True once set; otherwise after `timeout` seconds (a signal cuts the sleep short)."""
+        if not self._set:
+            time.sleep(timeout)
+        return self._set
+
+
+def stop_on_sigterm() -> StopFlag:
+    """A flag SIGTERM sets, for `serve_until_stopped`."""
+    stop = StopFlag()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     return stop
 
 
 def serve_until_stopped(
-    stop: threading.Event,
+    stop: StopFlag,
     start: Callable[[], None],
     all_up: Callable[[], Sequence[str]],
     dead: Callable[[], Sequence[Process]],
