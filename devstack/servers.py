@@ -121,9 +121,9 @@ class Process:
 class StopFlag:
     """Set from a signal handler, waited on by the main thread.
 
-    Not a `threading.Event`: a handler runs in the main thread between two bytecodes, often
-    inside the interrupted `Event.wait` while it holds the event's lock again, and
-    `Event.set` would then wait on that lock forever (SIGTERM hung `make run`).
+    Not a `threading.Event`: a handler runs in the main thread between two bytecodes, which
+    can be inside the interrupted `Event.wait` while it holds the event's lock again, and
+    `Event.set` then waits on that lock forever (seen once: SIGTERM hung `make run`).
     """
 
     def __init__(self) -> None:
@@ -132,11 +132,9 @@ class StopFlag:
     def set(self) -> None:
         self._set = True
 
-    def is_set(self) -> bool:
-        return self._set
-
     def wait(self, timeout: float) -> bool:
-        """True once set; otherwise after `timeout` seconds (a signal cuts the sleep short)."""
+        """True once set; otherwise after `timeout` seconds (the sleep resumes after a
+        handler, so a stop is seen within `timeout`)."""
         if not self._set:
             time.sleep(timeout)
         return self._set
